@@ -1,0 +1,284 @@
+"""Model configurations: the DeepSeek-V4 target and the block drafters.
+
+`TargetConfig` carries every field of DeepSeek's `inference/config.json` (official names) and loads both that
+file and a transformers `config.json` (`model_type: deepseek_v4`). Presets: `tiny` (every feature, seconds on
+CPU), `v4-flash`, `v4-pro` (the released sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    vocab_size: int = 129280
+    dim: int = 4096
+    n_layers: int = 43
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    n_activated_experts: int = 6
+    n_shared_experts: int = 1
+    moe_inter_dim: int = 2048
+    n_hash_layers: int = 3
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    norm_eps: float = 1e-6
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0  # YaRN on compressed layers
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_mtp_layers: int = 1
+    # n_layers + n_mtp_layers entries; the MTP layers' entries come last (always 0: sliding window only).
+    compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4, 0)
+    max_seq_len: int = 1048576
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    dtype: str = "bfloat16"  # activations and matmul weights; mHC, gates and norms compute in fp32
+    param_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def layer_ratios(self) -> tuple[int, ...]:
+        return self.compress_ratios[: self.n_layers]
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return layer < self.n_hash_layers
+
+    def replace(self, **changes) -> "TargetConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        def bad(field, why):
+            raise ValueError(f"TargetConfig.{field}: {why}")
+
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
+                  "window_size", "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_sinkhorn_iters",
+                  "max_seq_len"):
+            if int(getattr(self, f)) < 1:
+                bad(f, f"must be >= 1, got {getattr(self, f)}")
+        if self.hc_mult < 1:
+            bad("hc_mult", f"must be >= 1, got {self.hc_mult}")
+        if self.n_mtp_layers < 0 or self.n_hash_layers < 0 or self.n_shared_experts < 0:
+            bad("n_mtp_layers/n_hash_layers/n_shared_experts", "must be >= 0")
+        if self.n_hash_layers > self.n_layers:
+            bad("n_hash_layers", f"{self.n_hash_layers} exceeds n_layers={self.n_layers}")
+        if len(self.compress_ratios) != self.n_layers + self.n_mtp_layers:
+            bad("compress_ratios", f"needs n_layers + n_mtp_layers = {self.n_layers + self.n_mtp_layers} entries "
+                                   f"(the MTP layers' last), got {len(self.compress_ratios)}")
+        if any(r < 0 for r in self.compress_ratios):
+            bad("compress_ratios", f"entries must be >= 0, got {self.compress_ratios}")
+        if any(r != 0 for r in self.compress_ratios[self.n_layers:]):
+            bad("compress_ratios", "the MTP layers' entries must be 0 (sliding window only)")
+        if not 0 < self.rope_head_dim <= self.head_dim or self.rope_head_dim % 2:
+            bad("rope_head_dim", f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_head_dim}")
+        if (self.n_heads * self.head_dim) % self.o_groups:
+            bad("o_groups", f"must divide n_heads*head_dim = {self.n_heads * self.head_dim}")
+        if self.score_func not in SCORE_FUNCS:
+            bad("score_func", f"unknown {self.score_func!r}; one of {SCORE_FUNCS}")
+        if not 1 <= self.n_activated_experts <= self.n_routed_experts:
+            bad("n_activated_experts", f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+        if any(r == 4 for r in self.layer_ratios):
+            if self.index_n_heads < 1 or self.index_head_dim < 1 or self.index_topk < 1:
+                bad("index_n_heads/index_head_dim/index_topk", "CSA layers (ratio 4) need a positive indexer")
+            if not 0 < self.rope_head_dim <= self.index_head_dim:
+                bad("index_head_dim", f"must be >= rope_head_dim={self.rope_head_dim}")
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            bad("dtype", f"dtype/param_dtype must be one of {DTYPES}")
+        if self.hc_eps < 0 or self.norm_eps <= 0:
+            bad("hc_eps/norm_eps", "must be non-negative / positive")
+
+    # ---- file formats --------------------------------------------------------------------------------------
+    @classmethod
+    def from_official_dict(cls, d: dict[str, Any], **overrides) -> "TargetConfig":
+        """DeepSeek's `inference/config.json` (official field names)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "max_position_embeddings" in d and "max_seq_len" not in d:
+            kw["max_seq_len"] = d["max_position_embeddings"]
+        if "compress_ratios" in kw:
+            kw["compress_ratios"] = tuple(kw["compress_ratios"])
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> "TargetConfig":
+        """A transformers `config.json` with `model_type: deepseek_v4`."""
+        if d.get("model_type") not in (None, "deepseek_v4"):
+            raise ValueError(f"config.model_type: expected 'deepseek_v4', got {d.get('model_type')!r}")
+        n_layers = d.get("num_hidden_layers", 43)
+        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        rates.update(d.get("compress_rates") or {})
+        if d.get("layer_types") is not None:
+            kind_to_ratio = {"sliding_attention": 0, **rates}
+            try:
+                ratios = [kind_to_ratio[t] for t in d["layer_types"]]
+            except KeyError as e:
+                raise ValueError(f"config.layer_types: unknown layer type {e.args[0]!r}") from None
+        elif d.get("compress_ratios") is not None:
+            legacy = {0: 0, 4: rates["compressed_sparse_attention"], 128: rates["heavily_compressed_attention"]}
+            ratios = [legacy[r] for r in d["compress_ratios"][:n_layers]]
+        else:  # transformers' default schedule: 2 HCA, then CSA/HCA interleaved
+            hca, csa = rates["heavily_compressed_attention"], rates["compressed_sparse_attention"]
+            ratios = [hca] * min(n_layers, 2) + [csa if i % 2 else hca for i in range(max(n_layers - 2, 0))]
+        n_mtp = d.get("num_nextn_predict_layers", 1)
+        if d.get("mlp_layer_types") is not None:
+            n_hash = sum(t == "hash_moe" for t in d["mlp_layer_types"])
+        else:
+            n_hash = d.get("num_hash_layers", 3)
+        rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        yarn = rp.get("compress", rp) if isinstance(rp.get("compress"), dict) else rp
+        head_dim = d.get("head_dim", 512)
+        if "qk_rope_head_dim" in d:
+            rope_head_dim = d["qk_rope_head_dim"]
+        else:
+            prf = d.get("partial_rotary_factor") or (rp.get("main") or {}).get("partial_rotary_factor") or 64 / 512
+            rope_head_dim = int(head_dim * prf)
+        eos = d.get("eos_token_id", 1)
+        kw = dict(
+            vocab_size=d.get("vocab_size", 129280), dim=d.get("hidden_size", 4096), n_layers=n_layers,
+            n_heads=d.get("num_attention_heads", 64), head_dim=head_dim, rope_head_dim=rope_head_dim,
+            q_lora_rank=d.get("q_lora_rank", 1024), o_groups=d.get("o_groups", 8),
+            o_lora_rank=d.get("o_lora_rank", 1024), window_size=d.get("sliding_window", 128),
+            index_n_heads=d.get("index_n_heads", 64), index_head_dim=d.get("index_head_dim", 128),
+            index_topk=d.get("index_topk", 512), n_routed_experts=d.get("n_routed_experts", 256),
+            n_activated_experts=d.get("num_experts_per_tok", 6), n_shared_experts=d.get("n_shared_experts", 1),
+            moe_inter_dim=d.get("moe_intermediate_size", 2048), n_hash_layers=n_hash,
+            score_func=d.get("scoring_func", "sqrtsoftplus"), route_scale=d.get("routed_scaling_factor", 1.5),
+            swiglu_limit=d.get("swiglu_limit", 10.0), norm_eps=d.get("rms_norm_eps", 1e-6),
+            hc_mult=d.get("hc_mult", 4), hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
+            hc_eps=d.get("hc_eps", 1e-6), rope_theta=d.get("rope_theta", (rp.get("main") or {}).get("rope_theta", 1e4)),
+            compress_rope_theta=d.get("compress_rope_theta", 160000.0),
+            rope_factor=yarn.get("factor", 16.0) if yarn.get("rope_type", yarn.get("type")) == "yarn" else 1.0,
+            original_seq_len=yarn.get("original_max_position_embeddings", 65536),
+            beta_fast=yarn.get("beta_fast", 32.0), beta_slow=yarn.get("beta_slow", 1.0),
+            n_mtp_layers=n_mtp, compress_ratios=tuple(ratios) + (0,) * n_mtp,
+            max_seq_len=d.get("max_position_embeddings", 1048576), bos_token_id=d.get("bos_token_id") or 0,
+            eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 1),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, **overrides) -> "TargetConfig":
+        """Either format, detected: transformers files carry `model_type`/`hidden_size`, DeepSeek's `dim`."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            if "model_type" in d or "hidden_size" in d:
+                return cls.from_hf_dict(d, **overrides)
+            return cls.from_official_dict(d, **overrides)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers `DeepseekV4Config` kwargs of this config (parity tests, exports)."""
+        hca = sorted({r for r in self.layer_ratios if r not in (0, 4)})
+        if len(hca) > 1:
+            raise ValueError(f"compress_ratios: transformers supports one HCA ratio, got {hca}")
+        kind = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+        kind.update({r: "heavily_compressed_attention" for r in hca})
+        return dict(
+            vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads, num_key_value_heads=1, head_dim=self.head_dim,
+            qk_rope_head_dim=self.rope_head_dim, q_lora_rank=self.q_lora_rank, o_groups=self.o_groups,
+            o_lora_rank=self.o_lora_rank, sliding_window=self.window_size, index_n_heads=self.index_n_heads,
+            index_head_dim=self.index_head_dim, index_topk=self.index_topk, n_routed_experts=self.n_routed_experts,
+            num_experts_per_tok=self.n_activated_experts, n_shared_experts=self.n_shared_experts,
+            moe_intermediate_size=self.moe_inter_dim,
+            mlp_layer_types=["hash_moe"] * self.n_hash_layers + ["moe"] * (self.n_layers - self.n_hash_layers),
+            scoring_func=self.score_func, routed_scaling_factor=self.route_scale, swiglu_limit=self.swiglu_limit,
+            rms_norm_eps=self.norm_eps, hc_mult=self.hc_mult, hc_sinkhorn_iters=self.hc_sinkhorn_iters,
+            hc_eps=self.hc_eps, rope_theta=self.rope_theta, compress_rope_theta=self.compress_rope_theta,
+            rope_parameters=dict(rope_type="yarn", factor=self.rope_factor,
+                                 original_max_position_embeddings=self.original_seq_len,
+                                 beta_fast=self.beta_fast, beta_slow=self.beta_slow),
+            layer_types=[kind[r] for r in self.layer_ratios],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128},
+            num_nextn_predict_layers=self.n_mtp_layers, max_position_embeddings=self.max_seq_len,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=False,
+        )
+
+
+def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
+    """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2); YaRN-blended on compressed layers (spec §4.2)."""
+    import numpy as np
+
+    dim = cfg.rope_head_dim
+    base = cfg.compress_rope_theta if compressed else cfg.rope_theta
+    inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if not compressed or cfg.rope_factor <= 1.0:
+        return inv.astype(np.float32)
+
+    def correction_dim(beta):
+        return dim * math.log(cfg.original_seq_len / (beta * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / max(hi - lo, 1e-3), 0.0, 1.0)
+    keep = 1.0 - ramp  # s_i: 1 keeps the original frequency (extrapolation), 0 interpolates by the factor
+    return (inv / cfg.rope_factor * (1.0 - keep) + inv * keep).astype(np.float32)
+
+
+PRESETS: dict[str, TargetConfig] = {
+    # spec §9: every feature (SWA, CSA with indexer top-k that really selects, HCA, hash + routed MoE, MTP).
+    "tiny": TargetConfig(
+        vocab_size=512, dim=64, n_layers=6, n_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=32,
+        o_groups=2, o_lora_rank=16, window_size=8, index_n_heads=8, index_head_dim=32, index_topk=4,
+        n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, moe_inter_dim=32, n_hash_layers=2,
+        route_scale=1.5, original_seq_len=64, compress_ratios=(0, 4, 8, 4, 8, 4, 0), max_seq_len=4096,
+        dtype="float32", param_dtype="float32",
+    ),
+    "v4-flash": TargetConfig(),
+    "v4-pro": TargetConfig(
+        dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16, index_topk=1024,
+        n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5,
+        compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> TargetConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

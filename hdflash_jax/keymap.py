@@ -1,0 +1,164 @@
+"""Checkpoint key names ↔ the Flax parameter tree. One table per layout; the converter and the tests share them.
+
+Three names for one tensor:
+* official — DeepSeek's released layout (`layers.3.attn.wq_a.weight`, `hc_head_fn`, `ffn.experts.7.w1.weight`,
+  `mtp.0.*`): spec §7.1. Every other layout is first renamed to this one.
+* transformers in-memory — `DeepseekV4ForCausalLM.state_dict()` (`model.layers.3.self_attn.q_a_proj.weight`,
+  `attn_hc.fn`, stacked `mlp.experts.gate_up_proj`): spec §7.3.
+* tree — the path of the leaf in `DeepseekV4`'s NNX state, written with dots (`layers.3.attn.wq_a.weight`).
+  Official names map 1:1 except: `embed.weight` → `embed`, `hc_X_fn` → `hc_X.fn`, the MTP block's own layer
+  keys gain `block.`, and routed experts are stacked: `ffn.experts.E.w1.weight` → row E of `ffn.experts.w1`.
+"""
+
+from __future__ import annotations
+
+import re
+import numpy as np
+
+# transformers in-memory name → official name; applied in order, each at most once, after stripping `model.`.
+_HF_MEMORY_RULES: list[tuple[str, str]] = [
+    (r"^lm_head\.", "head."),
+    (r"^embed_tokens\.", "embed."),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.attn\.sinks$", ".attn.attn_sink"),
+    (r"\.attn\.q_a_proj\.", ".attn.wq_a."),
+    (r"\.attn\.q_a_norm\.", ".attn.q_norm."),
+    (r"\.attn\.q_b_proj\.", ".attn.wq_b."),
+    (r"\.attn\.o_a_proj\.", ".attn.wo_a."),
+    (r"\.attn\.o_b_proj\.", ".attn.wo_b."),
+    (r"compressor\.kv_proj\.", "compressor.wkv."),
+    (r"compressor\.gate_proj\.", "compressor.wgate."),
+    (r"compressor\.kv_norm\.", "compressor.norm."),
+    (r"compressor\.position_bias$", "compressor.ape"),
+    (r"\.attn\.kv_proj\.", ".attn.wkv."),
+    (r"\.ffn\.gate\.e_score_correction_bias$", ".ffn.gate.bias"),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+]
+
+_MTP_OWN = ("e_proj", "h_proj", "enorm", "hnorm", "norm", "hc_head")
+_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def hf_memory_to_official(name: str) -> str:
+    """One transformers in-memory key → official. Stacked experts are split by `hf_memory_state_to_official`."""
+    out = name[len("model."):] if name.startswith("model.") else name
+    for pat, rep in _HF_MEMORY_RULES:
+        out = re.sub(pat, rep, out, count=1)
+    return out
+
+
+def hf_memory_state_to_official(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A whole transformers state dict → official names, with `gate_up_proj`/`down_proj` unstacked per expert."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        official = hf_memory_to_official(name)
+        if official.endswith(".ffn.experts.gate_up_proj"):
+            prefix = official[: -len(".gate_up_proj")]
+            inter = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.w1.weight"] = value[e, :inter]
+                out[f"{prefix}.{e}.w3.weight"] = value[e, inter:]
+        elif official.endswith(".ffn.experts.down_proj"):
+            prefix = official[: -len(".down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.w2.weight"] = value[e]
+        else:
+            out[official] = value
+    return out
+
+
+def official_to_tree(name: str) -> tuple[str, int | None]:
+    """Official key → (tree path, expert row or None)."""
+    if name == "embed.weight":
+        return "embed", None
+    m = _EXPERT.match(name)
+    if m:
+        name, expert = f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    else:
+        expert = None
+    name = re.sub(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$", r"\1hc_\2.\3", name)
+    mtp = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if mtp and not mtp.group(2).split(".")[0] in _MTP_OWN:
+        name = f"mtp.{mtp.group(1)}.block.{mtp.group(2)}"
+    return name, expert
+
+
+def tree_to_official(path: str, n_experts: int | None = None) -> list[str]:
+    """Inverse of `official_to_tree`: the official key(s) a tree leaf is made of (one per expert if stacked)."""
+    if path == "embed":
+        return ["embed.weight"]
+    name = re.sub(r"^mtp\.(\d+)\.block\.", r"mtp.\1.", path)
+    name = re.sub(r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$", r"\1hc_\2_\3", name)
+    m = re.match(r"^(.*\.ffn\.experts)\.(w[123])$", name)
+    if m:
+        return [f"{m.group(1)}.{e}.{m.group(2)}.weight" for e in range(n_experts)]
+    return [name]
+
+
+def tree_paths(state) -> dict[str, tuple]:
+    """Dotted path → NNX state path for every leaf of a model's state."""
+    from flax import nnx
+
+    return {".".join(str(k) for k in path): path for path, _ in nnx.to_flat_state(state)}
+
+
+def assemble_tree(flat_official: dict[str, np.ndarray], abstract_state, *, allow_unused: bool = False,
+                  source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Official-named tensors → {tree path: array} for every leaf of `abstract_state`, strictly.
+
+    Raises KeyError/ValueError naming the key for a missing tensor, an unexpected one (unless allow_unused) or a
+    shape that disagrees with the model.
+    """
+    from flax import nnx
+
+    leaves = {".".join(str(k) for k in path): v for path, v in nnx.to_flat_state(abstract_state)}
+    grouped: dict[str, dict[int | None, np.ndarray]] = {}
+    for name, value in flat_official.items():
+        path, expert = official_to_tree(name)
+        if path not in leaves:
+            if allow_unused:
+                continue
+            raise KeyError(f"{source}: unexpected tensor {name!r} (no parameter {path!r} in this model)")
+        grouped.setdefault(path, {})[expert] = value
+    out = {}
+    for path, leaf in leaves.items():
+        shape = tuple(leaf.shape)
+        parts = grouped.get(path)
+        if parts is None:
+            raise KeyError(f"{source}: missing tensor {tree_to_official(path, shape[0] if 'experts' in path else None)[0]!r}"
+                           f" for parameter {path!r}")
+        if None in parts:
+            value = np.asarray(parts[None])
+        else:
+            missing = [e for e in range(shape[0]) if e not in parts]
+            if missing:
+                raise KeyError(f"{source}: missing tensor {tree_to_official(path, shape[0])[missing[0]]!r}")
+            value = np.stack([np.asarray(parts[e]) for e in range(shape[0])])
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{source}: tensor for {path!r} has shape {tuple(value.shape)}, the config expects {shape}")
+        out[path] = value
+    return out
+
+
+def load_into(model, tree_arrays: dict[str, np.ndarray]) -> None:
+    """Write {tree path: array} into an NNX model in place, casting to each parameter's dtype."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        key = ".".join(str(k) for k in path)
+        var.set_value(jnp.asarray(tree_arrays[key], dtype=var.get_value().dtype))
+    nnx.update(model, nnx.from_flat_state(flat))

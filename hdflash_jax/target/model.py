@@ -1,0 +1,158 @@
+"""The DeepSeek-V4 target (spec §2–§6): embedding → n streams → mHC blocks → hc_head → norm → head, plus MTP.
+
+`DeepseekV4.__call__` extends a cache by a block of tokens per row and returns the logits, the final pre-collapse
+streams [B, T, n, D] (what HyperDFlash and MTP condition on), the streams after any requested layers (vanilla
+DFlash), and the new cache. Prefill, one-token decoding and draft verification are the same call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hdflash_jax.config import TargetConfig
+from hdflash_jax.target.attention import Attention
+from hdflash_jax.target.cache import init_cache
+from hdflash_jax.target.layers import Linear, RMSNorm, param
+from hdflash_jax.target.mhc import HyperConnection, HyperHead, hc_post, hc_pre
+from hdflash_jax.target.moe import MoE
+
+
+class TargetOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] fp32
+    streams: jax.Array  # [B, T, n, D]: the last layer's output, before hc_head
+    layer_streams: tuple  # streams after each requested layer (0-based layer l = output of decoder layer l)
+    cache: dict
+
+
+class Block(nnx.Module):
+    """One mHC block: H ← hc_post(Attn(norm(hc_pre(H))), H); H ← hc_post(MoE(norm(hc_pre(H))), H)."""
+
+    def __init__(self, cfg: TargetConfig, ratio: int, hashed: bool, *, rngs: nnx.Rngs, moe_dispatch="dense"):
+        dt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.hc_attn = HyperConnection(cfg.hc_mult, cfg.dim, rngs=rngs)
+        self.hc_ffn = HyperConnection(cfg.hc_mult, cfg.dim, rngs=rngs)
+        self.attn = Attention(cfg, ratio, dtype=dt, rngs=rngs)
+        self.ffn = MoE(cfg, hashed, rngs=rngs, dispatch=moe_dispatch)
+
+    def _pre(self, hc: HyperConnection, streams):
+        cfg = self.cfg
+        return hc_pre(streams, hc.fn[...], hc.base[...], hc.scale[...], n=cfg.hc_mult, norm_eps=cfg.norm_eps,
+                      hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters)
+
+    def __call__(self, streams, token_ids, positions, start, n_new, cache):
+        x, post, comb = self._pre(self.hc_attn, streams)
+        a, cache = self.attn(self.attn_norm(x), positions, start, n_new, cache)
+        streams = hc_post(a, streams, post, comb)
+        x, post, comb = self._pre(self.hc_ffn, streams)
+        f = self.ffn(self.ffn_norm(x), token_ids)
+        return hc_post(f, streams, post, comb), cache
+
+
+class MTPBlock(nnx.Module):
+    """DeepSeek's native next-next-token module (spec §6). Shares the target's embedding and head.
+
+    Position i takes the target's streams at i and the token at i + 1, and predicts the token at i + 2.
+    It returns its own pre-collapse streams, so drafting k tokens chains it on its own output.
+    """
+
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, moe_dispatch="dense"):
+        dt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.e_proj = Linear(cfg.dim, cfg.dim, ("embed_out", "embed"), dtype=dt, rngs=rngs)
+        self.h_proj = Linear(cfg.dim, cfg.dim, ("embed_out", "embed"), dtype=dt, rngs=rngs)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.hc_head = HyperHead(cfg.hc_mult, cfg.dim, rngs=rngs)
+        self.block = Block(cfg, 0, False, rngs=rngs, moe_dispatch=moe_dispatch)
+
+    def __call__(self, streams, next_embed, next_ids, positions, start, n_new, cache):
+        e = self.e_proj(self.enorm(next_embed))
+        x = self.h_proj(self.hnorm(streams)) + e[..., None, :]
+        return self.block(x.astype(streams.dtype), next_ids, positions, start, n_new, cache)
+
+
+class DeepseekV4(nnx.Module):
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, moe_dispatch: str = "dense"):
+        dt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt)
+        self.layers = nnx.List([
+            Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs, moe_dispatch=moe_dispatch)
+            for i, r in enumerate(cfg.layer_ratios)
+        ])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
+        self.head = Linear(cfg.dim, cfg.vocab_size, ("vocab", "embed"), dtype=dt, rngs=rngs)
+        self.hc_head = HyperHead(cfg.hc_mult, cfg.dim, rngs=rngs)
+        self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs, moe_dispatch=moe_dispatch) for _ in range(cfg.n_mtp_layers)])
+
+    # -- pieces shared with the drafters ---------------------------------------------------------------------
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed[...][tokens].astype(jnp.dtype(self.cfg.dtype))
+
+    def lm_head(self, hidden: jax.Array) -> jax.Array:
+        """norm → head, fp32 logits (the drafters share this head, frozen)."""
+        w = self.head.weight[...]
+        return jnp.einsum("...d,vd->...v", self.norm(hidden).astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    def collapse(self, streams: jax.Array) -> jax.Array:
+        return self.hc_head(streams, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def __call__(self, tokens, cache: dict, n_new=None, return_layers: tuple[int, ...] = ()) -> TargetOutput:
+        """Extend `cache` by tokens [B, T] (n_new[b] of them real, default all) at positions length[b] + t."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        start = cache["length"]
+        n_new = jnp.full((b,), t, jnp.int32) if n_new is None else jnp.asarray(n_new, jnp.int32)
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        h = self.embed_tokens(tokens)
+        streams = jnp.broadcast_to(h[:, :, None, :], (b, t, cfg.hc_mult, cfg.dim))
+        new_layers, kept = [], []
+        for i, layer in enumerate(self.layers):
+            streams, c = layer(streams, tokens, positions, start, n_new, cache["layers"][i])
+            new_layers.append(c)
+            if i in return_layers:
+                kept.append(streams)
+        logits = self.lm_head(self.collapse(streams))
+        new_cache = {**cache, "length": start + n_new, "layers": new_layers}
+        return TargetOutput(logits, streams, tuple(kept), new_cache)
+
+    def mtp_step(self, streams, next_tokens, cache: dict, n_new=None, depth: int = 0):
+        """Run MTP layer `depth` on target (or its own) streams [B, T, n, D] and the tokens one ahead [B, T].
+
+        Uses `cache["mtp"]`, which has its own length (drafted positions are rolled back separately).
+        Returns (logits [B, T, V], mtp_streams [B, T, n, D], cache).
+        """
+        b, t = next_tokens.shape
+        mc = cache["mtp"]
+        start = mc["length"]
+        n_new = jnp.full((b,), t, jnp.int32) if n_new is None else jnp.asarray(n_new, jnp.int32)
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        block = self.mtp[depth]
+        out, c = block(streams, self.embed_tokens(next_tokens), next_tokens, positions, start, n_new,
+                       mc["layers"][depth])
+        layers = list(mc["layers"])
+        layers[depth] = c
+        logits = self.lm_head(block.hc_head(out, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps))
+        return logits, out, {**cache, "mtp": {"length": start + n_new, "layers": layers}}
+
+
+def forward_full(model: DeepseekV4, tokens, return_layers: tuple[int, ...] = ()) -> TargetOutput:
+    """Uncached forward of whole sequences (training, parity tests): a fresh cache sized to the input."""
+    b, t = tokens.shape
+    cache = init_cache(model.cfg, b, t, max_block=1)
+    return model(tokens, cache, return_layers=return_layers)
+
+
+def init_target(cfg: TargetConfig, seed: int = 0, moe_dispatch: str = "dense") -> DeepseekV4:
+    """Random weights, transformers' init scheme (normal 0.02; hc base 0, scale 1; sinks and ape 0)."""
+    with nnx.use_eager_sharding(False):
+        return DeepseekV4(cfg, rngs=nnx.Rngs(seed), moe_dispatch=moe_dispatch)
