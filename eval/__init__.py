@@ -1,0 +1,1 @@
+"""Evaluation of speculative decoding: benchmark suites, metrics, scoring, sandbox and reports."""

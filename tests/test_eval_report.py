@@ -1,0 +1,90 @@
+"""Report writing: schema checks, markdown tables, plots, refusal to clobber, atomic output."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from eval.report import render_markdown, validate_results, write_results
+
+
+def cell(tau, rates, hist, speedup, tokens=100, wall=2.0, score=None, match=None):
+    return {
+        "tau": tau, "accept_rate_by_pos": rates, "accepted_hist": hist, "tokens": tokens,
+        "tokens_per_s": tokens / wall, "wall_s": wall, "compile_s": 5.0, "speedup": speedup,
+        "greedy_match_ar": match, "score": score,
+    }
+
+
+def make_results():
+    # dflash gsm8k: hist [1,1,2] over 4 steps -> r = [3/4, 2/4], tau = 1 + 1.25 = 2.25
+    # dflash mbpp : hist [0,2,2] -> r = [1, 2/4], tau = 2.5 ; pooled hist [1,3,4] -> r=[7/8, 4/8]
+    return {
+        "config": {"block_size": 3},
+        "versions": {"numpy": np.__version__},
+        "suites": {
+            "gsm8k": {
+                "ar": cell(1.0, [], [10], 1.0, score=0.5),
+                "dflash": cell(2.25, [0.75, 0.5], [1, 1, 2], np.float64(2.0), score=0.5, match=True),
+            },
+            "mbpp": {
+                "ar": cell(1.0, [], [8], 1.0),
+                "dflash": cell(2.5, [1.0, 0.5], np.array([0, 2, 2]), 3.0, match=np.bool_(False)),
+            },
+        },
+    }
+
+
+def test_markdown_table_cells():
+    md = render_markdown(make_results())
+    assert "| method | gsm8k | mbpp | avg |" in md
+    assert "| ar | 1.00× / 1.00 | 1.00× / 1.00 | 1.00× / 1.00 |" in md
+    assert "| dflash | 2.00× / 2.25 | 3.00× / 2.50 | 2.50× / 2.38 |" in md
+    # pooled per-position table: hist [1,3,4] -> 8 steps, r1 = 0.875, r2 = 0.5, tau = 2.375
+    assert "| dflash | 8 | 2.38 | 0.875 | 0.500 |" in md
+
+
+def test_write_results_files(tmp_path):
+    out = write_results(tmp_path / "run", make_results())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "acceptance_by_position.png", "accepted_length_hist.png", "results.json", "results.md",
+    ]
+    data = json.loads((out / "results.json").read_text())
+    assert data["suites"]["mbpp"]["dflash"]["accepted_hist"] == [0, 2, 2]
+    assert data["suites"]["mbpp"]["dflash"]["greedy_match_ar"] is False
+    assert data["suites"]["gsm8k"]["dflash"]["speedup"] == 2.0
+    for png in ("accepted_length_hist.png", "acceptance_by_position.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_nan_becomes_null(tmp_path):
+    r = make_results()
+    r["suites"]["gsm8k"]["dflash"]["tokens_per_s"] = math.nan
+    out = write_results(tmp_path / "run", r)
+    assert json.loads((out / "results.json").read_text())["suites"]["gsm8k"]["dflash"]["tokens_per_s"] is None
+
+
+def test_refuses_nonempty_dir_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    write_results(out, make_results())  # empty dir is fine
+    with pytest.raises(FileExistsError, match=str(out)):
+        write_results(out, make_results())
+    r = make_results()
+    r["config"]["block_size"] = 99
+    write_results(out, r, overwrite=True)
+    assert json.loads((out / "results.json").read_text())["config"]["block_size"] == 99
+
+
+def test_schema_errors_name_the_entry(tmp_path):
+    r = make_results()
+    del r["suites"]["mbpp"]["dflash"]["tau"]
+    with pytest.raises(ValueError, match=r"\['mbpp'\]\['dflash'\].*tau"):
+        validate_results(r)
+    with pytest.raises(ValueError):
+        write_results(tmp_path / "run", r)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="versions"):
+        validate_results({"config": {}, "suites": {}})

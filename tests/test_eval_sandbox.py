@@ -1,0 +1,147 @@
+"""Sandbox: statuses, timeouts that kill, crashes, isolation; scoring on hand examples."""
+
+import os
+import time
+
+import pytest
+
+from eval import scoring as S
+from eval.sandbox import run_program
+from eval.suites import load_suite
+
+
+def test_passes_and_fails():
+    assert run_program("print('ok')", 5).status == "passed"
+    r = run_program("assert 1 + 1 == 3", 5)
+    assert (r.passed, r.status) == (False, "failed")
+    assert "AssertionError" in r.stderr_tail
+
+
+def test_infinite_loop_is_killed_within_timeout():
+    t = time.monotonic()
+    r = run_program("while True:\n    pass\n", 1.0)
+    assert (r.passed, r.status) == (False, "timeout")
+    assert time.monotonic() - t < 5
+
+
+def test_sleeping_child_process_is_killed(tmp_path):
+    marker = tmp_path / "alive"
+    src = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(2.0)\n"
+        f"    open({str(marker)!r}, 'w').write('x')\n"
+        "    os._exit(0)\n"
+        "time.sleep(60)\n"
+    )
+    r = run_program(src, 0.5)
+    assert r.status == "timeout"
+    time.sleep(2.5)
+    assert not marker.exists()  # the whole process group died with the parent
+
+
+@pytest.mark.parametrize("src", ["raise SystemExit(3)", "import os\nos.abort()"])
+def test_crashes_are_reported(src):
+    r = run_program(src, 5)
+    assert (r.passed, r.status) == (False, "crashed")
+
+
+def test_memory_is_limited():
+    r = run_program("x = bytearray(4 << 30)\n", 5)
+    assert not r.passed and "MemoryError" in r.stderr_tail
+
+
+def test_isolated_fresh_dir_and_env():
+    src = (
+        "import os, sys\n"
+        f"assert os.getcwd() != {os.getcwd()!r}\n"
+        "assert sorted(os.listdir('.')) == ['program.py', 'stderr.txt', 'stdout.txt']\n"
+        "assert sys.flags.isolated == 1\n"
+        "assert 'PYTHONPATH' not in os.environ\n"
+    )
+    assert run_program(src, 5).status == "passed"
+
+
+# ---- scoring ----------------------------------------------------------------------------
+
+
+def test_gsm8k_scoring():
+    assert S.gsm8k_correct("So she makes 9 * 2 = $18 every day.", "18")
+    assert S.gsm8k_correct("The total is 1,250 dollars.", "1250")
+    assert S.gsm8k_correct("#### 2,125", "2,125")
+    assert S.gsm8k_correct("3 + 4 = 7, so the answer is \\boxed{7}. Check: 7 - 4 = 3.", "7")
+    assert S.gsm8k_correct("It is 18.0", "18")
+    assert S.gsm8k_correct("<think>maybe 5</think>The answer is -3.", "-3")
+    assert not S.gsm8k_correct("The answer is 18, not 17.", "18")
+    assert not S.gsm8k_correct("no idea", "18")
+
+
+def test_last_boxed_balanced():
+    assert S.last_boxed("\\boxed{1} and \\boxed{\\frac{a}{b}}.") == "\\frac{a}{b}"
+    assert S.last_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert S.last_boxed("\\boxed{unclosed") is None
+    assert S.last_boxed("nothing") is None
+
+
+def test_math500_scoring():
+    ref = "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert S.math500_correct("so $\\boxed{(3,\\dfrac{\\pi}{2})}$.", ref)
+    assert S.math500_correct("\\boxed{90^\\circ}", "90^\\circ")
+    assert S.math500_correct("\\boxed{90}", "90^\\circ")
+    assert S.math500_correct("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}")
+    assert S.math500_correct("\\boxed{\\$32,\\!348.}", "\\$32,\\!348")
+    assert S.math500_correct("\\boxed{10.0}", "10")
+    assert not S.math500_correct("\\boxed{\\frac{\\pi}{3}}", "\\frac{\\pi}{2}")
+    assert not S.math500_correct("the answer is 9", "9")  # no \boxed{}
+
+
+def test_math500_reference_solutions_score_full():
+    samples = load_suite("math500")
+    import json
+
+    from eval.suites import DATA_DIR
+
+    rows = [json.loads(line) for line in open(DATA_DIR / "math500/test.jsonl", encoding="utf-8")]
+    assert sum(S.math500_correct(r["solution"], s.meta["reference"]) for r, s in zip(rows, samples)) == 500
+
+
+def test_extract_code():
+    out = "Here:\n```python\ndef f(x):\n    return x\n```\nand a test:\n```python\nprint(f(1))\n```"
+    assert S.extract_code(out, "f") == "def f(x):\n    return x\n"
+    assert S.extract_code("```\nprint(2)\n```") == "print(2)\n"
+    assert S.extract_code("    return 1\n") == "    return 1\n"
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_humaneval_canonical_passes(i):
+    s = load_suite("humaneval", limit=3)[i]
+    assert S.score_output(s, s.meta["canonical_solution"]) is True  # a body completion
+    fenced = "```python\n" + s.meta["prompt"] + s.meta["canonical_solution"] + "```"
+    assert S.score_output(s, fenced) is True  # a whole-function answer
+
+
+def test_humaneval_wrong_fails():
+    s = load_suite("humaneval", limit=1)[0]
+    r = S.humaneval_run("    return False\n", s.meta)
+    assert (r.passed, r.status) == (False, "failed")
+    assert S.score_output(s, "    while True:\n        pass\n", timeout_s=1.0) is False
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_mbpp_canonical_passes(i):
+    s = load_suite("mbpp", limit=3)[i]
+    assert S.score_output(s, "```python\n" + s.meta["reference_code"] + "\n```") is True
+
+
+def test_mbpp_wrong_fails_and_setup_code_runs():
+    s = load_suite("mbpp", limit=1)[0]
+    assert S.score_output(s, "def remove_Occ(s, ch):\n    return s\n") is False
+    (s367,) = [x for x in load_suite("mbpp") if x.id == "mbpp/367"]
+    assert s367.meta["test_setup_code"]  # builds trees with the completion's Node class
+    assert S.score_output(s367, s367.meta["reference_code"]) is True
+
+
+def test_score_outputs_accuracy():
+    samples = load_suite("gsm8k", limit=2)
+    assert S.score_outputs(samples, ["#### 18", "#### 4"]) == 0.5
+    assert S.score_outputs(load_suite("mt_bench", limit=2), ["a", "b"]) is None
