@@ -98,9 +98,13 @@ class DeepseekV4(nnx.Module):
         return self.embed[...][tokens].astype(jnp.dtype(self.cfg.dtype))
 
     def lm_head(self, hidden: jax.Array) -> jax.Array:
-        """norm → head, fp32 logits (the drafters share this head, frozen)."""
+        """The target's final norm → head, fp32 logits."""
+        return self.head_logits(self.norm(hidden))
+
+    def head_logits(self, normed: jax.Array) -> jax.Array:
+        """The head alone (the block drafters apply their own norm, then share this head, frozen)."""
         w = self.head.weight[...]
-        return jnp.einsum("...d,vd->...v", self.norm(hidden).astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", normed.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
     def collapse(self, streams: jax.Array) -> jax.Array:
         return self.hc_head(streams, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
