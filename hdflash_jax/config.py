@@ -282,3 +282,182 @@ def get_preset(name: str, **overrides) -> TargetConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# ==== block drafters (vanilla DFlash, HyperDFlash) ==========================================================
+
+CONDITIONINGS = ("final_streams", "layers")
+REDUCERS = ("gated", "linear")
+
+
+def build_target_layer_ids(n_target_layers: int, k: int) -> tuple[int, ...]:
+    """DFlash's default target layers: id_i = round(1 + i·(L−4)/(K−1)), K = 1 → L // 2 (z-lab `dflash/model.py`).
+
+    Python's `round` (half to even) as in the reference, so V4-Flash (L = 43, K = 5) gives (1, 11, 20, 30, 40).
+    Ids are 0-based decoder layers whose OUTPUT is taken: id i = HF `output_hidden_states[i + 1]`
+    (= `forward_full(..., return_layers=(i,))`), never the embedding.
+    """
+    if k < 1:
+        raise ValueError(f"build_target_layer_ids: need k >= 1 target layers, got {k}")
+    if k == 1:
+        return (n_target_layers // 2,)
+    start, end = 1, n_target_layers - 3
+    return tuple(int(round(start + i * (end - start) / (k - 1))) for i in range(k))
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    """A block drafter (spec §1, §5): a few pre-norm decoder layers at the target's width, KV injection of a
+    conditioning vector c per committed context position, the target's embedding and LM head frozen.
+
+    `conditioning` × `reducer`:
+      * 'final_streams' + 'gated'  — HyperDFlash: c = [post RMSNorm](hc_head'(H_final)), gate inherited from the
+        target's hc_head (65,541 params at V4-Flash dims);
+      * 'layers' + 'linear'        — vanilla DFlash: c = RMSNorm(W_c [vec H^(l1); …; vec H^(lK)]);
+      * 'final_streams' + 'linear' — ablation: the dense compressor on the final pre-collapse streams (67.1M);
+      * 'layers' + 'gated'         — ablation: one inherited gate per tapped layer, the K reductions averaged,
+        then the post RMSNorm.
+    The target-derived fields (dim, hc_mult, vocab_size, target_n_layers, hc_eps, hc_norm_eps) are normally filled
+    by `DrafterConfig.for_target(target_cfg, ...)`; the bare defaults are the V4-Flash HyperDFlash drafter.
+    """
+
+    # -- the draft layers ---------------------------------------------------------------------------------
+    n_layers: int = 5  # DFlash's default (its depth ablation: 5 is fastest); HyperDFlash does not report depth
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    inter_dim: int = 12288
+    rope_theta: float = 10000.0  # the target's θ (DFlash uses the target's); full-width RoPE over head_dim
+    norm_eps: float = 1e-6
+    # -- blocks -------------------------------------------------------------------------------------------
+    block_size: int = 8  # B = anchor + (B−1) masks. Train at 8; `draft(..., block_size=7)` gives the paper's 6
+    mask_token_id: int = 129279  # an otherwise unused embedding row (last row of the padded V4 vocab) [U]
+    # -- conditioning -------------------------------------------------------------------------------------
+    conditioning: str = "final_streams"
+    target_layer_ids: tuple[int, ...] | None = None  # 'layers' only; None → build_target_layer_ids(L, n_layers)
+    reducer: str = "gated"
+    post_norm: bool = True  # RMSNorm after the gated reducer, initialised from the target's final norm
+    # -- from the target (for_target fills these) --------------------------------------------------------
+    dim: int = 4096
+    hc_mult: int = 4
+    vocab_size: int = 129280
+    target_n_layers: int = 43
+    hc_eps: float = 1e-6
+    hc_norm_eps: float = 1e-6  # the weightless RMS inside hc_head (the target's norm_eps)
+    dtype: str = "bfloat16"  # activations / matmul weights; the reducer and all norms compute in fp32
+    param_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.target_layer_ids is not None:
+            object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        """The 0-based target layers whose outputs condition the drafter ('layers'); () for 'final_streams'."""
+        if self.conditioning != "layers":
+            return ()
+        if self.target_layer_ids is not None:
+            return self.target_layer_ids
+        return build_target_layer_ids(self.target_n_layers, self.n_layers)
+
+    @property
+    def n_feature_layers(self) -> int:
+        """K: how many [n, D] stream sets one context position carries."""
+        return len(self.layer_ids) if self.conditioning == "layers" else 1
+
+    @property
+    def n_drafts(self) -> int:
+        return self.block_size - 1
+
+    def replace(self, **changes) -> "DrafterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        def bad(field, why):
+            raise ValueError(f"DrafterConfig.{field}: {why}")
+
+        for f in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "inter_dim", "dim", "hc_mult", "vocab_size",
+                  "target_n_layers"):
+            if int(getattr(self, f)) < 1:
+                bad(f, f"must be >= 1, got {getattr(self, f)}")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"must divide n_heads={self.n_heads} (GQA), got {self.n_kv_heads}")
+        if self.head_dim % 2:
+            bad("head_dim", f"must be even (RoPE pairs), got {self.head_dim}")
+        if self.block_size < 2:
+            bad("block_size", f"needs the anchor plus at least one mask (>= 2), got {self.block_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            bad("mask_token_id", f"must be a row of the target embedding, in [0, {self.vocab_size}), "
+                                 f"got {self.mask_token_id}")
+        if self.conditioning not in CONDITIONINGS:
+            bad("conditioning", f"unknown {self.conditioning!r}; one of {CONDITIONINGS}")
+        if self.reducer not in REDUCERS:
+            bad("reducer", f"unknown {self.reducer!r}; one of {REDUCERS}")
+        if self.conditioning == "final_streams" and self.target_layer_ids is not None:
+            bad("target_layer_ids", "only used with conditioning='layers' (final_streams conditions on the last "
+                                    "layer's pre-collapse streams)")
+        if self.conditioning == "layers":
+            ids = self.layer_ids
+            if not ids:
+                bad("target_layer_ids", "needs at least one layer")
+            if any(not 0 <= i < self.target_n_layers for i in ids):
+                bad("target_layer_ids", f"0-based decoder-layer outputs must lie in [0, {self.target_n_layers}), "
+                                        f"got {ids}")
+            if len(set(ids)) != len(ids):
+                bad("target_layer_ids", f"repeated layer in {ids}")
+        if self.post_norm and self.reducer != "gated":
+            bad("post_norm", "applies to the gated reducer only (the linear compressor always ends in its RMSNorm)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.hc_norm_eps <= 0 or self.hc_eps < 0:
+            bad("rope_theta/norm_eps/hc_norm_eps/hc_eps", "must be positive (hc_eps non-negative)")
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            bad("dtype", f"dtype/param_dtype must be one of {DTYPES}")
+
+    @classmethod
+    def for_target(cls, target: TargetConfig, **kw) -> "DrafterConfig":
+        """A drafter for `target`: width, streams, vocab, depth, eps, θ and dtypes from it; `kw` overrides."""
+        base = dict(dim=target.dim, hc_mult=target.hc_mult, vocab_size=target.vocab_size,
+                    target_n_layers=target.n_layers, hc_eps=target.hc_eps, hc_norm_eps=target.norm_eps,
+                    norm_eps=target.norm_eps, rope_theta=target.rope_theta, dtype=target.dtype,
+                    param_dtype=target.param_dtype, mask_token_id=target.vocab_size - 1)
+        if kw.get("reducer", "gated") != "gated":
+            base["post_norm"] = False
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["target_layer_ids"] is not None:
+            d["target_layer_ids"] = list(d["target_layer_ids"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "DrafterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DrafterConfig: unknown fields {unknown}")
+        return cls(**{**d, **overrides})
+
+
+def _tiny_drafter(**kw) -> DrafterConfig:
+    return DrafterConfig.for_target(PRESETS["tiny"], n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                    inter_dim=128, block_size=4, **kw)
+
+
+# HyperDFlash = final streams + inherited gate; DFlash = K tapped layers + dense compressor (K = n_layers).
+DRAFTER_PRESETS: dict[str, Any] = {
+    "tiny-hyperdflash": lambda: _tiny_drafter(),
+    "tiny-dflash": lambda: _tiny_drafter(conditioning="layers", reducer="linear"),
+    "v4-flash-hyperdflash": lambda: DrafterConfig.for_target(PRESETS["v4-flash"]),
+    "v4-flash-dflash": lambda: DrafterConfig.for_target(PRESETS["v4-flash"], conditioning="layers",
+                                                        reducer="linear"),
+}
+
+
+def get_drafter_preset(name: str, **overrides) -> DrafterConfig:
+    if name not in DRAFTER_PRESETS:
+        raise ValueError(f"unknown drafter preset {name!r}; one of {sorted(DRAFTER_PRESETS)}")
+    cfg = DRAFTER_PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

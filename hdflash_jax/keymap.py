@@ -162,3 +162,63 @@ def load_into(model, tree_arrays: dict[str, np.ndarray]) -> None:
         key = ".".join(str(k) for k in path)
         var.set_value(jnp.asarray(tree_arrays[key], dtype=var.get_value().dtype))
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+# ---- transformers on-disk layout (`save_pretrained`) and layout detection -----------------------------------
+# transformers 5.x writes DeepSeek-V4 through the *reverse* of its conversion mapping, so the files carry
+# near-official names: `model.` prefix, `model.embed_tokens`, `model.hc_head.hc_{fn,base,scale}`, `head.weight`
+# (no prefix), unstacked experts `ffn.experts.E.w1.weight`, `ffn.gate.{bias,tid2eid}`. One quirk: the forward
+# rule `.norm.` → `.kv_norm.` is not invertible, so the attention's own `kv_norm` is written as `attn.norm`
+# (compressor norms keep `compressor.norm`, which is their official name). Checked by saving a random tiny model
+# (transformers 5.23.0). Quantized transformers checkpoints name scales `weight_scale_inv`.
+_HF_DISK_RULES: list[tuple[str, str]] = [
+    (r"^lm_head\.", "head."),
+    (r"^embed_tokens\.", "embed."),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"^((?:layers|mtp)\.\d+\.)attn\.norm\.", r"\1attn.kv_norm."),
+    (r"\.weight_scale_inv$", ".scale"),
+]
+
+
+def hf_disk_to_official(name: str) -> str:
+    """One key of a transformers `save_pretrained` checkpoint → official."""
+    out = name[len("model."):] if name.startswith("model.") else name
+    for pat, rep in _HF_DISK_RULES:
+        out = re.sub(pat, rep, out, count=1)
+    return out
+
+
+_HF_MEMORY_MARKERS = re.compile(
+    r"(^|\.)(self_attn|mlp|attn_hc|ffn_hc|input_layernorm|post_attention_layernorm)\.|^lm_head\.|"
+    r"\.experts\.(gate_up_proj|down_proj)$")
+_OFFICIAL_TOP = re.compile(r"^(embed\.|head\.|norm\.|hc_head_|layers\.\d+\.|mtp\.\d+\.)")
+
+
+def detect_layout(names) -> str:
+    """'hf_memory' (transformers state_dict names), 'hf_disk' (save_pretrained files) or 'official' (DeepSeek).
+
+    Decided by markers only a layout has: in-memory module names (`self_attn.`, `mlp.`, `attn_hc.`, `lm_head.`,
+    stacked `experts.gate_up_proj`) → hf_memory; otherwise a `model.` prefix → hf_disk; otherwise official.
+    Raises ValueError for an empty name list or names of none of the three layouts.
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("detect_layout: no tensor names")
+    if any(_HF_MEMORY_MARKERS.search(n) for n in names):
+        return "hf_memory"
+    if any(n.startswith("model.") for n in names):
+        return "hf_disk"
+    if any(_OFFICIAL_TOP.match(n) for n in names):
+        return "official"
+    raise ValueError(f"detect_layout: names match no known DeepSeek-V4 layout (first: {sorted(names)[0]!r})")
+
+
+def to_official(name: str, layout: str) -> str:
+    """Rename one key of `layout` to official (stacked in-memory experts keep their stacked name)."""
+    if layout == "official":
+        return re.sub(r"\.weight_scale_inv$", ".scale", name)
+    if layout == "hf_disk":
+        return hf_disk_to_official(name)
+    if layout == "hf_memory":
+        return re.sub(r"\.weight_scale_inv$", ".scale", hf_memory_to_official(name))
+    raise ValueError(f"unknown checkpoint layout {layout!r}; one of official, hf_disk, hf_memory")

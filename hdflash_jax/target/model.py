@@ -16,7 +16,7 @@ from flax import nnx
 from hdflash_jax.config import TargetConfig
 from hdflash_jax.target.attention import Attention
 from hdflash_jax.target.cache import init_cache
-from hdflash_jax.target.layers import Linear, RMSNorm, param
+from hdflash_jax.target.layers import KeyGen, Linear, RMSNorm, param
 from hdflash_jax.target.mhc import HyperConnection, HyperHead, hc_post, hc_pre
 from hdflash_jax.target.moe import MoE
 
@@ -159,4 +159,10 @@ def forward_full(model: DeepseekV4, tokens, return_layers: tuple[int, ...] = ())
 def init_target(cfg: TargetConfig, seed: int = 0, moe_dispatch: str = "dense") -> DeepseekV4:
     """Random weights, transformers' init scheme (normal 0.02; hc base 0, scale 1; sinks and ape 0)."""
     with nnx.use_eager_sharding(False):
-        return DeepseekV4(cfg, rngs=nnx.Rngs(seed), moe_dispatch=moe_dispatch)
+        return DeepseekV4(cfg, rngs=KeyGen(seed), moe_dispatch=moe_dispatch)
+
+
+def abstract_target(cfg: TargetConfig) -> DeepseekV4:
+    """Shapes, dtypes and logical axes of every parameter, nothing allocated (real sizes, checkpoint restore)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=KeyGen(0)))

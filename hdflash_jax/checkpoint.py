@@ -1,0 +1,263 @@
+"""Orbax save/restore of the target's parameters plus its config.
+
+A params checkpoint is a folder:
+    config.json   TargetConfig.to_dict() (official field names; `TargetConfig.from_json_file` reads it)
+    params/       an orbax (v1 layout) PyTree checkpoint: nested dicts keyed by the dotted tree path of
+                  `DeepseekV4`'s NNX state (`layers` → `0` → `attn` → `wq_a` → `weight`), see `hdflash_jax.keymap`
+    report.json   (converter output only) what was read, dequantized and written
+
+Everything is written under `<path>.tmp-<pid>` and renamed into place at the end, so an interrupted save leaves
+nothing at `<path>` that loads. `ParamWriter` writes a tree in pieces (orbax partial saves, finalized once), which
+is how the converter keeps its memory flat in the number of layers.
+
+`load_params` restores into an abstract tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, so every array
+is read straight into its final sharding (with a mesh and no explicit shardings: the logical-axis rules of
+`hdflash_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hdflash_jax.config import TargetConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.json"
+
+
+def _ocp():
+    from orbax.checkpoint import v1 as ocp
+
+    return ocp
+
+
+# ---- the model's tree ---------------------------------------------------------------------------------------
+
+def abstract_model(cfg: TargetConfig):
+    """`DeepseekV4` with ShapeDtypeStruct leaves (no memory, no mesh needed)."""
+    from hdflash_jax.target.model import DeepseekV4
+
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
+
+
+def dotted(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def abstract_leaves(cfg: TargetConfig) -> dict[str, nnx.Variable]:
+    """{dotted tree path: abstract variable} (`.shape`, `.dtype`, `.get_metadata()['out_sharding']`)."""
+    return {dotted(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{'a.b.c': x} → {'a': {'b': {'c': x}}} (string keys throughout)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _flat_arrays(state) -> dict[str, Any]:
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state)
+    if isinstance(state, nnx.State):
+        return {dotted(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    if isinstance(state, dict):
+        return flatten(state)
+    raise TypeError(f"save_params: expected an NNX module/state or a dict, got {type(state).__name__}")
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def tmp_path_for(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def clean_stale_tmp(path: Path) -> list[Path]:
+    """Remove `<path>.tmp-<pid>` folders whose process is gone (left by a killed save). Returns what went."""
+    gone = []
+    for p in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    return gone
+
+
+def commit_dir(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename a finished temp folder to `path`; an existing `path` is replaced only with `overwrite`."""
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path}: destination exists (pass --overwrite / overwrite=True to replace it)")
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+class ParamWriter:
+    """Writes a params tree into `<folder>/params` in pieces: `add({dotted path: array})` any number of times
+    (disjoint keys), then `finalize()`. Arrays are written and dropped at each `add`."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / PARAMS_DIR
+        self.n_adds = 0
+        self.keys: set[str] = set()
+
+    def add(self, flat: dict[str, Any]) -> None:
+        if not flat:
+            return
+        dup = self.keys.intersection(flat)
+        if dup:
+            raise ValueError(f"ParamWriter: {sorted(dup)[0]!r} written twice")
+        _ocp().partial.save(self.path, nest(flat))
+        self.keys.update(flat)
+        self.n_adds += 1
+
+    def finalize(self) -> None:
+        _ocp().partial.finalize(self.path)
+
+
+def write_config(folder: Path, cfg: TargetConfig) -> None:
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+
+
+def save_params(path: str | Path, state, cfg: TargetConfig, *, overwrite: bool = False) -> Path:
+    """Save a model / NNX state / {dotted path: array} with its config; atomic (temp folder + rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
+    flat = _flat_arrays(state)
+    tmp = tmp_path_for(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _ocp().save_pytree(tmp / PARAMS_DIR, nest(flat))
+        write_config(tmp, cfg)
+        commit_dir(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def is_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def load_config(path: str | Path) -> TargetConfig:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a params checkpoint (no {CONFIG_FILE})")
+    return TargetConfig.from_json_file(path / CONFIG_FILE)
+
+
+ShardingSpec = Any  # None | Sharding | {dotted path: Sharding} | callable(path, shape, logical_axes) -> Sharding
+
+
+def _sharding_for(key: str, var, mesh, shardings: ShardingSpec):
+    from jax.sharding import NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+
+    names = var.get_metadata().get("out_sharding")
+    if shardings is not None:
+        if isinstance(shardings, Sharding):
+            return shardings
+        if isinstance(shardings, dict):
+            if key not in shardings:
+                raise KeyError(f"load_params: shardings has no entry for parameter {key!r}")
+            return shardings[key]
+        if callable(shardings):
+            return shardings(key, tuple(var.shape), names)
+        raise TypeError(f"load_params: unsupported shardings {type(shardings).__name__}")
+    if mesh is not None:
+        try:
+            from hdflash_jax.sharding import logical_to_spec
+        except ImportError:  # no rule table: replicate
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, logical_to_spec(names, tuple(var.shape), mesh))
+    return SingleDeviceSharding(jax.devices()[0])
+
+
+def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, as_model: bool = True,
+                cfg_overrides: dict | None = None):
+    """Restore a params checkpoint → (cfg, DeepseekV4) (or (cfg, nnx.State) with as_model=False).
+
+    Each array is restored directly into its sharding: `shardings` (one Sharding, {dotted path: Sharding}, or
+    callable(path, shape, logical_axes)), else the logical-axis rules on `mesh`, else the first device.
+    Raises FileNotFoundError / ValueError naming the path and parameter when the folder is not a finished
+    checkpoint or its tree disagrees with the config.
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    if cfg_overrides:
+        cfg = cfg.replace(**cfg_overrides)
+    params = path / PARAMS_DIR
+    if not params.is_dir():
+        raise FileNotFoundError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/)")
+    ocp = _ocp()
+    try:
+        meta = ocp.pytree_metadata(params).metadata
+    except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder
+        raise ValueError(f"{params}: not a finished orbax checkpoint ({type(e).__name__}: {e})") from None
+    on_disk = {k: v for k, v in flatten(meta).items()}
+    model = abstract_model(cfg)
+    graphdef, state = nnx.split(model)
+    flat = list(nnx.to_flat_state(state))
+    want = {dotted(p): v for p, v in flat}
+    missing = [k for k in want if k not in on_disk]
+    if missing:
+        raise ValueError(f"{params}: missing parameter {missing[0]!r} (the config expects {len(want)} leaves)")
+    extra = [k for k in on_disk if k not in want]
+    if extra:
+        raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in a model with this config)")
+    abstract = {}
+    for key, var in want.items():
+        shape = tuple(getattr(on_disk[key], "shape", ()))
+        if shape != tuple(var.shape):
+            raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
+        abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=_sharding_for(key, var, mesh, shardings))
+    restored = flatten(ocp.load_pytree(params, nest(abstract)))
+    for p, var in flat:
+        var.set_value(restored[dotted(p)])
+    state = nnx.from_flat_state(flat)
+    if not as_model:
+        return cfg, state
+    return cfg, nnx.merge(graphdef, state)

@@ -1,0 +1,333 @@
+"""On-device generation: one jitted program whose loop is `lax.while_loop`, for AR and every drafter.
+
+Every method runs the same step: propose K drafts → verify [anchor, d_1..d_K] in one target call that extends
+the cache by K + 1 → accept (`verify.py`) → emit d_1..d_a and the bonus → roll the target cache back to the
+committed length → hand the verified positions' features to the drafter. Autoregressive decoding is this step
+with K = 0. Rows accept independently; finished rows ride along with zero-length writes.
+
+A drafter is a small object with three pure methods over its own state pytree (see `Drafter`):
+`observe` takes the target's output for the positions just committed (prefill or verify) and the token that
+follows each of them; `propose` returns K drafts for the positions after the anchor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
+from hdflash_jax.target.cache import init_cache, rollback
+from hdflash_jax.target.model import DeepseekV4, TargetOutput
+
+
+class Drafter(Protocol):
+    num_drafts: int  # K = block size - 1
+    return_layers: tuple[int, ...]  # target layers whose streams the drafter conditions on
+    sampled: bool  # True: drafts are samples with probabilities (standard rejection sampling)
+
+    def init_state(self, target: DeepseekV4, modules: Any, batch: int, max_len: int) -> Any: ...
+
+    def observe(self, target: DeepseekV4, modules: Any, state: Any, out: TargetOutput, n_valid: jax.Array,
+                next_tokens: jax.Array) -> Any: ...
+
+    def propose(self, target: DeepseekV4, modules: Any, state: Any, anchor: jax.Array, position: jax.Array,
+                key: jax.Array) -> tuple[jax.Array, jax.Array | None, Any]: ...
+
+
+class GenerateResult(NamedTuple):
+    tokens: np.ndarray  # [B, max_new_tokens], -1 past each row's end
+    lengths: np.ndarray  # [B] generated tokens per row (EOS included)
+    accepted: np.ndarray  # [max_steps, B] accepted drafts per step, -1 where the row was already done
+    steps: np.ndarray  # [B] verify steps per row
+    block_size: int
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted length per step, bonus included (the papers' τ)."""
+        valid = self.accepted >= 0
+        return float((self.accepted[valid] + 1).mean())
+
+    def accept_rate_by_position(self) -> np.ndarray:
+        """Fraction of steps in which draft position j (1..K) was accepted."""
+        a = self.accepted[self.accepted >= 0]
+        return np.array([(a >= j).mean() for j in range(1, self.block_size)])
+
+    def row_tokens(self, row: int) -> list[int]:
+        return self.tokens[row, : self.lengths[row]].tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _emit(out_buf, n_out, done, emitted, count, settings: DecodeSettings):
+    """Append up to `count[b]` tokens of `emitted[b]` to each row, stopping at EOS or max_new_tokens."""
+    b, w = emitted.shape
+    idx = jnp.arange(w)[None, :]
+    live = (idx < count[:, None]) & ~done[:, None]
+    if settings.eos_token_id is not None:
+        is_eos = live & (emitted == settings.eos_token_id)
+        first = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), w)
+        live = live & (idx <= first[:, None])
+        hit_eos = jnp.any(is_eos, axis=1)
+    else:
+        hit_eos = jnp.zeros((b,), bool)
+    room = settings.max_new_tokens - n_out
+    live = live & (idx < room[:, None])
+    n_write = jnp.sum(live, axis=1).astype(jnp.int32)
+    target = jnp.where(live, n_out[:, None] + idx, out_buf.shape[1])
+    out_buf = out_buf.at[jnp.arange(b)[:, None], target].set(emitted, mode="drop")
+    n_out = n_out + n_write
+    done = done | hit_eos | (n_out >= settings.max_new_tokens)
+    return out_buf, n_out, done
+
+
+def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
+              tstate, dstate, prompt, prompt_len, key):
+    target = nnx.merge(tgraph, tstate)
+    modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
+    b, p = prompt.shape
+    k = drafter.num_drafts
+    greedy = settings.temperature == 0
+    max_steps = settings.max_new_tokens
+
+    cache = init_cache(target.cfg, b, max_len, max_block=k + 1)
+    out = target(prompt, cache, prompt_len, return_layers=drafter.return_layers)
+    last_logits = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    key, k0 = jax.random.split(key)
+    first = sample(k0, last_logits, settings.temperature, settings.top_p)
+    out_buf = jnp.full((b, max_steps), -1, jnp.int32)
+    out_buf, n_out, done = _emit(out_buf, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), first[:, None],
+                                 jnp.ones((b,), jnp.int32), settings)
+    next_tokens = jnp.concatenate([prompt[:, 1:], jnp.zeros((b, 1), prompt.dtype)], axis=1)
+    next_tokens = next_tokens.at[jnp.arange(b), prompt_len - 1].set(first)
+    dst = drafter.init_state(target, modules, b, max_len)
+    dst = drafter.observe(target, modules, dst, out, prompt_len, next_tokens)
+
+    def body(carry):
+        step, key, cache, dst, anchor, out_buf, n_out, done, acc_log = carry
+        key, k_draft, k_acc = jax.random.split(key, 3)
+        start = cache["length"]
+        drafts, draft_probs, dst = drafter.propose(target, modules, dst, anchor, start, k_draft)
+        block = jnp.concatenate([anchor[:, None], drafts.astype(jnp.int32)], axis=1)
+        n_new = jnp.where(done, 0, k + 1).astype(jnp.int32)
+        vout = target(block, cache, n_new, return_layers=drafter.return_layers)
+        if greedy:
+            acc = accept_greedy(vout.logits, block[:, 1:])
+        else:
+            probs = target_probs(vout.logits, settings.temperature, settings.top_p)
+            acc = accept_sampled(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
+        a = jnp.where(done, 0, acc.accepted)
+        pos = jnp.arange(k + 1)[None, :]
+        padded = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+        emitted = jnp.where(pos < a[:, None], padded, acc.bonus[:, None])  # d_1..d_a, bonus
+        acc_log = acc_log.at[step].set(jnp.where(done, -1, a))
+        out_buf, n_out, new_done = _emit(out_buf, n_out, done, emitted, a + 1, settings)
+        committed = jnp.where(done, 0, a + 1)
+        cache = rollback(vout.cache, start + committed)
+        dst = drafter.observe(target, modules, dst, vout, committed, emitted)
+        anchor = jnp.where(done, anchor, acc.bonus)
+        return step + 1, key, cache, dst, anchor, out_buf, n_out, new_done, acc_log
+
+    def cond(carry):
+        step, done = carry[0], carry[7]
+        return (step < max_steps) & ~jnp.all(done)
+
+    acc_log = jnp.full((max_steps, b), -1, jnp.int32)
+    carry = (jnp.int32(0), key, rollback(out.cache, prompt_len), dst, first, out_buf, n_out, done, acc_log)
+    carry = jax.lax.while_loop(cond, body, carry)
+    _, _, _, _, _, out_buf, n_out, _, acc_log = carry
+    return out_buf, n_out, acc_log
+
+
+class Generator:
+    """Compiles one generate program per (prompt bucket, batch size) and runs it.
+
+    target: a `DeepseekV4`; drafter: a `Drafter` (None → autoregressive); drafter_modules: the drafter's NNX
+    module(s) whose parameters travel as explicit state (None for drafters without parameters of their own).
+    """
+
+    def __init__(self, target: DeepseekV4, drafter: Drafter | None = None, drafter_modules=None, *,
+                 settings: DecodeSettings):
+        self.cfg = target.cfg
+        self.drafter = drafter if drafter is not None else NoDrafter()
+        self.settings = settings
+        if settings.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+        if self.drafter.num_drafts < 0:
+            raise ValueError("num_drafts must be >= 0")
+        self.tgraph, self.tstate = nnx.split(target)
+        if drafter_modules is not None:
+            self.dgraph, self.dstate = nnx.split(drafter_modules)
+        else:
+            self.dgraph, self.dstate = None, None
+        self._compiled = {}
+        self.compile_count = 0
+
+    def max_len(self, bucket: int) -> int:
+        return bucket + self.settings.max_new_tokens + self.drafter.num_drafts + 1
+
+    def bucket(self, longest: int) -> int:
+        for size in self.settings.prompt_buckets:
+            if size >= longest:
+                return size
+        raise ValueError(f"prompt of {longest} tokens exceeds the largest bucket {self.settings.prompt_buckets[-1]}")
+
+    def _fn(self, bucket: int, batch: int):
+        key = (bucket, batch)
+        if key not in self._compiled:
+            fn = functools.partial(_generate, self.tgraph, self.dgraph, self.drafter, self.settings,
+                                   self.max_len(bucket))
+
+            def counted(*args):
+                self.compile_count += 1  # runs once per trace, i.e. per compilation
+                return fn(*args)
+
+            self._compiled[key] = jax.jit(counted)
+        return self._compiled[key]
+
+    def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        """Pad prompts (lists of ids) into the smallest bucket that fits; clear errors before compiling."""
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if (lengths == 0).any():
+            raise ValueError(f"empty prompt at row {int(np.argmin(lengths))}")
+        bucket = self.bucket(int(lengths.max()))
+        if self.max_len(bucket) > self.cfg.max_seq_len:
+            raise ValueError(f"prompt bucket {bucket} + max_new_tokens {self.settings.max_new_tokens} exceeds the "
+                             f"model's context of {self.cfg.max_seq_len} tokens")
+        padded = np.zeros((len(prompts), bucket), np.int32)
+        for r, p in enumerate(prompts):
+            ids = np.asarray(p, np.int64)
+            if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+                raise ValueError(f"prompt row {r} has token ids outside [0, {self.cfg.vocab_size})")
+            padded[r, : len(p)] = ids
+        return padded, lengths
+
+    def lower(self, prompts, seed: int = 0):
+        padded, lengths = self.prepare(prompts)
+        return self._fn(padded.shape[1], padded.shape[0]).lower(
+            self.tstate, self.dstate, padded, lengths, jax.random.key(seed))
+
+    def generate(self, prompts, seed: int = 0) -> GenerateResult:
+        padded, lengths = self.prepare(prompts)
+        fn = self._fn(padded.shape[1], padded.shape[0])
+        out_buf, n_out, acc_log = fn(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths),
+                                     jax.random.key(seed))
+        acc_log = np.asarray(acc_log)
+        return GenerateResult(np.asarray(out_buf), np.asarray(n_out), acc_log, (acc_log >= 0).sum(0),
+                              self.drafter.num_drafts + 1)
+
+
+# ---- drafters without a network of their own ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NoDrafter:
+    """Autoregressive decoding: no drafts, every step verifies the anchor alone."""
+    num_drafts: int = 0
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
+    def init_state(self, target, modules, batch, max_len):
+        return ()
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        return state
+
+    def propose(self, target, modules, state, anchor, position, key):
+        return jnp.zeros((anchor.shape[0], 0), jnp.int32), None, state
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayDrafter:
+    """Proposes a known continuation at no cost (an oracle when it is the target's own greedy output).
+
+    `reference` [B, L] holds each row's full sequence (prompt + continuation). Its τ equals the block size for
+    greedy decoding of that continuation; its speedup is the ceiling that only the verify path limits.
+    """
+    num_drafts: int
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
+    def init_state(self, target, modules, batch, max_len):
+        return ()
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        return state
+
+    def propose(self, target, modules, state, anchor, position, key):
+        ref = modules["reference"][...]
+        idx = jnp.clip(position[:, None] + 1 + jnp.arange(self.num_drafts)[None, :], 0, ref.shape[1] - 1)
+        return jnp.take_along_axis(ref, idx, axis=1), None, state
+
+
+class Reference(nnx.Module):
+    """Holds the replay drafter's reference tokens as explicit state, so a new reference does not recompile."""
+
+    def __init__(self, tokens):
+        self.reference = nnx.Variable(jnp.asarray(tokens, jnp.int32))
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPDrafter:
+    """DeepSeek's native MTP block, chained k times on its own output streams (spec §6)."""
+    num_drafts: int
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+    temperature: float = 1.0
+
+    def init_state(self, target, modules, batch, max_len):
+        if target.cfg.n_mtp_layers < 1:
+            raise ValueError("the target has no MTP layer (n_mtp_layers = 0)")
+        c = init_cache(target.cfg, batch, max_len, max_block=self.num_drafts + 1)["mtp"]
+        dt = jnp.dtype(target.cfg.dtype)
+        return {"cache": c, "logits": jnp.zeros((batch, target.cfg.vocab_size), jnp.float32),
+                "streams": jnp.zeros((batch, target.cfg.hc_mult, target.cfg.dim), dt)}
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        """Catch up on the committed positions: MTP at i sees the target's streams at i and token i + 1."""
+        logits, streams, c = target.mtp_step(out.streams, next_tokens, {"mtp": state["cache"]}, n_valid)
+        last = jnp.clip(n_valid - 1, 0, None)
+        keep = (n_valid > 0)[:, None]
+        pick = lambda x: jnp.take_along_axis(x, last.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+        return {"cache": c["mtp"], "logits": jnp.where(keep, pick(logits), state["logits"]),
+                "streams": jnp.where(keep[..., None], pick(streams), state["streams"])}
+
+    def propose(self, target, modules, state, anchor, position, key):
+        keys = jax.random.split(key, self.num_drafts)
+
+        def choose(logits, k):
+            if not self.sampled:
+                return jnp.argmax(logits, -1).astype(jnp.int32), None
+            probs = jax.nn.softmax(logits / self.temperature, axis=-1)
+            return jax.random.categorical(k, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
+
+        first, first_p = choose(state["logits"], keys[0])
+
+        def chain(carry, k):
+            tok, streams, c = carry
+            logits, streams, c = target.mtp_step(streams[:, None], tok[:, None], c, jnp.ones_like(tok))
+            nxt, p = choose(logits[:, 0], k)
+            return (nxt, streams[:, 0], c), (nxt, p)
+
+        carry = (first, state["streams"], {"mtp": state["cache"]})
+        _, (rest, rest_p) = jax.lax.scan(chain, carry, keys[1:])
+        drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
+        probs = None if not self.sampled else jnp.concatenate([first_p[:, None], rest_p.transpose(1, 0, 2)], 1)
+        # the chained writes stay in the scan: the state's MTP cache keeps only what was committed
+        return drafts, probs, state

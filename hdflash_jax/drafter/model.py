@@ -1,0 +1,344 @@
+"""The block drafter (DFlash, spec §1; HyperDFlash, spec §5): one non-causal pass drafts B−1 tokens.
+
+Per committed context position p the target's features (final pre-collapse streams, or K tapped layers) go
+through the reducer to one conditioning vector c_p [D]. Every draft layer projects c_p with its *own* K/V
+projections (k-norm and RoPE at position p on the keys; no input norm on c, no queries, no residual path) and puts
+those keys/values before the block's own. The block is [anchor, mask × (B−1)] at positions start..start+B−1
+(start = the committed length; the anchor is the bonus token at `start`, known but not yet in the context), embedded
+with the target's frozen embedding; its B queries see every committed context key and all B block keys
+(non-causal). Logits of slots 1..B−1 come from the drafter's final norm and the target's frozen LM head.
+
+Two paths share every layer:
+* inference: `draft(...)` appends the new context K/V to a position-indexed draft cache, then runs the block;
+  the block's own K/V never enter the cache, and a rollback is `rollback_draft_cache(cache, length)`;
+* training: `train_forward(...)` runs N blocks of B slots per sequence in one pass under `training_mask` (block n,
+  anchor a_n, sees context keys k < a_n and its own block's keys, nothing else).
+
+The target's embedding and head are passed into the calls (the target module itself, or the two arrays) and are
+never part of the drafter's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hdflash_jax.config import DrafterConfig
+from hdflash_jax.drafter.reducer import feature_shape, make_reducer
+from hdflash_jax.target.layers import Linear, RMSNorm, apply_rope, rms_norm, rope_angles
+
+_NEG = -1e30
+
+
+# ---- layers --------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: DrafterConfig) -> np.ndarray:
+    """Full-width RoPE over head_dim (interleaved pairs, `apply_rope`'s convention), θ = cfg.rope_theta."""
+    d = cfg.head_dim
+    return (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
+
+
+def masked_attention(q, k, v, mask, scale: float):
+    """GQA attention. q [b, Tq, H, d], k/v [b, Tk, KV, d], mask [b, Tq, Tk] bool → [b, Tq, H, d].
+
+    Softmax in fp32; masked keys get exactly zero weight, and a query with no visible key outputs 0 (not NaN).
+    """
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, tq, kv, h // kv, d)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None, :, :]
+    s = jnp.where(m, s, _NEG)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * m
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, d).astype(q.dtype)
+
+
+class DraftLayer(nnx.Module):
+    """Pre-norm decoder layer (Qwen3-style: q/k RMSNorm per head, RoPE, GQA, SwiGLU) with KV injection."""
+
+    def __init__(self, cfg: DrafterConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        d, h, kv, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.input_norm = RMSNorm(d, cfg.norm_eps, dtype=pdt)
+        self.wq = Linear(d, h * hd, ("heads", "embed"), dtype=pdt, rngs=rngs)
+        self.wk = Linear(d, kv * hd, ("kv", "embed"), dtype=pdt, rngs=rngs)
+        self.wv = Linear(d, kv * hd, ("kv", "embed"), dtype=pdt, rngs=rngs)
+        self.wo = Linear(h * hd, d, ("embed", "heads"), dtype=pdt, rngs=rngs)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, dtype=pdt, axes=(None,))
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, dtype=pdt, axes=(None,))
+        self.post_attn_norm = RMSNorm(d, cfg.norm_eps, dtype=pdt)
+        self.w1 = Linear(d, cfg.inter_dim, ("mlp", "embed"), dtype=pdt, rngs=rngs)
+        self.w3 = Linear(d, cfg.inter_dim, ("mlp", "embed"), dtype=pdt, rngs=rngs)
+        self.w2 = Linear(cfg.inter_dim, d, ("embed", "mlp"), dtype=pdt, rngs=rngs)
+
+    def _kv(self, x, positions):
+        """K/V of inputs x [b, T, D] at positions [b, T]: k = RoPE(knorm(W_k x)), v = W_v x."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        k = self.k_norm(self.wk(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
+        v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        return apply_rope(k, cos, sin), v
+
+    def context_kv(self, c, positions):
+        """KV injection: the conditioning vectors c [b, T, D] (already normed; no input norm here)."""
+        return self._kv(c.astype(jnp.dtype(self.cfg.dtype)), positions)
+
+    def __call__(self, h, positions, ctx_k, ctx_v, mask):
+        """h [b, Tq, D] at positions [b, Tq]; ctx_k/v [b, S, KV, hd] put before the block; mask [b, Tq, S+Tq]."""
+        cfg = self.cfg
+        b, t, _ = h.shape
+        x = self.input_norm(h)
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        q = apply_rope(self.q_norm(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)), cos, sin)
+        k, v = self._kv(x, positions)
+        keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
+        a = masked_attention(q, keys, values, mask, cfg.head_dim ** -0.5)
+        h = h + self.wo(a.reshape(b, t, cfg.n_heads * cfg.head_dim)).astype(h.dtype)
+        x = self.post_attn_norm(h)
+        f = self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        return h + f.astype(h.dtype)
+
+
+class BlockDrafter(nnx.Module):
+    """reducer (gated / linear) → n_layers DraftLayers with KV injection → final norm (→ target head)."""
+
+    def __init__(self, cfg: DrafterConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.reducer = make_reducer(cfg, rngs=rngs)
+        self.layers = nnx.List([DraftLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=jnp.dtype(cfg.param_dtype))
+
+    def condition(self, ctx_feats: jax.Array) -> jax.Array:
+        """Context features [b, T, *feature_shape] → c [b, T, D] (reducer math in fp32, cast to cfg.dtype)."""
+        want = feature_shape(self.cfg)
+        if tuple(ctx_feats.shape[2:]) != want:
+            raise ValueError(f"ctx_feats: expected trailing shape {want} for conditioning="
+                             f"{self.cfg.conditioning!r}, got {tuple(ctx_feats.shape)}")
+        return self.reducer(ctx_feats).astype(jnp.dtype(self.cfg.dtype))
+
+    def context_kv(self, ctx_feats, positions) -> list[tuple[jax.Array, jax.Array]]:
+        c = self.condition(ctx_feats)
+        return [layer.context_kv(c, positions) for layer in self.layers]
+
+    def hidden(self, h, positions, ctx_kv, mask) -> jax.Array:
+        """Run the layers over block inputs h [b, Tq, D]; returns the final-normed hidden [b, Tq, D]."""
+        h = h.astype(jnp.dtype(self.cfg.dtype))
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            h = layer(h, positions, k, v, mask)
+        return self.norm(h)
+
+
+# ---- frozen target pieces ------------------------------------------------------------------------------------
+
+def _target_fns(target, dtype) -> tuple[Callable, Callable]:
+    """(embed_tokens, head_logits) from a target module (`DeepseekV4`) or a pair (embed [V, D], head [V, D])."""
+    if hasattr(target, "embed_tokens") and hasattr(target, "head_logits"):
+        return (lambda ids: jax.lax.stop_gradient(target.embed_tokens(ids)).astype(dtype)), target.head_logits
+    embed, head = target
+    return _frozen_embed(embed, dtype), _frozen_head(head)
+
+
+def _frozen_embed(embed, dtype):
+    return lambda ids: jax.lax.stop_gradient(embed)[ids].astype(dtype)
+
+
+def _frozen_head(head):
+    def f(normed):
+        w = jax.lax.stop_gradient(head)
+        return jnp.einsum("...d,vd->...v", normed.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return f
+
+
+def target_io(target) -> tuple[jax.Array, jax.Array]:
+    """The two frozen arrays the drafter uses from a `DeepseekV4`: (embedding [V, D], LM head weight [V, D])."""
+    return target.embed[...], target.head.weight[...]
+
+
+# ---- inference: draft cache + one-pass drafting --------------------------------------------------------------
+
+def init_draft_cache(cfg: DrafterConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty draft context cache: {"length": [b] int32, "layers": [{"k", "v": [b, max_len, KV, hd]}] × n_layers}.
+
+    Holds the injected context K/V only (never block K/V). `max_len` must cover the longest committed context:
+    writes past it are dropped.
+    """
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"length": jnp.zeros((batch,), jnp.int32),
+            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
+
+
+def rollback_draft_cache(cache: dict, length) -> dict:
+    """Keep the first `length[b]` context positions of each row (everything is position-indexed)."""
+    return {**cache, "length": jnp.asarray(length, jnp.int32)}
+
+
+def extend_draft_cache(drafter: BlockDrafter, ctx_feats_new, n_ctx_new, cache: dict) -> dict:
+    """Append the first n_ctx_new[b] rows of ctx_feats_new [b, T, *] at positions length[b]..length[b]+n−1.
+
+    Padding rows (t >= n_ctx_new[b]) are not written; the length becomes length + n_ctx_new.
+    """
+    b, t = ctx_feats_new.shape[:2]
+    n = jnp.asarray(n_ctx_new, jnp.int32)
+    chex.assert_shape(n, (b,))
+    if t == 0:  # nothing new (static): the cache as it is
+        return cache
+    length = cache["length"]
+    max_len = cache["layers"][0]["k"].shape[1]
+    pos = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    idx = jnp.where(jnp.arange(t)[None, :] < n[:, None], pos, max_len)  # padding → out of bounds → dropped
+    rows = jnp.arange(b)[:, None]
+    layers = []
+    for (k, v), lc in zip(drafter.context_kv(ctx_feats_new, pos), cache["layers"]):
+        layers.append({"k": lc["k"].at[rows, idx].set(k.astype(lc["k"].dtype), mode="drop"),
+                       "v": lc["v"].at[rows, idx].set(v.astype(lc["v"].dtype), mode="drop")})
+    return {**cache, "length": length + n, "layers": layers}
+
+
+def block_token_ids(anchor_tokens, block_size: int, mask_token_id: int) -> jax.Array:
+    """[..., B] = [anchor, mask × (B−1)] for anchor_tokens [...]."""
+    anchor_tokens = jnp.asarray(anchor_tokens, jnp.int32)
+    masks = jnp.full(anchor_tokens.shape + (block_size - 1,), mask_token_id, jnp.int32)
+    return jnp.concatenate([anchor_tokens[..., None], masks], axis=-1)
+
+
+def draft_block(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, block_size: int | None = None):
+    """Draft from the cache as it is: the block [anchor, masks] at positions length..length+B−1.
+
+    Returns (draft_tokens [b, B−1] int32 greedy, draft_logits [b, B−1, V] fp32). The cache is not changed.
+    """
+    cfg = drafter.cfg
+    bs = block_size or cfg.block_size
+    embed, head = _target_fns(target, jnp.dtype(cfg.dtype))
+    b = anchor_tokens.shape[0]
+    start = cache["length"]
+    max_len = cache["layers"][0]["k"].shape[1]
+    positions = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    ctx_ok = jnp.arange(max_len)[None, :] < start[:, None]  # [b, max_len]
+    mask = jnp.concatenate([jnp.broadcast_to(ctx_ok[:, None, :], (b, bs, max_len)),
+                            jnp.ones((b, bs, bs), bool)], axis=-1)
+    h = embed(block_token_ids(anchor_tokens, bs, cfg.mask_token_id))
+    ctx_kv = [(lc["k"], lc["v"]) for lc in cache["layers"]]
+    logits = head(drafter.hidden(h, positions, ctx_kv, mask)[:, 1:])
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+
+
+def draft(drafter: BlockDrafter, target, ctx_feats_new, n_ctx_new, anchor_tokens, cache: dict, *,
+          block_size: int | None = None):
+    """One drafting step: extend the context by the new committed features, then draft B−1 tokens in one pass.
+
+    drafter: `BlockDrafter`; target: the `DeepseekV4` module or (embed [V, D], head [V, D]) (frozen, not copied);
+    ctx_feats_new [b, T, *feature_shape] (row b's first n_ctx_new[b] are real, for positions
+    length[b]..length[b]+n−1); anchor_tokens [b] (the bonus token at position start = length + n_ctx_new);
+    block_size: static, default cfg.block_size (a drafter trained at B may draft smaller blocks).
+    Returns (draft_tokens [b, B−1] int32, draft_logits [b, B−1, V] fp32, new_cache with length = start).
+    """
+    cache = extend_draft_cache(drafter, ctx_feats_new, n_ctx_new, cache)
+    tokens, logits = draft_block(drafter, target, jnp.asarray(anchor_tokens, jnp.int32), cache,
+                                 block_size=block_size)
+    return tokens, logits, cache
+
+
+def make_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
+    """A pure (jittable) drafting step over split drafter state and the two frozen target arrays:
+
+    fn(drafter_state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache)
+        -> (draft_tokens, draft_logits, new_cache)
+    with `graphdef, drafter_state = nnx.split(drafter)`. Shapes are static: one compilation per shape.
+    """
+    def fn(state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache):
+        drafter = nnx.merge(graphdef, state)
+        return draft(drafter, (target_embed, target_head), ctx_feats_new, n_ctx_new, anchor_tokens, cache,
+                     block_size=block_size)
+    return jax.jit(fn) if jit else fn
+
+
+# ---- training: many blocks per sequence in one pass ----------------------------------------------------------
+
+def training_mask(anchors, ctx_len: int, block_size: int, keep=None) -> jax.Array:
+    """bool [b, N·B, S + N·B]: query (n, j) sees context key k iff k < a_n, and block key (m, i) iff m == n.
+
+    A dropped block (keep[b, n] False) sees nothing (its attention outputs 0; give it no loss).
+    """
+    anchors = jnp.asarray(anchors, jnp.int32)
+    b, n = anchors.shape
+    keep = jnp.ones((b, n), bool) if keep is None else jnp.asarray(keep, bool)
+    q_block = jnp.repeat(jnp.arange(n), block_size)  # [N·B]
+    a_q = anchors[:, q_block]  # [b, N·B]
+    keep_q = keep[:, q_block]
+    ctx = jnp.arange(ctx_len)[None, None, :] < a_q[:, :, None]  # [b, N·B, S]
+    blk = q_block[None, :, None] == q_block[None, None, :]  # [1, N·B, N·B]
+    blk = jnp.broadcast_to(blk, (b, n * block_size, n * block_size))
+    return jnp.concatenate([ctx, blk], axis=-1) & keep_q[:, :, None]
+
+
+def train_forward(drafter: BlockDrafter, target_embed, target_head, ctx_feats, anchors, block_tokens, keep=None):
+    """Logits [b, N, B, V] (fp32) for N blocks per sequence, one pass.
+
+    ctx_feats [b, S, *feature_shape]: the target's features of every position (context at absolute positions
+    0..S−1); anchors [b, N] (block n = slots at positions a_n..a_n+B−1, seeing context k < a_n);
+    block_tokens [b, N, B] (normally `block_token_ids(tokens[a_n], B, mask_token_id)`); keep [b, N] bool.
+    target_embed / target_head [V, D] are frozen (stop_gradient). Slot 0 is the anchor (no loss); slot j >= 1
+    predicts x_{a_n + j}.
+    """
+    cfg = drafter.cfg
+    b, s = ctx_feats.shape[:2]
+    _, n, bs = block_tokens.shape
+    chex.assert_shape(anchors, (b, n))
+    embed, head = _frozen_embed(target_embed, jnp.dtype(cfg.dtype)), _frozen_head(target_head)
+    ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    ctx_kv = drafter.context_kv(ctx_feats, ctx_pos)
+    q_pos = (jnp.asarray(anchors, jnp.int32)[:, :, None] + jnp.arange(bs, dtype=jnp.int32)).reshape(b, n * bs)
+    h = embed(block_tokens.reshape(b, n * bs))
+    mask = training_mask(anchors, s, bs, keep)
+    logits = head(drafter.hidden(h, q_pos, ctx_kv, mask))
+    return logits.reshape(b, n, bs, -1)
+
+
+# ---- construction --------------------------------------------------------------------------------------------
+
+def init_drafter(cfg: DrafterConfig, seed: int = 0) -> BlockDrafter:
+    """Random drafter (no mesh: eager sharding off; under a mesh build `BlockDrafter` inside `jax.set_mesh`)."""
+    with nnx.use_eager_sharding(False):
+        return BlockDrafter(cfg, rngs=nnx.Rngs(seed))
+
+
+def init_drafter_from_target(target, cfg: DrafterConfig, seed: int = 0, *, copy_final_norm: bool = True
+                             ) -> BlockDrafter:
+    """A drafter whose gate(s) are copies of the target's hc_head (fn, base, scale), post RMSNorm and (with
+    `copy_final_norm`) final norm copies of the target's final norm weight. Embedding and head are not copied.
+    """
+    tc = target.cfg
+    if (cfg.dim, cfg.hc_mult, cfg.vocab_size) != (tc.dim, tc.hc_mult, tc.vocab_size):
+        raise ValueError(f"drafter (dim, hc_mult, vocab_size) = {(cfg.dim, cfg.hc_mult, cfg.vocab_size)} does not "
+                         f"match the target's {(tc.dim, tc.hc_mult, tc.vocab_size)}; use DrafterConfig.for_target")
+    if cfg.conditioning == "layers" and max(cfg.layer_ids) >= tc.n_layers:
+        raise ValueError(f"target_layer_ids {cfg.layer_ids} out of range for a {tc.n_layers}-layer target")
+    d = init_drafter(cfg, seed)
+    d.reducer.load_from_target(target)
+    if copy_final_norm:
+        w = target.norm.weight[...]
+        d.norm.weight[...] = jnp.array(w, dtype=d.norm.weight[...].dtype, copy=True)
+    return d
+
+
+def count_params(module_or_state: Any) -> int:
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def abstract_drafter(cfg: DrafterConfig) -> BlockDrafter:
+    """Shapes only (no allocation): for parameter counts and checkpoint restore targets."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: BlockDrafter(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,96 @@
+"""Logical axis names → mesh axes, in one table; mesh construction; shardings for params and activations.
+
+Parameters carry logical names (`out_sharding` metadata, e.g. ("expert", "mlp", "embed")). `RULES` maps each
+name to the mesh axes that shard it. A mesh axis that the mesh lacks, or that does not divide the dimension, is
+dropped for that dimension (it stays replicated) so one rule table serves every mesh shape and model size.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "embed_out": ("tensor",),
+    "heads": ("tensor",),
+    "heads_only": ("tensor",),
+    "o_groups": ("tensor",),
+    "mlp": ("tensor",),
+    "expert": ("expert",),
+    "q_lora": (),
+    "kv": (),
+    "norm": (),
+    "hc": (),
+    "hc_in": ("fsdp",),
+}
+
+
+def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
+    """A mesh with the named axes (Auto axis types, GSPMD style), e.g. {"data": 2, "expert": 2, "tensor": 2}."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    names = tuple(a for a in MESH_AXES if a in shape)
+    sizes = tuple(int(shape[a]) for a in names)
+    devices = jax.devices() if devices is None else devices
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' → {"data": 2, "fsdp": 2, "tensor": 2}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition("=")
+        if not size.isdigit():
+            raise ValueError(f"--mesh: expected NAME=SIZE, got {part!r}")
+        out[name] = int(size)
+    return out
+
+
+def logical_to_spec(names, shape, mesh: Mesh) -> P:
+    """PartitionSpec for one array with logical axis names, dropping mesh axes that do not fit."""
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, names or (None,) * len(shape)):
+        axes = []
+        size = 1
+        for axis in RULES.get(name, ()) if name else ():
+            n = mesh.shape.get(axis, 1)
+            if n > 1 and axis not in used and dim % (size * n) == 0:
+                axes.append(axis)
+                used.add(axis)
+                size *= n
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedSharding for every leaf of an NNX state (from each variable's logical names)."""
+    def one(var):
+        names = var.get_metadata().get("out_sharding")
+        return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state, mesh: Mesh):
+    """Place an NNX state onto the mesh by the logical rules."""
+    shardings = state_shardings(state, mesh)
+    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shard the leading (batch) dimension over the data-parallel axes present in the mesh."""
+    axes = tuple(a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1)
+    lead = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))

@@ -1,0 +1,15 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported), fp32 matmuls at full precision, and a
+persistent compilation cache so repeated runs of the suite skip most XLA compiles."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+_cache_dir = os.environ.get("HDFLASH_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache_dir))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
