@@ -21,10 +21,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig

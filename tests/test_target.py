@@ -144,12 +144,17 @@ def cached():
     return cfg, state, extend
 
 
-def _fresh(cfg, extend, state, tokens, max_len, max_block):
-    """Logits of a fresh prefill of whole rows (the reference every cached path must reproduce)."""
-    b = tokens.shape[0]
+def _fresh(cfg, extend, state, tokens, max_len, max_block, pad_to=48):
+    """Logits of a fresh prefill of whole rows (the reference every cached path must reproduce).
+
+    Rows are right-padded to one length so every reference shares one compiled shape.
+    """
+    b, n = tokens.shape
+    padded = np.zeros((b, pad_to), np.int64)
+    padded[:, :n] = tokens
     cache = init_cache(cfg, b, max_len, max_block)
-    logits, _ = extend(state, jnp.asarray(tokens), cache, jnp.full((b,), tokens.shape[1], jnp.int32))
-    return np.asarray(logits)
+    logits, _ = extend(state, jnp.asarray(padded), cache, jnp.full((b,), n, jnp.int32))
+    return np.asarray(logits)[:, :n]
 
 
 def test_cached_decoding_matches_full_recompute(cached):

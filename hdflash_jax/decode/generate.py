@@ -23,6 +23,7 @@ from flax import nnx
 
 from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
 from hdflash_jax.target.cache import init_cache, rollback
+from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.target.model import DeepseekV4, TargetOutput
 
 
@@ -163,6 +164,9 @@ class Generator:
         self.cfg = target.cfg
         self.drafter = drafter if drafter is not None else NoDrafter()
         self.settings = settings
+        check = getattr(self.drafter, "check_target", None)
+        if check is not None:
+            check(target.cfg)
         if settings.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
         if self.drafter.num_drafts < 0:
@@ -229,105 +233,3 @@ class Generator:
         acc_log = np.asarray(acc_log)
         return GenerateResult(np.asarray(out_buf), np.asarray(n_out), acc_log, (acc_log >= 0).sum(0),
                               self.drafter.num_drafts + 1)
-
-
-# ---- drafters without a network of their own ------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class NoDrafter:
-    """Autoregressive decoding: no drafts, every step verifies the anchor alone."""
-    num_drafts: int = 0
-    return_layers: tuple[int, ...] = ()
-    sampled: bool = False
-
-    def init_state(self, target, modules, batch, max_len):
-        return ()
-
-    def observe(self, target, modules, state, out, n_valid, next_tokens):
-        return state
-
-    def propose(self, target, modules, state, anchor, position, key):
-        return jnp.zeros((anchor.shape[0], 0), jnp.int32), None, state
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplayDrafter:
-    """Proposes a known continuation at no cost (an oracle when it is the target's own greedy output).
-
-    `reference` [B, L] holds each row's full sequence (prompt + continuation). Its τ equals the block size for
-    greedy decoding of that continuation; its speedup is the ceiling that only the verify path limits.
-    """
-    num_drafts: int
-    return_layers: tuple[int, ...] = ()
-    sampled: bool = False
-
-    def init_state(self, target, modules, batch, max_len):
-        return ()
-
-    def observe(self, target, modules, state, out, n_valid, next_tokens):
-        return state
-
-    def propose(self, target, modules, state, anchor, position, key):
-        ref = modules["reference"][...]
-        idx = jnp.clip(position[:, None] + 1 + jnp.arange(self.num_drafts)[None, :], 0, ref.shape[1] - 1)
-        return jnp.take_along_axis(ref, idx, axis=1), None, state
-
-
-class Reference(nnx.Module):
-    """Holds the replay drafter's reference tokens as explicit state, so a new reference does not recompile."""
-
-    def __init__(self, tokens):
-        self.reference = nnx.Variable(jnp.asarray(tokens, jnp.int32))
-
-    def __getitem__(self, name):
-        return getattr(self, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class MTPDrafter:
-    """DeepSeek's native MTP block, chained k times on its own output streams (spec §6)."""
-    num_drafts: int
-    return_layers: tuple[int, ...] = ()
-    sampled: bool = False
-    temperature: float = 1.0
-
-    def init_state(self, target, modules, batch, max_len):
-        if target.cfg.n_mtp_layers < 1:
-            raise ValueError("the target has no MTP layer (n_mtp_layers = 0)")
-        c = init_cache(target.cfg, batch, max_len, max_block=self.num_drafts + 1)["mtp"]
-        dt = jnp.dtype(target.cfg.dtype)
-        return {"cache": c, "logits": jnp.zeros((batch, target.cfg.vocab_size), jnp.float32),
-                "streams": jnp.zeros((batch, target.cfg.hc_mult, target.cfg.dim), dt)}
-
-    def observe(self, target, modules, state, out, n_valid, next_tokens):
-        """Catch up on the committed positions: MTP at i sees the target's streams at i and token i + 1."""
-        logits, streams, c = target.mtp_step(out.streams, next_tokens, {"mtp": state["cache"]}, n_valid)
-        last = jnp.clip(n_valid - 1, 0, None)
-        keep = (n_valid > 0)[:, None]
-        pick = lambda x: jnp.take_along_axis(x, last.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
-        return {"cache": c["mtp"], "logits": jnp.where(keep, pick(logits), state["logits"]),
-                "streams": jnp.where(keep[..., None], pick(streams), state["streams"])}
-
-    def propose(self, target, modules, state, anchor, position, key):
-        keys = jax.random.split(key, self.num_drafts)
-
-        def choose(logits, k):
-            if not self.sampled:
-                return jnp.argmax(logits, -1).astype(jnp.int32), None
-            probs = jax.nn.softmax(logits / self.temperature, axis=-1)
-            return jax.random.categorical(k, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
-
-        first, first_p = choose(state["logits"], keys[0])
-
-        def chain(carry, k):
-            tok, streams, c = carry
-            logits, streams, c = target.mtp_step(streams[:, None], tok[:, None], c, jnp.ones_like(tok))
-            nxt, p = choose(logits[:, 0], k)
-            return (nxt, streams[:, 0], c), (nxt, p)
-
-        carry = (first, state["streams"], {"mtp": state["cache"]})
-        _, (rest, rest_p) = jax.lax.scan(chain, carry, keys[1:])
-        drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
-        probs = None if not self.sampled else jnp.concatenate([first_p[:, None], rest_p.transpose(1, 0, 2)], 1)
-        # the chained writes stay in the scan: the state's MTP cache keeps only what was committed
-        return drafts, probs, state

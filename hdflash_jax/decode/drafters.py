@@ -1,0 +1,170 @@
+"""The drafters the decoder drives, all behind one protocol (`generate.Drafter`).
+
+* `NoDrafter` — autoregressive decoding (K = 0).
+* `ReplayDrafter` — proposes a known continuation at no cost: the oracle of the tests (τ = block size) and the
+  ceiling of the benchmarks.
+* `MTPDrafter` — DeepSeek's native MTP block chained k times on its own streams.
+* `BlockDraft` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hdflash_jax.config import DrafterConfig, TargetConfig
+from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
+from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
+from hdflash_jax.target.cache import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDrafter:
+    """Autoregressive decoding: no drafts, every step verifies the anchor alone."""
+    num_drafts: int = 0
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
+    def init_state(self, target, modules, batch, max_len):
+        return ()
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        return state
+
+    def propose(self, target, modules, state, anchor, position, key):
+        return jnp.zeros((anchor.shape[0], 0), jnp.int32), None, state
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayDrafter:
+    """Proposes a known continuation at no cost (an oracle when it is the target's own greedy output).
+
+    `reference` [B, L] holds each row's full sequence (prompt + continuation). Its τ equals the block size for
+    greedy decoding of that continuation; its speedup is the ceiling that only the verify path limits.
+    """
+    num_drafts: int
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
+    def init_state(self, target, modules, batch, max_len):
+        return ()
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        return state
+
+    def propose(self, target, modules, state, anchor, position, key):
+        ref = modules["reference"][...]
+        idx = jnp.clip(position[:, None] + 1 + jnp.arange(self.num_drafts)[None, :], 0, ref.shape[1] - 1)
+        return jnp.take_along_axis(ref, idx, axis=1), None, state
+
+
+class Reference(nnx.Module):
+    """Holds the replay drafter's reference tokens as explicit state, so a new reference does not recompile."""
+
+    def __init__(self, tokens):
+        self.reference = nnx.Variable(jnp.asarray(tokens, jnp.int32))
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPDrafter:
+    """DeepSeek's native MTP block, chained k times on its own output streams (spec §6)."""
+    num_drafts: int
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+    temperature: float = 1.0
+
+    def check_target(self, tcfg: TargetConfig) -> None:
+        if tcfg.n_mtp_layers < 1:
+            raise ValueError("the target has no MTP layer (n_mtp_layers = 0)")
+        if self.num_drafts < 1:
+            raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
+
+    def init_state(self, target, modules, batch, max_len):
+        c = init_cache(target.cfg, batch, max_len, max_block=self.num_drafts + 1)["mtp"]
+        dt = jnp.dtype(target.cfg.dtype)
+        return {"cache": c, "logits": jnp.zeros((batch, target.cfg.vocab_size), jnp.float32),
+                "streams": jnp.zeros((batch, target.cfg.hc_mult, target.cfg.dim), dt)}
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        """Catch up on the committed positions: MTP at i sees the target's streams at i and token i + 1."""
+        logits, streams, c = target.mtp_step(out.streams, next_tokens, {"mtp": state["cache"]}, n_valid)
+        last = jnp.clip(n_valid - 1, 0, None)
+        keep = (n_valid > 0)[:, None]
+        pick = lambda x: jnp.take_along_axis(x, last.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+        return {"cache": c["mtp"], "logits": jnp.where(keep, pick(logits), state["logits"]),
+                "streams": jnp.where(keep[..., None], pick(streams), state["streams"])}
+
+    def propose(self, target, modules, state, anchor, position, key):
+        keys = jax.random.split(key, self.num_drafts)
+
+        def choose(logits, k):
+            return _choose(logits, k, self.sampled, self.temperature)
+
+        first, first_p = choose(state["logits"], keys[0])
+
+        def chain(carry, k):
+            tok, streams, c = carry
+            logits, streams, c = target.mtp_step(streams[:, None], tok[:, None], c, jnp.ones_like(tok))
+            nxt, p = choose(logits[:, 0], k)
+            return (nxt, streams[:, 0], c), (nxt, p)
+
+        carry = (first, state["streams"], {"mtp": state["cache"]})
+        _, (rest, rest_p) = jax.lax.scan(chain, carry, keys[1:])
+        drafts = jnp.concatenate([first[:, None], rest.T], axis=1)
+        probs = None if not self.sampled else jnp.concatenate([first_p[:, None], rest_p.transpose(1, 0, 2)], 1)
+        # the chained writes stay in the scan: the state's MTP cache keeps only what was committed
+        return drafts, probs, state
+
+
+def _choose(logits, key, sampled: bool, temperature: float):
+    """Greedy drafts (point masses) or samples with their probabilities (for standard rejection sampling)."""
+    if not sampled:
+        return jnp.argmax(logits, -1).astype(jnp.int32), None
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    return jax.random.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDraft:
+    """HyperDFlash / vanilla DFlash: one non-causal pass over [anchor, mask × K] per step.
+
+    The drafter's context cache holds the reduced target features of committed positions; `observe` appends the
+    positions a verify step committed, `propose` drafts from it without changing it.
+    """
+    cfg: DrafterConfig
+    num_drafts: int
+    sampled: bool = False
+    temperature: float = 1.0
+
+    @property
+    def return_layers(self) -> tuple[int, ...]:
+        return target_return_layers(self.cfg)
+
+    def check_target(self, tcfg: TargetConfig) -> None:
+        for field, mine, theirs in (("dim", self.cfg.dim, tcfg.dim), ("hc_mult", self.cfg.hc_mult, tcfg.hc_mult),
+                                    ("vocab_size", self.cfg.vocab_size, tcfg.vocab_size),
+                                    ("target_n_layers", self.cfg.target_n_layers, tcfg.n_layers)):
+            if mine != theirs:
+                raise ValueError(f"drafter was built for another target: {field}={mine}, target has {theirs}")
+        if self.num_drafts < 1:
+            raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
+
+    def init_state(self, target, modules, batch, max_len):
+        return {"cache": init_draft_cache(self.cfg, batch, max_len)}
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        feats = features_from_target(self.cfg, out)
+        return {"cache": extend_draft_cache(modules, feats, n_valid, state["cache"])}
+
+    def propose(self, target, modules, state, anchor, position, key):
+        _, logits = draft_block(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
+        keys = jax.random.split(key, self.num_drafts)
+        tokens, probs = jax.vmap(lambda l, k: _choose(l, k, self.sampled, self.temperature), in_axes=(1, 0),
+                                 out_axes=1)(logits, keys)
+        return tokens, probs, state
