@@ -94,62 +94,75 @@ def _emit(out_buf, n_out, done, emitted, count, settings: DecodeSettings):
     return out_buf, n_out, done
 
 
-def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
-              tstate, dstate, prompt, prompt_len, key):
-    target = nnx.merge(tgraph, tstate)
-    modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
-    b, p = prompt.shape
-    k = drafter.num_drafts
-    greedy = settings.temperature == 0
-    max_steps = settings.max_new_tokens
+class LoopState(NamedTuple):
+    """Everything the decode loop carries (a pytree; the host never sees it until the end)."""
+    step: jax.Array  # scalar: verify steps taken
+    key: jax.Array
+    cache: dict  # the target's cache, committed tokens only
+    drafter: Any  # the drafter's own state
+    anchor: jax.Array  # [B] the bonus token at position cache.length, emitted but not yet run through the target
+    out: jax.Array  # [B, max_new_tokens] emitted tokens, -1 past the end
+    n_out: jax.Array  # [B]
+    done: jax.Array  # [B]
+    accepted: jax.Array  # [max_steps, B] accepted drafts per step, -1 where the row was done
 
-    cache = init_cache(target.cfg, b, max_len, max_block=k + 1)
+
+def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key):
+    b = prompt.shape[0]
+    cache = init_cache(target.cfg, b, max_len, max_block=drafter.num_drafts + 1)
     out = target(prompt, cache, prompt_len, return_layers=drafter.return_layers)
     last_logits = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     key, k0 = jax.random.split(key)
     first = sample(k0, last_logits, settings.temperature, settings.top_p)
-    out_buf = jnp.full((b, max_steps), -1, jnp.int32)
-    out_buf, n_out, done = _emit(out_buf, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), first[:, None],
-                                 jnp.ones((b,), jnp.int32), settings)
+    out_buf, n_out, done = _emit(jnp.full((b, settings.max_new_tokens), -1, jnp.int32), jnp.zeros((b,), jnp.int32),
+                                 jnp.zeros((b,), bool), first[:, None], jnp.ones((b,), jnp.int32), settings)
+    # the token after each prompt position: the prompt shifted, then the first generated token
     next_tokens = jnp.concatenate([prompt[:, 1:], jnp.zeros((b, 1), prompt.dtype)], axis=1)
     next_tokens = next_tokens.at[jnp.arange(b), prompt_len - 1].set(first)
     dst = drafter.init_state(target, modules, b, max_len)
     dst = drafter.observe(target, modules, dst, out, prompt_len, next_tokens)
+    accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
+    return LoopState(jnp.int32(0), key, rollback(out.cache, prompt_len), dst, first, out_buf, n_out, done, accepted)
 
-    def body(carry):
-        step, key, cache, dst, anchor, out_buf, n_out, done, acc_log = carry
-        key, k_draft, k_acc = jax.random.split(key, 3)
-        start = cache["length"]
-        drafts, draft_probs, dst = drafter.propose(target, modules, dst, anchor, start, k_draft)
-        block = jnp.concatenate([anchor[:, None], drafts.astype(jnp.int32)], axis=1)
-        n_new = jnp.where(done, 0, k + 1).astype(jnp.int32)
-        vout = target(block, cache, n_new, return_layers=drafter.return_layers)
-        if greedy:
-            acc = accept_greedy(vout.logits, block[:, 1:])
-        else:
-            probs = target_probs(vout.logits, settings.temperature, settings.top_p)
-            acc = accept_sampled(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
-        a = jnp.where(done, 0, acc.accepted)
-        pos = jnp.arange(k + 1)[None, :]
-        padded = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-        emitted = jnp.where(pos < a[:, None], padded, acc.bonus[:, None])  # d_1..d_a, bonus
-        acc_log = acc_log.at[step].set(jnp.where(done, -1, a))
-        out_buf, n_out, new_done = _emit(out_buf, n_out, done, emitted, a + 1, settings)
-        committed = jnp.where(done, 0, a + 1)
-        cache = rollback(vout.cache, start + committed)
-        dst = drafter.observe(target, modules, dst, vout, committed, emitted)
-        anchor = jnp.where(done, anchor, acc.bonus)
-        return step + 1, key, cache, dst, anchor, out_buf, n_out, new_done, acc_log
 
-    def cond(carry):
-        step, done = carry[0], carry[7]
-        return (step < max_steps) & ~jnp.all(done)
+def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
+    """Draft → verify → accept → emit → commit (roll back) → observe: one speculative step for every row."""
+    b, k = st.anchor.shape[0], drafter.num_drafts
+    key, k_draft, k_acc = jax.random.split(st.key, 3)
+    start = st.cache["length"]
+    drafts, draft_probs, dst = drafter.propose(target, modules, st.drafter, st.anchor, start, k_draft)
+    block = jnp.concatenate([st.anchor[:, None], drafts.astype(jnp.int32)], axis=1)
+    n_new = jnp.where(st.done, 0, k + 1).astype(jnp.int32)
+    vout = target(block, st.cache, n_new, return_layers=drafter.return_layers)
+    if settings.temperature == 0:
+        acc = accept_greedy(vout.logits, block[:, 1:])
+    else:
+        probs = target_probs(vout.logits, settings.temperature, settings.top_p)
+        acc = accept_sampled(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
+    a = jnp.where(st.done, 0, acc.accepted)
+    slot = jnp.arange(k + 1)[None, :]
+    shifted = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    emitted = jnp.where(slot < a[:, None], shifted, acc.bonus[:, None])  # d_1..d_a, then the bonus
+    out_buf, n_out, done = _emit(st.out, st.n_out, st.done, emitted, a + 1, settings)
+    committed = jnp.where(st.done, 0, a + 1)  # the anchor and the accepted drafts enter the cache
+    cache = rollback(vout.cache, start + committed)
+    dst = drafter.observe(target, modules, dst, vout, committed, emitted)
+    return LoopState(st.step + 1, key, cache, dst, jnp.where(st.done, st.anchor, acc.bonus), out_buf, n_out, done,
+                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)))
 
-    acc_log = jnp.full((max_steps, b), -1, jnp.int32)
-    carry = (jnp.int32(0), key, rollback(out.cache, prompt_len), dst, first, out_buf, n_out, done, acc_log)
-    carry = jax.lax.while_loop(cond, body, carry)
-    _, _, _, _, _, out_buf, n_out, _, acc_log = carry
-    return out_buf, n_out, acc_log
+
+def _running(st: LoopState, max_steps: int) -> jax.Array:
+    return (st.step < max_steps) & ~jnp.all(st.done)
+
+
+def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
+              tstate, dstate, prompt, prompt_len, key):
+    target = nnx.merge(tgraph, tstate)
+    modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
+    st = _prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key)
+    st = jax.lax.while_loop(lambda s: _running(s, settings.max_new_tokens),
+                            lambda s: _step(target, modules, drafter, settings, s), st)
+    return st.out, st.n_out, st.accepted
 
 
 class Generator:
@@ -224,6 +237,26 @@ class Generator:
         padded, lengths = self.prepare(prompts)
         return self._fn(padded.shape[1], padded.shape[0]).lower(
             self.tstate, self.dstate, padded, lengths, jax.random.key(seed))
+
+    def generate_host_loop(self, prompts, seed: int = 0) -> GenerateResult:
+        """The same steps driven from Python, one jitted step per iteration (what the while_loop saves)."""
+        padded, lengths = self.prepare(prompts)
+        if not hasattr(self, "_host_fns"):
+            def merged(tstate, dstate):
+                return nnx.merge(self.tgraph, tstate), (nnx.merge(self.dgraph, dstate) if self.dgraph else None)
+
+            prefill = lambda ts, ds, p, n, k, max_len: _prefill(*merged(ts, ds), self.drafter, self.settings,
+                                                                 max_len, p, n, k)
+            step = lambda ts, ds, st: _step(*merged(ts, ds), self.drafter, self.settings, st)
+            self._host_fns = (jax.jit(prefill, static_argnums=5), jax.jit(step))
+        prefill, step = self._host_fns
+        st = prefill(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed),
+                     self.max_len(padded.shape[1]))
+        while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
+            st = step(self.tstate, self.dstate, st)
+        acc_log = np.asarray(st.accepted)
+        return GenerateResult(np.asarray(st.out), np.asarray(st.n_out), acc_log, (acc_log >= 0).sum(0),
+                              self.drafter.num_drafts + 1)
 
     def generate(self, prompts, seed: int = 0) -> GenerateResult:
         padded, lengths = self.prepare(prompts)

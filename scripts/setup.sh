@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install hdflash_jax with the converter/parity extras, pinned by constraints.txt.
+# Idempotent: an existing .venv is reused unless HDFLASH_FRESH_VENV=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+if [ "${HDFLASH_FRESH_VENV:-0}" = "1" ]; then rm -rf .venv; fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+# torch==2.13.0 resolves to the local CPU build here; any other torch request pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,dev]"
