@@ -1,0 +1,287 @@
+"""The built-in small model, stages 1–3 (issue 8): corpus decontamination, the BPE tokenizer, target pretraining.
+
+The pretraining tests share one micro target (1 CSA layer with a hash-routed MoE, the MTP block with a
+score-routed one, 2 Sinkhorn iterations) and one compiled training step; the end-to-end `run` test (resume,
+export) is marked slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hdflash_jax.config import TargetConfig
+from train import corpus as C
+from train import pretrain_target as P
+from train import tokenizer_train as TT
+
+REPO = Path(__file__).resolve().parents[1]
+
+MICRO = TargetConfig(
+    vocab_size=300, dim=32, n_layers=1, n_heads=2, head_dim=32, rope_head_dim=8, q_lora_rank=16, o_groups=2,
+    o_lora_rank=8, window_size=8, index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4,
+    n_activated_experts=2, n_shared_experts=1, moe_inter_dim=16, n_hash_layers=1, original_seq_len=32,
+    compress_ratios=(4, 0), max_seq_len=256, hc_sinkhorn_iters=2, dtype="float32", param_dtype="float32")
+MICRO_TRAIN = P.TrainConfig(seq_len=16, batch_size=2, steps=4, lr=1e-2, warmup_steps=0, bias_update_speed=1e-3,
+                            log_every=1, eval_every=2, eval_batches=1, ckpt_every=2)
+
+
+# ---- stage 1: corpus -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_index():
+    return C.EvalIndex.from_suites("all", n=13)
+
+
+def _eval_rows(rel):
+    with open(REPO / "eval" / "data" / rel, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _text_doc(text, i=0):
+    return {"id": f"planted/{i}", "source": "python_stdlib", "kind": "text", "text": text}
+
+
+def test_overlap_check_catches_planted_eval_prompts(eval_index):
+    gsm = _eval_rows("gsm8k/test.jsonl")[0]["question"]  # Janet's ducks
+    he = _eval_rows("humaneval/HumanEval.jsonl")[0]["prompt"]
+    mbpp = next(r for r in _eval_rows("mbpp/mbpp.jsonl") if r["task_id"] == 11)["text"]
+    mt = _eval_rows("mt_bench/question.jsonl")[0]["turns"][1]
+    math_q = _eval_rows("math500/test.jsonl")[3]["problem"]
+    planted = {
+        # different case, spacing and punctuation do not hide it
+        "gsm8k/0": "Some preamble.\n" + re.sub(r"\s+", "  ", gsm.upper()).replace(".", " ;") + "\nmore text",
+        "HumanEval/0": "# a source file\nimport os\n" + he + "    pass\n",
+        "mbpp/11": "TODO: " + mbpp,
+        "mt_bench/81": "Notes: " + mt,
+    }
+    docs = [_text_doc(t, i) for i, t in enumerate(planted.values())]
+    docs.append(_text_doc("x = 1\n" + math_q + "\n", 9))
+    # chat documents in the evaluation's own template are clean when their content is new
+    docs += list(C.gsm8k_documents([{"question": "Ann has 3 red pens and buys 4 more blue pens at the shop today. "
+                                                 "How many pens does Ann have now in her bag?",
+                                     "answer": "3+4=<<3+4=7>>7\n#### 7"}]))
+    docs += [_text_doc("def add(a, b):\n    return a + b\n", 20)]
+    hits = C.find_overlaps(docs, eval_index)
+    by_doc = {h["doc"]: h["eval_id"] for h in hits}
+    for i, sid in enumerate(planted):
+        assert by_doc.get(f"planted/{i}") == sid, (sid, hits)
+    assert "planted/9" in by_doc and by_doc["planted/9"].startswith("test/")  # a MATH-500 unique_id
+    assert "gsm8k_train/0" not in by_doc and "planted/20" not in by_doc
+    assert len(hits) == len(planted) + 1
+
+
+def test_overlap_check_on_vendored_mbpp_finds_known_near_duplicates(eval_index):
+    rows = C.read_jsonl(C.DATA_DIR / C.MBPP_FILE)
+    hits = {h["doc"]: h["eval_id"] for h in C.find_overlaps(C.mbpp_documents(rows), eval_index)}
+    assert hits.get("mbpp/569") == "mbpp/104"  # "sort each sublist of strings in a given list" (test task 104)
+    assert 0 < len(hits) < len(rows) // 5  # templates shared by design do not flag every prompt
+
+
+def test_vendored_training_data_matches_licenses_and_excludes_test_split():
+    table = (C.DATA_DIR / "LICENSES.md").read_text()
+    for meta in C.SOURCES.values():
+        p = C.DATA_DIR / meta["file"]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() in table, meta["file"]
+    ids = [r["task_id"] for r in C.read_jsonl(C.DATA_DIR / C.MBPP_FILE)]
+    assert set(ids) == C.MBPP_NONTEST_IDS and not set(ids) & set(C.MBPP_TEST_IDS)
+    with pytest.raises(ValueError, match="held-out test split"):
+        list(C.mbpp_documents([{"task_id": 11, "text": "t", "code": "c", "test_list": []}]))
+    assert C.gsm8k_answer_text("a <<1+1=2>>2 b\n#### 1,000") == "a 2 b\nThe answer is \\boxed{1,000}."
+
+
+# ---- stage 2: tokenizer ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    rows = C.read_jsonl(C.DATA_DIR / C.MBPP_FILE)
+    texts = [t for d in C.mbpp_documents(rows) for t in C.document_texts(d)]
+    return TT.train_tokenizer(texts, vocab_size=512)
+
+
+def test_tokenizer_layout_round_trip_and_atomic_specials(small_tokenizer, tmp_path):
+    tok = small_tokenizer
+    assert tok.get_vocab_size(with_added_tokens=True) == 512
+    assert [tok.token_to_id(s) for s in TT.LEADING_SPECIALS] == [0, 1, 2, 3, 4]
+    assert tok.token_to_id(TT.MASK) == 511
+    for text in ["def f(x):\n\treturn  x ** 2   # ünïcödé 😀 \r\n", "  leading and trailing  ", "12345 + 678 = 13023",
+                 "日本語のテキスト", ""]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
+    assert tok.encode("12345", add_special_tokens=False).tokens == list("12345")  # digits one by one
+    chat = TT.render_chat([{"role": "user", "content": "Hi<there>|"}, {"role": "assistant", "content": "ok"}],
+                          add_generation_prompt=False)
+    assert chat == "<|bos|><|user|>Hi<there>|<|assistant|>ok<|eos|>"
+    ids = tok.encode(chat, add_special_tokens=False).ids
+    assert ids[:2] == [0, 3] and ids[-1] == 1 and ids.count(4) == 1 and 511 not in ids
+    assert tok.encode("a<|mask|>b", add_special_tokens=False).ids[1] == 511
+    # prompt + answer + eos tokenizes exactly as the whole conversation (the drafter data path relies on it)
+    prompt = TT.render_chat([{"role": "user", "content": "Hi<there>|"}])
+    enc = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    assert enc(prompt) + enc("ok") + [1] == ids
+    # the saved artefacts load with plain `tokenizers` and through the project's HFTokenizer
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(TT.tokenizer_config(512)))
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(chat, add_special_tokens=False).ids == ids
+    hf = TT.load_small_tokenizer(tmp_path)
+    assert (hf.vocab_size, hf.bos_id, hf.eos_id, hf.mask_id) == (512, 0, 1, 511)
+    assert hf.encode(hf.apply_chat_template([{"role": "user", "content": "Hi<there>|"}])) == \
+        tok.encode(prompt, add_special_tokens=False).ids
+
+
+def test_build_tokenizer_from_corpus_folder_is_cached(tmp_path):
+    rows = C.read_jsonl(C.DATA_DIR / C.MBPP_FILE)
+    docs = list(C.mbpp_documents(rows))
+    (tmp_path / "c").mkdir()
+    C._write_jsonl(tmp_path / "c" / "train.jsonl", docs[:-20])
+    C._write_jsonl(tmp_path / "c" / "heldout.jsonl", docs[-20:])
+    (tmp_path / "c" / "manifest.json").write_text("{}")
+    logs = []
+    p = TT.build_tokenizer(tmp_path / "c", tmp_path / "t", vocab_size=400, log=logs.append)
+    cfg = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+    assert cfg["ids"]["mask"] == 399 and cfg["chat_template"] == TT.CHAT_FORMAT
+    assert TT.build_tokenizer(tmp_path / "c", tmp_path / "t", vocab_size=400, log=logs.append) == p
+    assert "cached" in logs[-1]
+
+
+# ---- stage 3: pretraining -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trainer():
+    return P.Trainer(MICRO, MICRO_TRAIN)
+
+
+def _batch(seed=0):
+    return np.random.default_rng(seed).integers(5, MICRO.vocab_size - 1, (2, MICRO_TRAIN.seq_len + 1)).astype(np.int32)
+
+
+def test_window_split_alignment():
+    t = np.arange(10)[None] + 100
+    x, y, nxt, y2 = P.split_window(t)
+    assert x.tolist() == [list(range(100, 109))]
+    assert (y == x + 1).all() and y.shape == x.shape
+    assert nxt.shape[1] == y2.shape[1] == x.shape[1] - 1
+    assert (nxt == x[:, :-1] + 1).all() and (y2 == x[:, :-1] + 2).all()  # MTP at i: reads t_{i+1}, predicts t_{i+2}
+
+
+def test_mtp_alignment_by_causality_and_loss_value(trainer):
+    """MTP position i must see the main streams at i and the embedding of t_{i+1} — nothing later — and its loss
+    must be the CE against t_{i+2}. Changing t_j changes MTP logits from i = j − 1 on (through t_{i+1}'s
+    embedding: the main streams at j − 1 cannot see t_j) and leaves i < j − 1 untouched."""
+    fwd = jax.jit(lambda p, b, x: P.model_outputs(trainer._merge(p, b), x))
+    tok = _batch(1)
+    logits, y, mtp, y2 = fwd(trainer.params, trainer.buffers, tok)
+    j = 9
+    tok2 = tok.copy()
+    tok2[:, j] = (tok2[:, j] + 17) % (MICRO.vocab_size - 1)
+    logits_b, _, mtp_b, _ = fwd(trainer.params, trainer.buffers, tok2)
+    diff = np.abs(np.asarray(mtp) - np.asarray(mtp_b)).max(axis=(0, 2))
+    main_diff = np.abs(np.asarray(logits) - np.asarray(logits_b)).max(axis=(0, 2))
+    assert (diff[: j - 1] == 0).all() and diff[j - 1] > 1e-6 and (diff[j - 1:] > 0).all()
+    assert (main_diff[:j] == 0).all() and main_diff[j] > 1e-6
+    assert np.isfinite(np.asarray(mtp)).all() and mtp.shape == (2, MICRO_TRAIN.seq_len - 1, MICRO.vocab_size)
+    # the loss: mean CE of the MTP logits against t_{i+2}, computed here by hand
+    lp = np.asarray(jax.nn.log_softmax(mtp, axis=-1))
+    want = -np.mean(np.take_along_axis(lp, tok[:, 2:, None], axis=-1))
+    total, parts = jax.jit(lambda p, b, x: P.losses(trainer._merge(p, b), x, 0.3))(trainer.params, trainer.buffers,
+                                                                                  tok)
+    np.testing.assert_allclose(float(parts["mtp_ce"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(parts["ce"]) + 0.3 * want, rtol=1e-5)
+    assert abs(float(parts["ce"]) - np.log(MICRO.vocab_size)) < 0.5  # near-uniform at init
+
+
+def test_train_step_lowers_loss_trains_params_only_and_resumes(trainer, tmp_path):
+    cfg = MICRO
+    assert not any(k.endswith(("tid2eid", "bias")) for k in trainer.params)
+    assert set(trainer.buffers) == {"layers.0.ffn.gate.tid2eid", "mtp.0.block.ffn.gate.bias"}
+    table = np.asarray(trainer.buffers["layers.0.ffn.gate.tid2eid"])
+    assert table.shape == (cfg.vocab_size, cfg.n_activated_experts) and table.min() >= 0
+    assert table.max() < cfg.n_routed_experts and (table[:, 0] != table[:, 1]).all()  # k distinct experts per id
+    assert len({tuple(r) for r in table}) > 1  # really hashed, not one expert set for all
+    bias0 = np.asarray(trainer.buffers["mtp.0.block.ffn.gate.bias"]).copy()
+    emb0 = np.asarray(trainer.params["embed"]).copy()
+    batch = _batch(0)
+    trainer.save(tmp_path / "ck")
+    m = [trainer.train_step(batch) for _ in range(3)]  # each reports the loss before its update
+    losses = [float(x["loss"]) for x in m]
+    assert all(np.isfinite(losses)) and losses[1] < losses[0] and losses[2] < losses[1], losses
+    assert np.isfinite(float(m[0]["mtp_ce"])) and float(m[0]["grad_norm"]) > 0
+    assert not np.array_equal(np.asarray(trainer.params["embed"]), emb0)
+    np.testing.assert_array_equal(np.asarray(trainer.buffers["layers.0.ffn.gate.tid2eid"]), table)
+    step = np.asarray(trainer.buffers["mtp.0.block.ffn.gate.bias"]) - bias0  # sign updates of ±γ per step only
+    assert np.allclose(np.round(step / MICRO_TRAIN.bias_update_speed), step / MICRO_TRAIN.bias_update_speed,
+                       atol=1e-3) and np.abs(step).max() > 0
+    # resume: restoring the step-0 checkpoint replays the same losses
+    trainer.restore(tmp_path / "ck")
+    assert trainer.step == 0 and np.array_equal(np.asarray(trainer.params["embed"]), emb0)
+    again = [float(trainer.train_step(batch)["loss"]) for _ in range(3)]
+    np.testing.assert_allclose(again, losses, rtol=1e-6)
+    # the finished model is a regular target checkpoint (params and buffers)
+    from hdflash_jax.checkpoint import load_params, save_params
+
+    save_params(tmp_path / "model", trainer.model(), cfg)
+    got_cfg, state = load_params(tmp_path / "model", as_model=False)
+    flat = P.flat_values(state)
+    assert got_cfg == cfg and set(flat) == set(trainer.params) | set(trainer.buffers)
+    for k, v in {**trainer.params, **trainer.buffers}.items():
+        np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg=k)
+
+
+def test_config_resolution_and_overrides(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"preset": "small", "model": {"dim": 96}, "train": {"steps": 7}, "out": "x"}))
+    spec = P.resolve_config(None, str(f), ["model.compress_ratios=[0,4,0]", "model.n_layers=2", "lr=0.001",
+                                           "train.batch_size=4"])
+    cfg, tcfg = P.build_configs(spec, vocab_size=1000, bos=0, eos=1)
+    assert (cfg.dim, cfg.n_layers, cfg.compress_ratios, cfg.vocab_size) == (96, 2, (0, 4, 0), 1000)
+    assert (tcfg.steps, tcfg.lr, tcfg.batch_size) == (7, 0.001, 4)
+    with pytest.raises(ValueError, match="not a TrainConfig field"):
+        P.resolve_config("small", None, ["dim=3"])
+    with pytest.raises(ValueError, match="not a TargetConfig field"):
+        P.resolve_config("small", None, ["model.nope=3"])
+    small = P.SMALL_PRESET
+    assert {0, 4} <= set(small.layer_ratios) and any(r > 4 for r in small.layer_ratios)  # SWA, CSA, HCA
+    assert small.n_hash_layers >= 1 and small.n_mtp_layers == 1 and small.hc_mult == 4
+    assert small.index_topk < P.TrainConfig().seq_len // 4  # the indexer really selects
+    tokens = np.arange(5000, dtype=np.uint16)
+    a, b = P.train_batch(tokens, MICRO_TRAIN, 3), P.train_batch(tokens, MICRO_TRAIN, 3)
+    assert a.shape == (2, 17) and np.array_equal(a, b) and not np.array_equal(a, P.train_batch(tokens, MICRO_TRAIN, 4))
+    assert (np.diff(a, axis=1) == 1).all()  # contiguous windows
+
+
+@pytest.mark.slow
+def test_run_end_to_end_resumes_and_exports(tmp_path, small_tokenizer):
+    """`run` on a tiny corpus: stops at 3 steps, resumes to 4, exports a loadable target."""
+    rows = C.read_jsonl(C.DATA_DIR / C.MBPP_FILE)
+    docs = list(C.mbpp_documents(rows))
+    cdir, tdir = tmp_path / "corpus", tmp_path / "tok"
+    cdir.mkdir()
+    C._write_jsonl(cdir / "train.jsonl", docs[:-30])
+    C._write_jsonl(cdir / "heldout.jsonl", docs[-30:])
+    (cdir / "manifest.json").write_text("{}")
+    TT.build_tokenizer(cdir, tdir, vocab_size=MICRO.vocab_size, log=lambda *a: None)
+    model_over = {k: v for k, v in MICRO.to_dict().items() if k not in ("vocab_size", "bos_token_id", "eos_token_id")}
+    spec = {"preset": "small", "model": model_over, "train": {**dataclasses.asdict(MICRO_TRAIN), "steps": 3}}
+    out = tmp_path / "run"
+    r1 = P.run(spec, cdir, tdir, out, log=lambda *a: None)
+    assert r1["step"] == 3 and (out / "model").is_dir()
+    spec["train"]["steps"] = 4
+    import shutil
+
+    shutil.rmtree(out / "model")
+    r2 = P.run(spec, cdir, tdir, out, log=lambda *a: None)
+    assert r2["step"] == 4 and r2["finished"] and np.isfinite(r2["val_ce"])
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    from hdflash_jax.checkpoint import load_params
+
+    cfg, _ = load_params(out / "model", as_model=False)
+    assert cfg.vocab_size == MICRO.vocab_size and cfg.compress_ratios == MICRO.compress_ratios
