@@ -27,7 +27,7 @@ from hdflash_jax.target.model import init_target
 
 def _timed(fn, repeats):
     t = time.perf_counter()
-    first = fn()
+    fn()  # compile + first run
     first_s = time.perf_counter() - t
     best = float("inf")
     for _ in range(repeats):

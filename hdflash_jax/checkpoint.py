@@ -167,6 +167,11 @@ def write_config(folder: Path, cfg: TargetConfig) -> None:
 
 def save_params(path: str | Path, state, cfg: TargetConfig, *, overwrite: bool = False) -> Path:
     """Save a model / NNX state / {dotted path: array} with its config; atomic (temp folder + rename)."""
+    return save_atomically(path, state, lambda folder: write_config(folder, cfg), overwrite=overwrite)
+
+
+def save_atomically(path: str | Path, state, write_meta, *, overwrite: bool = False) -> Path:
+    """Params under `params/` plus whatever `write_meta(folder)` writes, in a temp folder renamed at the end."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
@@ -176,7 +181,7 @@ def save_params(path: str | Path, state, cfg: TargetConfig, *, overwrite: bool =
     tmp.mkdir(parents=True)
     try:
         _ocp().save(tmp / PARAMS_DIR, nest(flat))
-        write_config(tmp, cfg)
+        write_meta(tmp)
         commit_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,13 +14,12 @@ only needs the two configs, so callers can run it before loading any weights.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from hdflash_jax.checkpoint import _flat_arrays, _ocp, commit_dir, dotted, flatten, nest, tmp_path_for
+from hdflash_jax.checkpoint import _ocp, dotted, flatten, nest, save_atomically
 from hdflash_jax.config import DrafterConfig, TargetConfig
 
 DRAFTER_CONFIG_FILE = "drafter_config.json"
@@ -39,20 +38,8 @@ def save_drafter(path: str | Path, drafter, cfg: DrafterConfig | None = None, *,
         cfg = getattr(drafter, "cfg", None)
         if not isinstance(cfg, DrafterConfig):
             raise ValueError("save_drafter: pass cfg= when saving a state rather than a BlockDrafter")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
-    flat = _flat_arrays(drafter)
-    tmp = tmp_path_for(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _ocp().save(tmp / PARAMS_DIR, nest(flat))
-        (tmp / DRAFTER_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-        commit_dir(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return save_atomically(path, drafter, lambda folder: (folder / DRAFTER_CONFIG_FILE).write_text(
+        json.dumps(cfg.to_dict(), indent=1)), overwrite=overwrite)
 
 
 def load_drafter_config(path: str | Path) -> DrafterConfig:
