@@ -21,12 +21,8 @@ from hdflash_jax.drafter.reducer import features_from_target, target_return_laye
 from hdflash_jax.target.cache import init_cache
 
 
-@dataclasses.dataclass(frozen=True)
-class NoDrafter:
-    """Autoregressive decoding: no drafts, every step verifies the anchor alone."""
-    num_drafts: int = 0
-    return_layers: tuple[int, ...] = ()
-    sampled: bool = False
+class _Stateless:
+    """For drafters that learn nothing from the target's output: no state, nothing to observe."""
 
     def init_state(self, target, modules, batch, max_len):
         return ()
@@ -34,12 +30,20 @@ class NoDrafter:
     def observe(self, target, modules, state, out, n_valid, next_tokens):
         return state
 
+
+@dataclasses.dataclass(frozen=True)
+class NoDrafter(_Stateless):
+    """Autoregressive decoding: no drafts, every step verifies the anchor alone."""
+    num_drafts: int = 0
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
     def propose(self, target, modules, state, anchor, position, key):
         return jnp.zeros((anchor.shape[0], 0), jnp.int32), None, state
 
 
 @dataclasses.dataclass(frozen=True)
-class ReplayDrafter:
+class ReplayDrafter(_Stateless):
     """Proposes a known continuation at no cost (an oracle when it is the target's own greedy output).
 
     `reference` [B, L] holds each row's full sequence (prompt + continuation). Its τ equals the block size for
@@ -48,12 +52,6 @@ class ReplayDrafter:
     num_drafts: int
     return_layers: tuple[int, ...] = ()
     sampled: bool = False
-
-    def init_state(self, target, modules, batch, max_len):
-        return ()
-
-    def observe(self, target, modules, state, out, n_valid, next_tokens):
-        return state
 
     def propose(self, target, modules, state, anchor, position, key):
         ref = modules["reference"][...]
