@@ -245,14 +245,26 @@ def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, 
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/)")
+    graphdef, state = restore_strict(params, abstract_model(cfg), "a model",
+                                     lambda key, var: _sharding_for(key, var, mesh, shardings))
+    if not as_model:
+        return cfg, state
+    return cfg, nnx.merge(graphdef, state)
+
+
+def restore_strict(params: Path, abstract_module, what: str, sharding_for):
+    """Restore an orbax params folder into the tree of `abstract_module`, strictly → (graphdef, state).
+
+    Every leaf must be on disk with the config's shape, and nothing else; each array lands directly in
+    `sharding_for(dotted_path, abstract_variable)`. Errors name the folder and the parameter.
+    """
     ocp = _ocp()
     try:
         meta = ocp.metadata(params).metadata
     except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder
         raise ValueError(f"{params}: not a finished orbax checkpoint ({type(e).__name__}: {e})") from None
-    on_disk = {k: v for k, v in flatten(meta).items()}
-    model = abstract_model(cfg)
-    graphdef, state = nnx.split(model)
+    on_disk = flatten(meta)
+    graphdef, state = nnx.split(abstract_module)
     flat = list(nnx.to_flat_state(state))
     want = {dotted(p): v for p, v in flat}
     missing = [k for k in want if k not in on_disk]
@@ -260,17 +272,14 @@ def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, 
         raise ValueError(f"{params}: missing parameter {missing[0]!r} (the config expects {len(want)} leaves)")
     extra = [k for k in on_disk if k not in want]
     if extra:
-        raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in a model with this config)")
+        raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in {what} with this config)")
     abstract = {}
     for key, var in want.items():
         shape = tuple(getattr(on_disk[key], "shape", ()))
         if shape != tuple(var.shape):
             raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
-        abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=_sharding_for(key, var, mesh, shardings))
+        abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(key, var))
     restored = flatten(ocp.load(params, nest(abstract)))
     for p, var in flat:
         var.set_value(restored[dotted(p)])
-    state = nnx.from_flat_state(flat)
-    if not as_model:
-        return cfg, state
-    return cfg, nnx.merge(graphdef, state)
+    return graphdef, nnx.from_flat_state(flat)

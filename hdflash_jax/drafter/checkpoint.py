@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from hdflash_jax.checkpoint import _ocp, dotted, flatten, nest, save_atomically
+from hdflash_jax.checkpoint import restore_strict, save_atomically
 from hdflash_jax.config import DrafterConfig, TargetConfig
 
 DRAFTER_CONFIG_FILE = "drafter_config.json"
@@ -87,29 +87,6 @@ def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {PARAMS_DIR}/)")
-    ocp = _ocp()
-    try:
-        meta = ocp.metadata(params).metadata
-    except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder
-        raise ValueError(f"{params}: not a finished orbax checkpoint ({type(e).__name__}: {e})") from None
-    on_disk = flatten(meta)
-    graphdef, state = nnx.split(abstract_drafter(cfg))
-    flat = list(nnx.to_flat_state(state))
-    want = {dotted(p): v for p, v in flat}
-    missing = [k for k in want if k not in on_disk]
-    if missing:
-        raise ValueError(f"{params}: missing parameter {missing[0]!r} (the config expects {len(want)} leaves)")
-    extra = [k for k in on_disk if k not in want]
-    if extra:
-        raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in a drafter with this config)")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {}
-    for key, var in want.items():
-        shape = tuple(getattr(on_disk[key], "shape", ()))
-        if shape != tuple(var.shape):
-            raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
-        abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=device)
-    restored = flatten(ocp.load(params, nest(abstract)))
-    for p, var in flat:
-        var.set_value(restored[dotted(p)])
-    return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
+    graphdef, state = restore_strict(params, abstract_drafter(cfg), "a drafter", lambda key, var: device)
+    return cfg, nnx.merge(graphdef, state)
