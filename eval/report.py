@@ -57,7 +57,7 @@ CELL_KEYS = (
     "compile_s", "speedup", "greedy_match_ar", "score",
 )
 NULLABLE_KEYS = ("greedy_match_ar", "score")
-METHOD_ORDER = ("ar", "mtp", "dflash", "hyperdflash")
+METHOD_ORDER = ("ar", "mtp", "mtp3", "mtp7", "dflash", "hyperdflash")
 DASH = "—"
 
 

@@ -24,8 +24,13 @@ Results: results.json, results.md and the two plots (eval.report.write_results),
 generated text). Exit status: 0 ok, 1 a run error (e.g. a second MT-Bench turn longer than the largest bucket),
 2 bad arguments / checkpoints / selection (all checked before any weights are loaded), 3 greedy mismatch.
 
-Targets (`--target`): a name of `TARGETS` (`tiny-random`: the random tiny DeepSeek-V4 with untrained drafters
-and a byte tokenizer, for checking the pipeline end to end — its τ and speedups mean nothing) or a converted
+Methods: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times: `mtp3,mtp7`
+compare depths in one run), and the block drafters by name.
+
+Targets (`--target`): a name of `TARGETS` (`small`: the built-in pretrained small DeepSeek-V4 of models/small with
+its tokenizer and trained `hyperdflash` / `dflash` drafters, built by `python -m train.small_pipeline`;
+`tiny-random`: the random tiny DeepSeek-V4 with untrained drafters and a byte tokenizer, for checking the pipeline
+end to end — its τ and speedups mean nothing) or a converted
 checkpoint folder (`config.json` + `params/`, hdflash_jax.checkpoint). Drafters (`--drafter NAME=CKPT`): a
 drafter checkpoint folder (`drafter_config.json` + `params/`, hdflash_jax.drafter.checkpoint); NAME becomes the
 method name, so `--drafter hyperdflash=... --drafter hd-b16=...` can be compared in one run.
@@ -51,7 +56,8 @@ import numpy as np
 
 from eval.suites import SUITES, Sample, expand_suites, load_suite
 
-BUILTIN_METHODS = ("ar", "mtp")
+BUILTIN_METHODS = ("ar", "mtp")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3, mtp7): see mtp_depth
+MTP_K = re.compile(r"^mtp([1-9][0-9]*)$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 DEFAULT_MAX_NEW_TOKENS = 1024
 EXIT_OK, EXIT_RUN, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
@@ -64,6 +70,18 @@ class UsageError(Exception):
 class RunError(Exception):
     """A problem found during the run that needs other arguments, e.g. a second MT-Bench turn too long for the
     buckets (exit status 1)."""
+
+
+def is_builtin(method: str) -> bool:
+    return method in BUILTIN_METHODS or MTP_K.match(method) is not None
+
+
+def mtp_depth(method: str, default_k: int) -> int | None:
+    """Drafts per step of an MTP method ("mtp" → --mtp-k, "mtp<k>" → k), None for any other method."""
+    if method == "mtp":
+        return default_k
+    m = MTP_K.match(method)
+    return int(m.group(1)) if m else None
 
 
 def _log(msg: str) -> None:
@@ -94,7 +112,7 @@ class TargetSpec:
     trained: bool = True
 
 
-def _tiny_random(tokenizer: str | None, chat_template: str) -> TargetSpec:
+def _tiny_random(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     """The random tiny preset; its default drafters are untrained HyperDFlash / DFlash drafters built from it."""
     from hdflash_jax.config import get_drafter_preset, get_preset
     from hdflash_jax.drafter.model import init_drafter_from_target
@@ -102,7 +120,8 @@ def _tiny_random(tokenizer: str | None, chat_template: str) -> TargetSpec:
     from hdflash_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     cfg = get_preset("tiny")
-    tok = load_tokenizer(tokenizer, chat_template) if tokenizer else ByteTokenizer(cfg.vocab_size, chat_template)
+    tok = (load_tokenizer(tokenizer, chat_template) if tokenizer
+           else ByteTokenizer(cfg.vocab_size, chat_template or "deepseek_v4"))
 
     def untrained(method, preset):
         dcfg = get_drafter_preset(preset)
@@ -118,14 +137,35 @@ def _tiny_random(tokenizer: str | None, chat_template: str) -> TargetSpec:
     )
 
 
-# Named targets: name -> factory(tokenizer spec or None, chat template) -> TargetSpec. A trained built-in model is
-# one more entry (e.g. TARGETS["small"] = a factory loading its packaged checkpoint, tokenizer and drafters).
-TARGETS: dict[str, Callable[[str | None, str], TargetSpec]] = {
+SMALL_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "small"
+
+
+def _small(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
+    """The built-in small model (issue 8; built by `python -m train.small_pipeline`, shipped in models/small):
+    a pretrained small DeepSeek-V4 target with its MTP layer, its tokenizer, and trained HyperDFlash / DFlash
+    drafters (every folder under models/small/drafters becomes a method of that name)."""
+    from hdflash_jax.drafter.checkpoint import load_drafter, load_drafter_config
+
+    root = Path(os.environ.get("HDFLASH_SMALL_MODEL", SMALL_MODEL_DIR))
+    if not (root / "target" / "config.json").is_file():
+        raise UsageError(f"--target small: no built model at {root} (build it: python -m train.small_pipeline)")
+    spec = _checkpoint_target(root / "target", tokenizer or str(root / "tokenizer"), chat_template)
+    drafters = {}
+    for d in sorted((root / "drafters").iterdir()) if (root / "drafters").is_dir() else []:
+        if (d / "drafter_config.json").is_file():
+            drafters[d.name] = DrafterSource(d.name, str(d), load_drafter_config(d),
+                                             lambda target, seed, d=d: load_drafter(d, target.cfg)[1], trained=True)
+    return dataclasses.replace(spec, name="small", drafters=drafters)
+
+
+# Named targets: name -> factory(tokenizer spec or None, chat template or None = the tokenizer's) -> TargetSpec.
+TARGETS: dict[str, Callable[[str | None, str | None], TargetSpec]] = {
     "tiny-random": _tiny_random,
+    "small": _small,
 }
 
 
-def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str) -> TargetSpec:
+def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     from hdflash_jax.checkpoint import is_checkpoint, load_config, load_params
     from hdflash_jax.tokenizer import deepseek_v4_tokenizer_json, load_tokenizer
 
@@ -151,7 +191,7 @@ def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str) ->
                       tokenizer=tok)
 
 
-def resolve_target(name: str, tokenizer: str | None = None, chat_template: str = "deepseek_v4") -> TargetSpec:
+def resolve_target(name: str, tokenizer: str | None = None, chat_template: str | None = None) -> TargetSpec:
     """A registered name (`TARGETS`) or a checkpoint folder → `TargetSpec` (no weights loaded yet)."""
     if name in TARGETS:
         spec = TARGETS[name](tokenizer, chat_template)
@@ -180,7 +220,7 @@ def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, Drafter
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise UsageError(f"--drafter {item!r}: expected NAME=CHECKPOINT_FOLDER")
-        if name in BUILTIN_METHODS:
+        if is_builtin(name):
             raise UsageError(f"--drafter {item!r}: {name!r} is a built-in method and takes no drafter checkpoint")
         if not METHOD_NAME.match(name):
             raise UsageError(f"--drafter {item!r}: method names use letters, digits, '_', '-', '.'")
@@ -212,7 +252,7 @@ def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSou
         else:
             expanded = [n]
         for m in expanded:
-            if m not in BUILTIN_METHODS and m not in known:
+            if not is_builtin(m) and m not in known:
                 valid = ", ".join(list(BUILTIN_METHODS) + list(known) + ["all"])
                 if m in ("dflash", "hyperdflash"):
                     raise UsageError(f"--method {m}: the target {target.name!r} has no built-in {m} drafter; "
@@ -220,8 +260,9 @@ def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSou
                 raise UsageError(f"unknown method {m!r}; valid methods: {valid} (more with --drafter NAME=CKPT)")
             if m not in out:
                 out.append(m)
-    if "mtp" in out and target.config.n_mtp_layers < 1:
-        raise UsageError(f"--method mtp: the target {target.name!r} has no MTP layer (n_mtp_layers = 0)")
+    for m in out:
+        if mtp_depth(m, 1) is not None and target.config.n_mtp_layers < 1:
+            raise UsageError(f"--method {m}: the target {target.name!r} has no MTP layer (n_mtp_layers = 0)")
     ar_added = "ar" not in out
     out = ["ar"] + [m for m in out if m != "ar"]
     return out, ar_added
@@ -284,9 +325,10 @@ def _build_methods(names, spec: TargetSpec, drafters: dict[str, DrafterSource], 
     for m in names:
         if m == "ar":
             drafter, modules, origin = NoDrafter(), None, "autoregressive"
-        elif m == "mtp":
-            drafter, modules, origin = MTPDrafter(args.mtp_k, sampled=sampled, temperature=temp), None, \
-                f"the target's MTP layer chained {args.mtp_k}x"
+        elif mtp_depth(m, args.mtp_k) is not None:
+            k = mtp_depth(m, args.mtp_k)
+            drafter, modules, origin = MTPDrafter(k, sampled=sampled, temperature=temp), None, \
+                f"the target's MTP layer chained {k}x"
         else:
             src = drafters.get(m) or spec.drafters[m]
             bs = args.block_size or src.config.block_size
@@ -501,7 +543,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
 
-    template = "deepseek_v4_thinking" if args.thinking else "deepseek_v4"
+    template = "deepseek_v4_thinking" if args.thinking else None  # None: the tokenizer's own
     try:
         spec = resolve_target(args.target, args.tokenizer, template)
     except (OSError, ValueError) as e:
@@ -526,9 +568,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     # first-turn prompts must fit a bucket and the model's context (later turns are checked when built)
     tok, cfg = spec.tokenizer, spec.config
-    max_k = max([args.mtp_k if m == "mtp" else 0 for m in methods]
+    max_k = max([mtp_depth(m, args.mtp_k) or 0 for m in methods]
                 + [(args.block_size or (drafters.get(m) or spec.drafters[m]).config.block_size) - 1
-                   for m in methods if m not in BUILTIN_METHODS])
+                   for m in methods if not is_builtin(m)])
     for s, lst in samples.items():
         for smp in lst:
             n = len(tok.encode(tok.apply_chat_template(_messages(smp, 0, []))))
@@ -653,8 +695,8 @@ def execute(plan: Plan) -> tuple[dict, list[dict], list[dict]]:
                    "dim": cfg.dim, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size},
         "drafters": {m: {"origin": meth.origin, "block_size": meth.block_size,
                          **({"config": (plan.drafters.get(m) or spec.drafters[m]).config.to_dict()}
-                            if m not in BUILTIN_METHODS else {})} for m, meth in methods.items()},
-        "tokenizer": repr(tok), "chat_template": "deepseek_v4_thinking" if args.thinking else "deepseek_v4",
+                            if not is_builtin(m) else {})} for m, meth in methods.items()},
+        "tokenizer": repr(tok), "chat_template": str(getattr(tok, "chat_template", None)),
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
         "greedy": greedy, "block_size": args.block_size, "mtp_k": args.mtp_k, "batch_size": args.batch_size,
         "prompt_buckets": list(plan.buckets), "seed": args.seed, "limit": args.limit, "score": args.score,
@@ -663,7 +705,7 @@ def execute(plan: Plan) -> tuple[dict, list[dict], list[dict]]:
                   "(bucket, batch) shape, counted in the suite where the shape first appeared; prompts padded "
                   "to their bucket; partial batches padded with copies of their last prompt",
     }
-    untrained = [m for m in plan.methods if m not in BUILTIN_METHODS
+    untrained = [m for m in plan.methods if not is_builtin(m)
                  and not (plan.drafters.get(m) or spec.drafters[m]).trained]
     if not spec.trained or untrained:
         config["note"] = ("random weights (" + ", ".join((["target"] if not spec.trained else []) + untrained)

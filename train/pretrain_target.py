@@ -311,6 +311,7 @@ class Trainer:
     def save(self, path: Path) -> None:
         from hdflash_jax.checkpoint import _ocp, tmp_path_for
 
+        path = Path(path).resolve()  # orbax refuses relative paths
         tmp = tmp_path_for(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,7 @@ class Trainer:
 
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 self.state_tree())
-        got = _ocp().load(path, abstract)
+        got = _ocp().load(Path(path).resolve(), abstract)
         self.params = flatten(got["params"])
         self.buffers = flatten(got["buffers"])
         treedef = jax.tree.structure(self.opt_state)

@@ -32,43 +32,25 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
-BOS, EOS, PAD, USER, ASSISTANT, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|mask|>"
+from hdflash_jax.tokenizer import TAG_ASSISTANT as ASSISTANT
+from hdflash_jax.tokenizer import TAG_BOS as BOS
+from hdflash_jax.tokenizer import TAG_EOS as EOS
+from hdflash_jax.tokenizer import TAG_MASK as MASK
+from hdflash_jax.tokenizer import TAG_PAD as PAD
+from hdflash_jax.tokenizer import TAG_USER as USER
+from hdflash_jax.tokenizer import render_role_tags
+
 LEADING_SPECIALS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4, in this order; MASK is the last id
 CHAT_FORMAT = "<|bos|>{system}<|user|>{user}<|assistant|>{assistant}<|eos|>"
 TOKENIZER_VERSION = 1
 
 
-def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The small model's chat string (module docstring). Roles: system (first only), user, assistant."""
-    if not messages:
-        raise ValueError("render_chat: no messages")
-    out = [BOS]
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content", "") or ""
-        if role == "system":
-            if i:
-                raise ValueError("render_chat: a system message must come first")
-            out.append(content)
-        elif role == "user":
-            out.append(USER + content)
-            nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
-            if nxt == "assistant" or (nxt is None and add_generation_prompt):
-                out.append(ASSISTANT)
-        elif role == "assistant":
-            if i == 0 or messages[i - 1].get("role") != "user":
-                raise ValueError(f"render_chat: assistant message {i} does not follow a user message")
-            out.append(content + EOS)
-        else:
-            raise ValueError(f"render_chat: message {i} has unsupported role {role!r}")
-    return "".join(out)
-
-
 def render_document(doc: dict) -> str:
     """A corpus document (train.corpus) as the string the target is pretrained on."""
     if doc["kind"] == "chat":
-        return render_chat(doc["messages"], add_generation_prompt=False)
+        return render_role_tags(doc["messages"], add_generation_prompt=False)
     return BOS + doc["text"] + EOS
 
 
@@ -114,11 +96,12 @@ def tokenizer_config(vocab_size: int) -> dict:
         "ids": {"bos": 0, "eos": 1, "pad": 2, "user": 3, "assistant": 4, "mask": vocab_size - 1},
         "vocab_size": vocab_size,
         "chat_template": CHAT_FORMAT,
+        "chat_template_name": "role_tags",  # hdflash_jax.tokenizer picks the renderer by this name
         "chat_format": {
             "conversation": "<|bos|> once, then per turn <|user|>{user} and <|assistant|>{assistant}<|eos|>; an "
                             "optional first system message is written right after <|bos|>",
             "generation_prompt": "ends with <|assistant|>; the answer ends at <|eos|>",
-            "example": render_chat([{"role": "user", "content": "What is 2+3?"},
+            "example": render_role_tags([{"role": "user", "content": "What is 2+3?"},
                                     {"role": "assistant", "content": "2+3 = 5"}], add_generation_prompt=False),
             "renderer": "train.tokenizer_train.render_chat",
         },
@@ -165,17 +148,6 @@ def build_tokenizer(corpus_dir: str | Path, out: str | Path, *, vocab_size: int 
     log(f"tokenizer: vocab {vocab_size}, {n_chr / max(n_tok, 1):.2f} characters/token on the held-out split; "
         f"wrote {out}")
     return out / "tokenizer.json"
-
-
-def load_small_tokenizer(path: str | Path):
-    """The trained tokenizer through the project's interface (`hdflash_jax.tokenizer.HFTokenizer`), with the
-    small model's chat format; `path` is tokenizer.json or its folder."""
-    from hdflash_jax.tokenizer import HFTokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    return HFTokenizer.from_file(p, chat_template=render_chat, bos_token=BOS, eos_token=EOS)
 
 
 def main(argv=None) -> None:
