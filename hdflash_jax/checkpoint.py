@@ -134,7 +134,7 @@ class ParamWriter:
     (disjoint keys), then `finalize()`. Arrays are written and dropped at each `add`."""
 
     def __init__(self, folder: str | Path, compression: bool = False):
-        self.path = Path(folder) / PARAMS_DIR
+        self.path = Path(folder).resolve() / PARAMS_DIR  # orbax wants absolute paths
         self.n_adds = 0
         self.keys: set[str] = set()
         self.compression = compression  # zstd halves the write speed and saves ~5% on weights
@@ -172,7 +172,7 @@ def save_params(path: str | Path, state, cfg: TargetConfig, *, overwrite: bool =
 
 def save_atomically(path: str | Path, state, write_meta, *, overwrite: bool = False) -> Path:
     """Params under `params/` plus whatever `write_meta(folder)` writes, in a temp folder renamed at the end."""
-    path = Path(path)
+    path = Path(path).resolve()  # orbax wants absolute paths
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
     flat = _flat_arrays(state)
@@ -238,7 +238,7 @@ def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, 
     Raises FileNotFoundError / ValueError naming the path and parameter when the folder is not a finished
     checkpoint or its tree disagrees with the config.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # orbax reads no metadata through a relative path
     cfg = load_config(path)
     if cfg_overrides:
         cfg = cfg.replace(**cfg_overrides)
@@ -259,6 +259,7 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
     `sharding_for(dotted_path, abstract_variable)`. Errors name the folder and the parameter.
     """
     ocp = _ocp()
+    params = Path(params).resolve()  # orbax reads no metadata through a relative path
     try:
         meta = ocp.metadata(params).metadata
     except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -422,7 +421,6 @@ class Trainer:
     def init_state(self) -> dict:
         """The initial train state, placed: params (the drafter's initial Params), optimizer state, step 0, RNG."""
         import jax
-        import jax.numpy as jnp
 
         if self.tx is None:
             raise RuntimeError("Trainer.setup_optimizer(total_steps) first")
@@ -688,7 +686,7 @@ def _to_py(metrics: dict) -> dict:
 def checkpoint_manager(out_dir: Path, max_to_keep: int):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(out_dir / "checkpoints",
+    return ocp.CheckpointManager((Path(out_dir) / "checkpoints").resolve(),  # orbax wants absolute paths
                                  options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -804,7 +802,7 @@ def run(cfg: dict, mesh=None, *, target=None) -> dict:
                dynamic_ncols=True)
     seq_tokens = trainer.global_batch * int(cfg["data"]["max_len"])
     summary["setup_s"] = time.time() - t_setup
-    t_window, n_window, sup_window = time.time(), 0, 0.0
+    t_window, n_window = time.time(), 0
     timed_steps, timed_s = 0, 0.0
     step = start
     last = None
@@ -817,7 +815,7 @@ def run(cfg: dict, mesh=None, *, target=None) -> dict:
             if "first_step_s" not in summary:  # compile + one step
                 jax.block_until_ready(metrics["loss"])
                 summary["first_step_s"] = time.time() - t0
-                t_window, n_window, sup_window = time.time(), 0, 0.0
+                t_window, n_window = time.time(), 0
             else:
                 n_window += 1
             bar.update(1)

@@ -1,0 +1,418 @@
+"""The built-in small model, end to end (issue 8): one command, resumable, every stage cached.
+
+    python -m train.small_pipeline [--size full|ci] [--out runs/small] [--ship models/small] [--stages all]
+
+Stages (each is the command it prints, run as a subprocess; a stage whose output exists is skipped, and an
+interrupted stage resumes where its own command resumes):
+
+  corpus      python -m train.corpus                 offline corpus, eval-overlap check (stage 1)
+  tokenizer   python -m train.tokenizer_train        byte-level BPE, chat format "role_tags", mask = last id (2)
+  target      python -m train.pretrain_target        small DeepSeek-V4 + MTP block, joint MTP loss (3)
+  regen       python -m train.regenerate             the target's own greedy answers to training prompts (4)
+  drafters    python -m train.drafter  (per variant) HyperDFlash, vanilla DFlash and the ablations, one budget (5)
+  ship        copy target + tokenizer + hyperdflash + dflash into --ship (what `--target small` loads)
+  eval        python -m eval.run  (greedy, T = 1, ablations) on the five suites (6)
+  report      merge the eval runs into <out>/results/results.json, results.md and the plots
+
+Sizes: `full` is the shipped model (about 75 minutes on 2 CPU cores, most of it pretraining); `ci` is the same
+pipeline at toy sizes (minutes), used by the slow test `tests/test_small_pipeline.py::test_pipeline_ci_size`.
+
+Same budget for every drafter variant: the same regenerated data, steps, global batch, anchors per sequence,
+sequence length, optimizer and draft-layer shapes; only the named difference changes (see `VARIANTS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", "report")
+
+# Drafter variants: name -> (DrafterConfig overrides, loss overrides, block size). Everything else is shared.
+# 'hyperdflash' and 'dflash' are the two methods of the paper; the rest are the issue's ablations, each differing
+# from one of them in one thing.
+VARIANTS: dict[str, tuple[dict, dict, int]] = {
+    "hyperdflash": ({"conditioning": "final_streams", "reducer": "gated"}, {}, 8),
+    "dflash": ({"conditioning": "layers", "reducer": "linear", "post_norm": False}, {}, 8),
+    "hd-linear": ({"conditioning": "final_streams", "reducer": "linear", "post_norm": False}, {}, 8),  # vs gated
+    "hd-layers": ({"conditioning": "layers", "reducer": "gated"}, {}, 8),  # final streams vs several layers
+    "hd-nokl": ({"conditioning": "final_streams", "reducer": "gated"}, {"kl_alpha": 0.0}, 8),  # without KL
+    "hd-b16": ({"conditioning": "final_streams", "reducer": "gated"}, {}, 16),  # block 16 vs 8
+}
+SHIPPED = ("hyperdflash", "dflash")
+
+SIZES: dict[str, dict] = {
+    "full": {
+        "vocab_size": 4096,
+        "pretrain": [],  # the `small` preset and TrainConfig defaults: 1,200 steps of 8 × 256 tokens
+        "regen": {"prompts": 2048, "eval_prompts": 32, "max_new_tokens": 160, "batch_size": 32},
+        "drafter": {"overrides": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "inter_dim": 384},
+                    "max_len": 256, "num_anchors": 32, "global_batch": 8, "steps": 400, "lr": 3e-3,
+                    "eval_prompts": 16, "eval_max_new_tokens": 96},
+        "variants": tuple(VARIANTS),
+        "eval": {"limit": 6, "max_new_tokens": 128, "batch_size": 1, "buckets": "128,512"},
+    },
+    "ci": {
+        "vocab_size": 512,
+        "pretrain": ["steps=30", "seq_len=64", "batch_size=4", "warmup_steps=5", "eval_every=15", "ckpt_every=15",
+                     "eval_batches=1", "lr=3e-3", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
+                     "model.head_dim=32", "model.rope_head_dim=8", "model.q_lora_rank=16", "model.o_lora_rank=8",
+                     "model.window_size=16", "model.index_n_heads=2", "model.index_head_dim=16", "model.index_topk=2",
+                     "model.n_routed_experts=4", "model.moe_inter_dim=32", "model.hc_sinkhorn_iters=4",
+                     "model.compress_ratios=[0,4,8,0]", "model.original_seq_len=64", "model.max_seq_len=1024"],
+        "regen": {"prompts": 48, "eval_prompts": 8, "max_new_tokens": 24, "batch_size": 16},
+        "drafter": {"overrides": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "inter_dim": 64},
+                    "max_len": 96, "num_anchors": 8, "global_batch": 8, "steps": 40, "lr": 5e-3,
+                    "eval_prompts": 8, "eval_max_new_tokens": 24},
+        "variants": ("hyperdflash", "dflash"),
+        "eval": {"limit": 1, "max_new_tokens": 16, "batch_size": 1, "buckets": "512"},
+    },
+}
+
+
+def _rel(path: Path) -> Path:
+    """`path` relative to the repository when it lies inside it (so recorded commands are portable), else absolute."""
+    path = path.resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def _log(msg: str) -> None:
+    print(f"[small_pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def run_cmd(cmd: list[str], log_file: Path, env: dict | None = None) -> None:
+    """Run one stage's command, its output appended to `log_file` (and shown when it fails)."""
+    _log("$ " + " ".join(cmd))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        raise RuntimeError(f"stage command failed (exit {r.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+    _log(f"  done in {time.time() - t0:.0f}s (log: {log_file})")
+
+
+# ---- stage 4: prompts ----------------------------------------------------------------------------------------
+
+def _user_prompts(path: Path, limit: int) -> list[dict]:
+    """The first user turn of the chat documents of a corpus split, in file order (deterministic)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d.get("kind") != "chat":
+                continue
+            out.append({"id": d["id"], "messages": [d["messages"][0]]})
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _interleaved(rows: list[dict], limit: int) -> list[dict]:
+    """Up to `limit` rows taking the sources round-robin (GSM8K and MBPP both represented)."""
+    by_src: dict[str, list[dict]] = {}
+    for r in rows:
+        by_src.setdefault(r["id"].split("/")[0], []).append(r)
+    out, queues = [], [list(v) for v in by_src.values()]
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def write_prompts(corpus: Path, dst: Path, split: str, n: int) -> Path:
+    rows = _interleaved(_user_prompts(corpus / f"{split}.jsonl", 10 ** 9), n)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.rename(dst)
+    return dst
+
+
+# ---- stage 5: drafter configs ----------------------------------------------------------------------------------
+
+def drafter_config(name: str, size: dict, out: Path) -> dict:
+    over, loss_over, block = VARIANTS[name]
+    d = size["drafter"]
+    return {
+        "out_dir": str(out / "drafters" / name),
+        "seed": 0,
+        "target": {"checkpoint": str(out / "target" / "model")},
+        "drafter": {"preset": None, "overrides": {**d["overrides"], **over}, "init_from_target": True},
+        "data": {"train": str(out / "regen" / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
+                 "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"]},
+        "train": {"global_batch": d["global_batch"], "steps": d["steps"], "block_size": block},
+        "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **loss_over},
+        "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
+        "checkpoint": {"every": 100, "max_to_keep": 1},
+        "eval": {"every": d["steps"], "at_start": True,  # τ of the untrained drafter, then of the trained one "num_prompts": d["eval_prompts"], "batch_size": d["eval_prompts"],
+                 "max_new_tokens": d["eval_max_new_tokens"]},
+        "log": {"every": 10, "tensorboard": False, "progress": False},
+        "compilation_cache": os.environ.get("HDFLASH_JAX_CACHE", ".jax_cache"),
+    }
+
+
+# ---- stage 6: evaluation runs ----------------------------------------------------------------------------------
+
+def eval_runs(size: dict, out: Path, variants: tuple[str, ...]) -> dict[str, list[str]]:
+    """name -> eval.run arguments. Main comparison greedy and at T = 1; ablations greedy."""
+    e = size["eval"]
+    common = ["--target", str(out / "target" / "model"), "--tokenizer", str(out / "tokenizer"), "--suite", "all",
+              "--limit", str(e["limit"]), "--max-new-tokens", str(e["max_new_tokens"]),
+              "--batch-size", str(e["batch_size"]), "--prompt-buckets", e["buckets"], "--overwrite"]
+    drafter = lambda n: ["--drafter", f"{n}=" + str(out / "drafters" / n / "drafter")]  # noqa: E731
+    main = ["--method", "ar,mtp3,mtp7,dflash,hyperdflash"] + drafter("hyperdflash") + drafter("dflash")
+    runs = {"greedy": common + main, "t1": common + main + ["--temperature", "1.0"]}
+    ablations = [v for v in variants if v not in SHIPPED]
+    if ablations:
+        runs["ablations"] = (common + ["--method", ",".join(["hyperdflash", *ablations])] + drafter("hyperdflash")
+                             + [a for v in ablations for a in drafter(v)])
+    return runs
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def merge_results(out: Path, runs: dict[str, list[str]], size_name: str) -> dict:
+    """One results.json over the eval runs: {"runs": {name: eval.run results}, "summary": ..., "commands": ...}."""
+    merged = {"size": size_name, "commands": {}, "runs": {}, "drafter_training": {}}
+    for name in runs:
+        r = json.loads((out / "eval" / name / "results.json").read_text())
+        merged["runs"][name] = r
+        merged["commands"][name] = "python -m eval.run " + " ".join(r["config"]["argv"])
+    for d in sorted((out / "drafters").glob("*/summary.json")):
+        s = json.loads(d.read_text())
+        merged["drafter_training"][d.parent.name] = {
+            "steps": s.get("steps"), "n_params": s.get("n_params"),
+            "tau_start": (s.get("eval_start") or {}).get("eval_tau"), "tau_end": (s.get("eval_end") or {}).get("eval_tau"),
+            "train_s": s.get("train_s"), "steps_per_s": s.get("steps_per_s")}
+    merged["summary"] = summarize(merged)
+    return merged
+
+
+def summarize(merged: dict) -> dict:
+    """Per run and method: τ, speedup, per-position acceptance, pooled over suites (token-weighted as eval.run
+    pools them: τ over all steps) and per suite."""
+    out = {}
+    for run, r in merged["runs"].items():
+        rows = {}
+        for suite, methods in r["suites"].items():
+            for m, st in methods.items():
+                rows.setdefault(m, {})[suite] = {"tau": st.get("tau"), "speedup": st.get("speedup"),
+                                                 "accept_rate_by_pos": st.get("accept_rate_by_pos")}
+        for m, per in rows.items():
+            taus = [v["tau"] for v in per.values() if v["tau"] is not None]
+            sps = [v["speedup"] for v in per.values() if v["speedup"] is not None]
+            per["mean"] = {"tau": sum(taus) / len(taus) if taus else None,
+                           "speedup": sum(sps) / len(sps) if sps else None}
+        out[run] = rows
+    return out
+
+
+def render_report(merged: dict) -> str:
+    lines = []
+    for run, rows in merged["summary"].items():
+        suites = [s for s in next(iter(rows.values())) if s != "mean"]
+        lines.append(f"### {run}\n")
+        lines.append("| method | " + " | ".join(suites) + " | mean τ | mean speedup |")
+        lines.append("|---" * (len(suites) + 3) + "|")
+        for m, per in rows.items():
+            cells = []
+            for s in suites:
+                v = per.get(s, {})
+                t, sp = v.get("tau"), v.get("speedup")
+                cells.append(f"{t:.2f} / {sp:.2f}x" if t is not None and sp is not None else "–")
+            mt, ms = per["mean"]["tau"], per["mean"]["speedup"]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {mt:.2f} | {ms:.2f}x |" if mt is not None
+                         else f"| {m} | " + " | ".join(cells) + " | – | – |")
+        lines.append("")
+    lines.append("Cells: τ / speedup over AR (wall clock, same prompts, same run).\n")
+    for name, cmd in merged["commands"].items():
+        lines.append(f"- {name}: `{cmd}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_acceptance(merged: dict, path: Path) -> None:
+    """Per-position acceptance (pooled over suites) of every method of every run, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = merged["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    for ax, (name, r) in zip(axes[0], runs.items()):
+        pooled: dict[str, list] = {}
+        for methods in r["suites"].values():
+            for m, st in methods.items():
+                acc, n = st.get("accept_rate_by_pos"), st.get("steps") or 0
+                if m == "ar" or not acc:
+                    continue
+                pooled.setdefault(m, []).append((acc, n))
+        for m, lst in pooled.items():
+            k = max(len(a) for a, _ in lst)
+            num = [sum(a[i] * n for a, n in lst if i < len(a) and a[i] is not None) for i in range(k)]
+            den = [sum(n for a, n in lst if i < len(a) and a[i] is not None) for i in range(k)]
+            ax.plot(range(1, k + 1), [x / d if d else float("nan") for x, d in zip(num, den)], marker="o", label=m)
+        ax.set_title(name)
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("acceptance rate")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.small_pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--out", default=None, help="run folder (default: runs/small, or runs/small-ci for --size ci)")
+    p.add_argument("--ship", default=None,
+                   help="folder for the finished model (default: models/small for --size full; none for ci)")
+    p.add_argument("--results", default=None,
+                   help="also copy the report here (default: results/small for --size full; none for ci)")
+    p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default: all)")
+    p.add_argument("--variants", default=None, help="drafter variants to train (default: the size's)")
+    p.add_argument("--max-pretrain-minutes", type=float, default=None,
+                   help="stop pretraining (with a checkpoint) after this long; rerun to resume")
+    args = p.parse_args(argv)
+
+    size = SIZES[args.size]
+    out = _rel(Path(args.out or ("runs/small" if args.size == "full" else "runs/small-ci")))
+    ship = _rel(Path(args.ship)) if args.ship else (Path("models/small") if args.size == "full" else None)
+    if args.results:
+        args.results = str(_rel(Path(args.results)))
+    os.chdir(REPO)  # every path below is relative to the repository (or absolute), as in the printed commands
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        p.error(f"unknown stage(s) {bad}; one of {STAGES}")
+    variants = tuple(args.variants.split(",")) if args.variants else size["variants"]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; one of {tuple(VARIANTS)}")
+    py = sys.executable
+    logs = out / "logs"
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+
+    if "corpus" in stages:
+        run_cmd([py, "-m", "train.corpus", "--out", str(out / "corpus")], logs / "corpus.log")
+    if "tokenizer" in stages:
+        run_cmd([py, "-m", "train.tokenizer_train", "--corpus", str(out / "corpus"), "--out", str(out / "tokenizer"),
+                 "--vocab-size", str(size["vocab_size"])], logs / "tokenizer.log")
+    if "target" in stages:
+        if (out / "target" / "model" / "config.json").is_file():
+            _log(f"target: cached at {out / 'target' / 'model'}")
+        else:
+            cmd = [py, "-m", "train.pretrain_target", "--preset", "small", "--corpus", str(out / "corpus"),
+                   "--tokenizer", str(out / "tokenizer"), "--out", str(out / "target")]
+            for o in size["pretrain"]:
+                cmd += ["--override", o]
+            if args.max_pretrain_minutes:
+                cmd += ["--max-minutes", str(args.max_pretrain_minutes)]
+            run_cmd(cmd, logs / "pretrain.log")
+            if not (out / "target" / "model" / "config.json").is_file():
+                _log("pretraining stopped before the end (--max-pretrain-minutes); rerun to resume")
+                return 0
+    regen = out / "regen"
+    if "regen" in stages:
+        r = size["regen"]
+        done = regen / "done.json"
+        if done.is_file():
+            _log(f"regen: cached at {regen}")
+        else:
+            write_prompts(out / "corpus", regen / "prompts.jsonl", "train", r["prompts"])
+            write_prompts(out / "corpus", regen / "eval_prompts.jsonl", "heldout", r["eval_prompts"])
+            run_cmd([py, "-m", "train.regenerate", "--target", str(out / "target" / "model"),
+                     "--data", str(regen / "prompts.jsonl"), "--out", str(regen / "train.jsonl"),
+                     "--tokenizer", str(out / "tokenizer"), "--max-new-tokens", str(r["max_new_tokens"]),
+                     "--batch-size", str(r["batch_size"]), "--no-progress"], logs / "regen.log")
+            n = sum(1 for _ in open(regen / "train.jsonl", encoding="utf-8"))
+            done.write_text(json.dumps({"records": n}))
+    if "drafters" in stages:
+        for v in variants:
+            d = out / "drafters" / v
+            if (d / "drafter" / "drafter_config.json").is_file() and (d / "summary.json").is_file():
+                _log(f"drafter {v}: cached at {d}")
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            cfg_file = out / "drafter_configs" / f"{v}.yaml"
+            cfg_file.parent.mkdir(parents=True, exist_ok=True)
+            cfg_file.write_text(yaml.safe_dump(drafter_config(v, size, out), sort_keys=False))
+            t0 = time.time()
+            run_cmd([py, "-m", "train.drafter", "--config", str(cfg_file)], logs / f"drafter-{v}.log")
+            s = json.loads((d / "summary.json").read_text())
+            s["train_s"] = time.time() - t0
+            (d / "summary.json").write_text(json.dumps(s, indent=1))
+    if "ship" in stages and ship is not None:
+        ship_model(out, ship)
+    runs = eval_runs(size, out, variants)
+    if "eval" in stages:
+        for name, a in runs.items():
+            if (out / "eval" / name / "results.json").is_file():
+                _log(f"eval {name}: cached at {out / 'eval' / name}")
+                continue
+            run_cmd([py, "-m", "eval.run", *a, "--out", str(out / "eval" / name), "--quiet"],
+                    logs / f"eval-{name}.log")
+    if "report" in stages:
+        merged = merge_results(out, runs, args.size)
+        rdir = out / "results"
+        rdir.mkdir(parents=True, exist_ok=True)
+        merged["pipeline_command"] = "python -m train.small_pipeline " + " ".join(argv if argv is not None
+                                                                                 else sys.argv[1:])
+        (rdir / "results.json").write_text(json.dumps(merged, indent=1))
+        (rdir / "results.md").write_text(render_report(merged))
+        plot_acceptance(merged, rdir / "acceptance_by_position.png")
+        print(render_report(merged))
+        _log(f"wrote {rdir}/results.json, results.md, acceptance_by_position.png")
+        publish = Path(args.results) if args.results else (Path("results/small") if args.size == "full" else None)
+        if publish is not None:
+            publish.mkdir(parents=True, exist_ok=True)
+            for f in ("results.json", "results.md", "acceptance_by_position.png"):
+                shutil.copy2(rdir / f, publish / f)
+            _log(f"copied the report to {publish}")
+    _log(f"pipeline finished in {time.time() - t_all:.0f}s")
+    return 0
+
+
+def ship_model(out: Path, ship: Path) -> None:
+    """models/small: target/ (params checkpoint), tokenizer/, drafters/{hyperdflash,dflash}/, manifest.json."""
+    tmp = ship.with_name(ship.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / "target" / "model", tmp / "target")
+    (tmp / "tokenizer").mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(out / "tokenizer" / f, tmp / "tokenizer" / f)
+    for v in SHIPPED:
+        shutil.copytree(out / "drafters" / v / "drafter", tmp / "drafters" / v)
+    n_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    (tmp / "manifest.json").write_text(json.dumps({
+        "built_by": "python -m train.small_pipeline --size full",
+        "bytes": n_bytes,
+        "target_run_config": json.loads((out / "target" / "run_config.json").read_text()),
+        "drafters": {v: json.loads((out / "drafters" / v / "summary.json").read_text()) for v in SHIPPED},
+    }, indent=1))
+    shutil.rmtree(ship, ignore_errors=True)
+    tmp.rename(ship)
+    _log(f"shipped the small model to {ship} ({n_bytes / 2 ** 20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
