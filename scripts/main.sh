@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job on the built-in small model.
+# Set up (if needed) and run the main job: the built-in small model (models/small: a pretrained small DeepSeek-V4,
+# its MTP layer, trained HyperDFlash and vanilla DFlash drafters) on the five suites, greedy, τ/speedup table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m eval.run --target tiny-random --suite gsm8k,mt_bench --limit 2 --max-new-tokens 16 --method ar,mtp,dflash,hyperdflash --block-size 8 --prompt-buckets 512 --out runs/main --overwrite "$@"
+exec .venv/bin/python -m eval.run --target small --suite all --limit 2 --max-new-tokens 96 \
+    --method ar,mtp3,mtp7,dflash,hyperdflash --prompt-buckets 512 --out runs/main --overwrite "$@"
