@@ -107,18 +107,11 @@ def run_cmd(cmd: list[str], log_file: Path, env: dict | None = None) -> None:
 
 # ---- stage 4: prompts ----------------------------------------------------------------------------------------
 
-def _user_prompts(path: Path, limit: int) -> list[dict]:
+def _user_prompts(path: Path) -> list[dict]:
     """The first user turn of the chat documents of a corpus split, in file order (deterministic)."""
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            if d.get("kind") != "chat":
-                continue
-            out.append({"id": d["id"], "messages": [d["messages"][0]]})
-            if len(out) >= limit:
-                break
-    return out
+        docs = [json.loads(line) for line in f]
+    return [{"id": d["id"], "messages": [d["messages"][0]]} for d in docs if d.get("kind") == "chat"]
 
 
 def _interleaved(rows: list[dict], limit: int) -> list[dict]:
@@ -135,7 +128,7 @@ def _interleaved(rows: list[dict], limit: int) -> list[dict]:
 
 
 def write_prompts(corpus: Path, dst: Path, split: str, n: int) -> Path:
-    rows = _interleaved(_user_prompts(corpus / f"{split}.jsonl", 10 ** 9), n)
+    rows = _interleaved(_user_prompts(corpus / f"{split}.jsonl"), n)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
