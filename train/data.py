@@ -22,8 +22,8 @@ every host and after a resume, different each epoch.
 
 The tokenizer is any object with `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `eos_id`,
 `mask_id` and `apply_chat_template(messages, add_generation_prompt=True)` (returning text to encode, or ids);
-`pad_id` is optional. `load_tokenizer('byte')` etc. uses the project's `hdflash_jax.tokenizer` when present and
-falls back to `ByteTokenizer` below (same id layout).
+`pad_id` is optional. `load_tokenizer` is `hdflash_jax.tokenizer.load_tokenizer` ('byte[:N]', 'deepseek-v4', a
+tokenizer.json or its folder).
 
 The pipeline (`make_batches`):
 
@@ -48,83 +48,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hdflash_jax.tokenizer import load_tokenizer  # noqa: F401 — re-exported: callers use train.data.load_tokenizer
+
 # ---- tokenizers ------------------------------------------------------------------------------------------------
-
-_BYTE_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>",
-                  "<think>", "</think>")
-
-
-class ByteTokenizer:
-    """Fallback byte-level tokenizer (used only when `hdflash_jax.tokenizer` is unavailable).
-
-    ids 0 BOS, 1 EOS, 2 PAD, 3 <｜User｜>, 4 <｜Assistant｜>, 5 <think>, 6 </think>, 7..15 reserved, 16 + b for byte b,
-    mask = vocab_size − 1. Chat template (DeepSeek-V4 chat mode, system/user/assistant only):
-    BOS {system} <｜User｜>{user}<｜Assistant｜></think>{answer}EOS ... ; the generation prompt ends in
-    <｜Assistant｜></think>.
-    """
-
-    BYTE_OFFSET = 16
-
-    def __init__(self, vocab_size: int = 512):
-        if vocab_size < self.BYTE_OFFSET + 256 + 1:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= 273, got {vocab_size}")
-        self.vocab_size = int(vocab_size)
-        self.bos_id, self.eos_id, self.pad_id = 0, 1, 2
-        self.mask_id = self.vocab_size - 1
-        self._special = {s: i for i, s in enumerate(_BYTE_SPECIALS)}
-
-    def encode(self, text: str) -> list[int]:
-        import re
-
-        ids: list[int] = []
-        pat = "(" + "|".join(re.escape(s) for s in _BYTE_SPECIALS) + ")"
-        for piece in re.split(pat, text):
-            if piece in self._special:
-                ids.append(self._special[piece])
-            elif piece:
-                ids.extend(self.BYTE_OFFSET + b for b in piece.encode("utf-8"))
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        buf = bytearray()
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if self.BYTE_OFFSET <= i < self.BYTE_OFFSET + 256:
-                buf.append(i - self.BYTE_OFFSET)
-        return buf.decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        out = [_BYTE_SPECIALS[0]]
-        for i, m in enumerate(messages):
-            role, content = m["role"], m.get("content", "") or ""
-            if role == "system":
-                out.append(content)
-            elif role == "user":
-                out.append(_BYTE_SPECIALS[3] + content)
-            elif role == "assistant":
-                out.append(content + _BYTE_SPECIALS[1])
-            else:
-                raise ValueError(f"apply_chat_template: message {i} has unsupported role {role!r}")
-            nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
-            if role == "user" and (nxt == "assistant" or (nxt is None and add_generation_prompt)):
-                out.append(_BYTE_SPECIALS[4] + _BYTE_SPECIALS[6])
-        return "".join(out)
-
-
-def load_tokenizer(spec: str = "byte"):
-    """The project's tokenizer loader (`hdflash_jax.tokenizer.load_tokenizer`) when it exists, else 'byte[:N]'."""
-    try:
-        from hdflash_jax.tokenizer import load_tokenizer as project_loader
-    except ImportError:
-        project_loader = None
-    if project_loader is not None:
-        return project_loader(spec)
-    s = str(spec)
-    if s == "byte" or s.startswith("byte:"):
-        return ByteTokenizer(int(s.split(":", 1)[1]) if ":" in s else 512)
-    raise ValueError(f"tokenizer {s!r}: only 'byte[:N]' is available without hdflash_jax.tokenizer")
 
 
 def pad_id_of(tokenizer) -> int:
