@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from hdflash_jax.config import get_preset
+from hdflash_jax.tokenizer import load_tokenizer
 from train import data as D
 from train.losses import LossConfig, decay_weights, default_gamma, drafter_loss
 
@@ -218,7 +219,7 @@ def test_kl_only_on_the_first_p_slots_with_the_targets_own_next_token_teacher():
 # ---- (2) the data pipeline ----------------------------------------------------------------------------------------
 
 def test_pipeline_masks_anchors_and_resumable_iterator(tmp_path):
-    tok = D.load_tokenizer("byte")
+    tok = load_tokenizer("byte")
     path = tmp_path / "d.jsonl"
     _write_data(path, n=10)
     p, r = D.encode_record(tok, {"prompt": "ab", "response": "xyz"})
@@ -273,7 +274,7 @@ def test_sharded_step_equals_single_device_and_only_the_drafter_trains(work, tmp
     # eps = 1e-6 keeps the comparison about the sharded computation.
     cfg = _config(work, tmp_path / "unused", optim={"eps": 1e-6})
     src = D.JsonlSource(work["data"])
-    tok = D.load_tokenizer("byte")
+    tok = load_tokenizer("byte")
     batches = D.make_batches(src, tok, max_len=MAX_LEN, num_anchors=ANCHORS, global_batch=BATCH, num_batches=2,
                              seed=0)
     results = {}
@@ -399,7 +400,7 @@ def test_smoke_trained_drafter_raises_heldout_tau(tmp_path):
 def test_regenerate_resumes_to_the_same_output(work, tmp_path):
     from train import regenerate as R
 
-    tok = D.load_tokenizer("byte")
+    tok = load_tokenizer("byte")
     rows = R.load_rows(str(work["data"]), tok, limit=5)
     kw = dict(batch_size=2, max_new_tokens=6, temperature=1.0, seed=7, progress=False)  # sampled: seeds matter
     full = tmp_path / "full.jsonl"

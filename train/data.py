@@ -22,7 +22,7 @@ every host and after a resume, different each epoch.
 
 The tokenizer is any object with `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `eos_id`,
 `mask_id` and `apply_chat_template(messages, add_generation_prompt=True)` (returning text to encode, or ids);
-`pad_id` is optional. `load_tokenizer` is `hdflash_jax.tokenizer.load_tokenizer` ('byte[:N]', 'deepseek-v4', a
+`pad_id` is optional (`hdflash_jax.tokenizer.load_tokenizer` gives one from 'byte[:N]', 'deepseek-v4', a
 tokenizer.json or its folder).
 
 The pipeline (`make_batches`):
@@ -48,10 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hdflash_jax.tokenizer import load_tokenizer  # noqa: F401 — re-exported: callers use train.data.load_tokenizer
-
 # ---- tokenizers ------------------------------------------------------------------------------------------------
-
 
 def pad_id_of(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_id", None)

@@ -360,7 +360,7 @@ class Trainer:
 
         from hdflash_jax.drafter.model import init_drafter, init_drafter_from_target
         from hdflash_jax.sharding import batch_sharding, make_mesh, parse_mesh
-        from train import data as D
+        from hdflash_jax.tokenizer import load_tokenizer
         from train.losses import LossConfig
 
         self.cfg = cfg
@@ -370,7 +370,7 @@ class Trainer:
                                                                    {"data": jax.device_count()})
             mesh = make_mesh(shape)
         self.mesh = mesh
-        self.tokenizer = tokenizer if tokenizer is not None else D.load_tokenizer(cfg["data"]["tokenizer"])
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg["data"]["tokenizer"])
         if target is None:
             self.tcfg, target = build_target(cfg["target"], mesh)
         else:

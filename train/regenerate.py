@@ -26,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
         if args.cpu_devices:
             jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         from hdflash_jax.checkpoint import is_checkpoint
-        from train.data import load_tokenizer
+        from hdflash_jax.tokenizer import load_tokenizer
         from train.drafter import build_target
 
         section = {"preset": args.target, "seed": args.target_seed, "overrides": overrides,

@@ -192,47 +192,16 @@ def merge_results(out: Path, runs: dict[str, list[str]], size_name: str) -> dict
             "steps": s.get("steps"), "n_params": s.get("n_params"),
             "tau_start": (s.get("eval_start") or {}).get("eval_tau"), "tau_end": (s.get("eval_end") or {}).get("eval_tau"),
             "train_s": s.get("train_s"), "steps_per_s": s.get("steps_per_s")}
-    merged["summary"] = summarize(merged)
     return merged
 
 
-def summarize(merged: dict) -> dict:
-    """Per run and method: τ, speedup, per-position acceptance, pooled over suites (token-weighted as eval.run
-    pools them: τ over all steps) and per suite."""
-    out = {}
-    for run, r in merged["runs"].items():
-        rows = {}
-        for suite, methods in r["suites"].items():
-            for m, st in methods.items():
-                rows.setdefault(m, {})[suite] = {"tau": st.get("tau"), "speedup": st.get("speedup"),
-                                                 "accept_rate_by_pos": st.get("accept_rate_by_pos")}
-        for m, per in rows.items():
-            taus = [v["tau"] for v in per.values() if v["tau"] is not None]
-            sps = [v["speedup"] for v in per.values() if v["speedup"] is not None]
-            per["mean"] = {"tau": sum(taus) / len(taus) if taus else None,
-                           "speedup": sum(sps) / len(sps) if sps else None}
-        out[run] = rows
-    return out
-
-
 def render_report(merged: dict) -> str:
+    from eval.report import summary_table
+
     lines = []
-    for run, rows in merged["summary"].items():
-        suites = [s for s in next(iter(rows.values())) if s != "mean"]
-        lines.append(f"### {run}\n")
-        lines.append("| method | " + " | ".join(suites) + " | mean τ | mean speedup |")
-        lines.append("|---" * (len(suites) + 3) + "|")
-        for m, per in rows.items():
-            cells = []
-            for s in suites:
-                v = per.get(s, {})
-                t, sp = v.get("tau"), v.get("speedup")
-                cells.append(f"{t:.2f} / {sp:.2f}x" if t is not None and sp is not None else "–")
-            mt, ms = per["mean"]["tau"], per["mean"]["speedup"]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {mt:.2f} | {ms:.2f}x |" if mt is not None
-                         else f"| {m} | " + " | ".join(cells) + " | – | – |")
-        lines.append("")
-    lines.append("Cells: τ / speedup over AR (wall clock, same prompts, same run).\n")
+    for run, r in merged["runs"].items():
+        lines += [f"### {run}\n", summary_table(r), ""]
+    lines.append("Cells: speedup over AR (wall clock, same prompts, same run) / τ; avg = mean over the suites.\n")
     if merged.get("drafter_training"):
         lines.append("### drafter variants: held-out τ before / after training (same budget)\n")
         lines.append("| variant | conditioning / reducer | KL | B | params | τ untrained | τ trained | train s |")

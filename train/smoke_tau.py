@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from hdflash_jax.target.model import init_target
     from train import drafter as T
     from train import regenerate as R
-    from train.data import load_tokenizer
+    from hdflash_jax.tokenizer import load_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
