@@ -35,12 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python convert/torch_to_flax.py` from a checkout
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from convert.quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape  # noqa: E402
-from convert.safetensors_io import CheckpointError, TensorInfo, open_checkpoint  # noqa: E402
+from convert.quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape
+from convert.safetensors_io import CheckpointError, TensorInfo, open_checkpoint
 
 LAYOUTS = ("official", "hf_disk", "hf_memory")
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}

@@ -17,8 +17,8 @@ import torch
 from flax import nnx
 
 from hdflash_jax.config import get_preset
-from hdflash_jax.target.cache import init_cache
-from hdflash_jax.target.model import init_target
+from hdflash_jax.deepseek_v4.cache import init_cache
+from hdflash_jax.deepseek_v4.model import init_target
 
 
 def _best(fn, repeats):

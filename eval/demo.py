@@ -15,7 +15,7 @@ from hdflash_jax.config import DrafterConfig, get_preset
 from hdflash_jax.decode.drafters import BlockDraft
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.drafter.model import init_drafter_from_target
-from hdflash_jax.target.model import init_target
+from hdflash_jax.deepseek_v4.model import init_target
 
 
 def main(argv=None):

@@ -116,7 +116,7 @@ def _tiny_random(tokenizer: str | None, chat_template: str | None) -> TargetSpec
     """The random tiny preset; its default drafters are untrained HyperDFlash / DFlash drafters built from it."""
     from hdflash_jax.config import get_drafter_preset, get_preset
     from hdflash_jax.drafter.model import init_drafter_from_target
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
     from hdflash_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     cfg = get_preset("tiny")

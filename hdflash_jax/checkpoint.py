@@ -43,7 +43,7 @@ def _ocp():
 
 def abstract_model(cfg: TargetConfig):
     """`DeepseekV4` with ShapeDtypeStruct leaves (no memory, no mesh needed)."""
-    from hdflash_jax.target.model import DeepseekV4
+    from hdflash_jax.deepseek_v4.model import DeepseekV4
 
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))

@@ -31,8 +31,8 @@ from hdflash_jax.checkpoint import abstract_leaves, abstract_model, load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.keymap import (assemble_tree, detect_layout, hf_disk_to_official, hf_memory_state_to_official,
                                 hf_memory_to_official, tree_to_official)
-from hdflash_jax.target.cache import init_cache
-from hdflash_jax.target.model import forward_full
+from hdflash_jax.deepseek_v4.cache import init_cache
+from hdflash_jax.deepseek_v4.model import forward_full
 from hf_reference import hf_logits, hf_state_numpy, make_hf_model
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -12,7 +12,7 @@ from hdflash_jax.config import get_preset
 from hdflash_jax.decode import generate as gen
 from hdflash_jax.decode.drafters import BlockDraft, MTPDrafter, Reference, ReplayDrafter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
-from hdflash_jax.target.model import init_target
+from hdflash_jax.deepseek_v4.model import init_target
 
 # Every attention kind (SWA, CSA with indexer, HCA), hash + routed MoE and the MTP block, in 3 layers.
 MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)

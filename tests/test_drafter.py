@@ -102,7 +102,7 @@ _draft_block = nnx.jit(draft_block, static_argnames=("block_size",))
 # ---- (b) the inherited gate reproduces the target's collapse -----------------------------------------------
 
 def test_gated_reducer_equals_target_hc_head():
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
 
     t = init_target(get_preset("tiny"), seed=0)
     # make the inherited gate non-trivial (init has base 0, scale 1)
@@ -286,7 +286,7 @@ def test_draft_is_one_pass_compiled_once(setup, monkeypatch):
 # ---- the real target: conditioning features and the layer-id off-by-one ------------------------------------
 
 def test_target_features_layer_offset_and_end_to_end():
-    from hdflash_jax.target.model import forward_full, init_target
+    from hdflash_jax.deepseek_v4.model import forward_full, init_target
 
     tcfg = get_preset("tiny", n_layers=2, compress_ratios=(0, 0, 0), n_hash_layers=1)
     target = init_target(tcfg, seed=2)

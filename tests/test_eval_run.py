@@ -185,7 +185,7 @@ def test_mt_bench_second_turn_follows_the_first_answer():
 def no_compute(monkeypatch):
     """Fail loudly if a target is initialised or loaded."""
     import hdflash_jax.checkpoint as ck
-    import hdflash_jax.target.model as tm
+    import hdflash_jax.deepseek_v4.model as tm
 
     def boom(*a, **k):
         raise AssertionError("model built before the arguments were checked")

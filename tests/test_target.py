@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig, get_preset
-from hdflash_jax.target import mhc
-from hdflash_jax.target.cache import init_cache, rollback
-from hdflash_jax.target.model import abstract_target, forward_full, init_target
+from hdflash_jax.deepseek_v4 import mhc
+from hdflash_jax.deepseek_v4.cache import init_cache, rollback
+from hdflash_jax.deepseek_v4.model import abstract_target, forward_full, init_target
 from tests.hf_reference import hf_logits, load_hf_into, make_hf_model
 
 TINY = get_preset("tiny").replace(n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4))

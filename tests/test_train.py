@@ -49,7 +49,7 @@ def _write_data(path: Path, n: int = 24, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from hdflash_jax.checkpoint import save_params
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
 
     root = tmp_path_factory.mktemp("train")
     _write_data(root / "train.jsonl")

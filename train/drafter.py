@@ -262,7 +262,7 @@ def build_target(tcfg_section: dict, mesh):
     """(TargetConfig, DeepseekV4). A checkpoint is read straight into the mesh's shardings; a preset is built
     on the host (random weights from its seed, optionally a sharpened head) and placed by the caller."""
     from hdflash_jax.config import get_preset
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
 
     if tcfg_section.get("checkpoint"):
         from hdflash_jax.checkpoint import load_params
@@ -453,7 +453,7 @@ class Trainer:
 
         from hdflash_jax.drafter.model import block_token_ids, target_io, train_forward
         from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
-        from hdflash_jax.target.model import forward_full
+        from hdflash_jax.deepseek_v4.model import forward_full
         from train.losses import drafter_loss, teacher_logits_for_blocks
 
         dcfg, lcfg = self.dcfg, self.loss_cfg

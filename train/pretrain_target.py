@@ -125,8 +125,8 @@ def split_window(tokens):
 
 def model_outputs(model, tokens):
     """Main logits [B,S,V], MTP logits [B,S-1,V] and the labels of both, for a window [B, S+1]."""
-    from hdflash_jax.target.cache import init_cache
-    from hdflash_jax.target.model import forward_full
+    from hdflash_jax.deepseek_v4.cache import init_cache
+    from hdflash_jax.deepseek_v4.model import forward_full
 
     x, y, nxt, y2 = split_window(tokens)
     out = forward_full(model, x)
@@ -164,7 +164,7 @@ def build_model(cfg: TargetConfig, seed: int, moe_dispatch: str = "dense"):
     import jax
     from flax import nnx
 
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_target(cfg, seed, moe_dispatch=moe_dispatch)))
     state = jax.jit(lambda: nnx.state(init_target(cfg, seed, moe_dispatch=moe_dispatch)))()

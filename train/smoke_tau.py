@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from hdflash_jax.checkpoint import is_checkpoint, save_params
     from hdflash_jax.config import get_preset
-    from hdflash_jax.target.model import init_target
+    from hdflash_jax.deepseek_v4.model import init_target
     from train import drafter as T
     from train import regenerate as R
     from hdflash_jax.tokenizer import load_tokenizer

@@ -18,7 +18,7 @@ from flax import nnx
 from hdflash_jax.config import DrafterConfig, TargetConfig
 from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
-from hdflash_jax.target.cache import init_cache
+from hdflash_jax.deepseek_v4.cache import init_cache
 
 
 class _Stateless:

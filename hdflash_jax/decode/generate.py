@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
-from hdflash_jax.target.cache import init_cache, rollback
+from hdflash_jax.deepseek_v4.cache import init_cache, rollback
 from hdflash_jax.decode.drafters import NoDrafter
-from hdflash_jax.target.model import DeepseekV4, TargetOutput
+from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
 
 
 class Drafter(Protocol):

@@ -30,7 +30,7 @@ from flax import nnx
 
 from hdflash_jax.config import DrafterConfig
 from hdflash_jax.drafter.reducer import feature_shape, make_reducer
-from hdflash_jax.target.layers import Linear, RMSNorm, apply_rope, rope_angles
+from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, apply_rope, rope_angles
 
 _NEG = -1e30
 

@@ -1,7 +1,7 @@
 """Conditioning reducers: target streams of one context position → the drafter's conditioning vector c [D].
 
 * `GatedReducer` (HyperDFlash, spec §5): exactly the target's `hc_head` function
-  (`hdflash_jax.target.mhc.hc_head`: weightless RMS over vec(H), independent sigmoid gates, Σ_j g_j H_j) with its
+  (`hdflash_jax.deepseek_v4.mhc.hc_head`: weightless RMS over vec(H), independent sigmoid gates, Σ_j g_j H_j) with its
   own trainable `fn` [n, nD], `base` [n], `scale` [1], initialised by copying the target's hc_head; then an
   optional RMSNorm (`post_norm`, initialised from the target's final norm). All in fp32.
 * `LayerGatedReducer` (ablation 'layers' + 'gated'): one such gate per tapped layer; the K collapsed vectors are
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig
-from hdflash_jax.target.layers import Linear, RMSNorm, param, rms_norm
-from hdflash_jax.target.mhc import hc_head
+from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, param, rms_norm
+from hdflash_jax.deepseek_v4.mhc import hc_head
 
 
 def _gate_params(rngs: nnx.Rngs, n: int, dim: int):

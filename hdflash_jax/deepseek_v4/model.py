@@ -14,11 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig
-from hdflash_jax.target.attention import Attention
-from hdflash_jax.target.cache import init_cache
-from hdflash_jax.target.layers import KeyGen, Linear, RMSNorm, param
-from hdflash_jax.target.mhc import HyperConnection, HyperHead, hc_post, hc_pre
-from hdflash_jax.target.moe import MoE
+from hdflash_jax.deepseek_v4.attention import Attention
+from hdflash_jax.deepseek_v4.cache import init_cache
+from hdflash_jax.deepseek_v4.layers import KeyGen, Linear, RMSNorm, param
+from hdflash_jax.deepseek_v4.mhc import HyperConnection, HyperHead, hc_post, hc_pre
+from hdflash_jax.deepseek_v4.moe import MoE
 
 
 class TargetOutput(NamedTuple):

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig, yarn_inv_freq
-from hdflash_jax.target.cache import ring_merge, ring_positions
-from hdflash_jax.target.layers import Linear, RMSNorm, apply_rope, param, rms_norm, rope_angles
+from hdflash_jax.deepseek_v4.cache import ring_merge, ring_positions
+from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, apply_rope, param, rms_norm, rope_angles
 
 NEG_INF = -1e30  # finite, so fully masked rows never make NaN; every query sees at least itself
 

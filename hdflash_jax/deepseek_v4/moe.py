@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig
-from hdflash_jax.target.layers import Buffer, Linear, param
+from hdflash_jax.deepseek_v4.layers import Buffer, Linear, param
 
 
 def swiglu(gate, up, limit: float):

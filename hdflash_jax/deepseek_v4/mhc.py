@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hdflash_jax.target.layers import param
+from hdflash_jax.deepseek_v4.layers import param
 
 
 def _flat_rms_mix(streams: jax.Array, fn: jax.Array, norm_eps: float) -> jax.Array:
