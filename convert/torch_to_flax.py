@@ -289,7 +289,7 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
     """Convert SRC to a params checkpoint at DST; returns the report (also written to DST/report.json)."""
     from tqdm import tqdm
 
-    from hdflash_jax import checkpoint as ck
+    from hdflash_jax import checkpoint as ck, fileio
     from hdflash_jax.keymap import detect_layout
 
     t0 = time.perf_counter()
@@ -319,8 +319,8 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
         plan = make_plan(source, layout, leaves, cfg, no_mtp=no_mtp, allow_unused=allow_unused,
                          config_path=config_path, detected=detected)
 
-        ck.clean_stale_tmp(dst)
-        tmp = ck.tmp_path_for(dst)
+        fileio.clean_stale_tmp(dst)
+        tmp = fileio.tmp_path_for(dst)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -339,7 +339,7 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
                 "write_mb_per_s": round(stats["bytes_written"] / 1e6 / max(seconds, 1e-9), 2),
             }
             (tmp / ck.REPORT_FILE).write_text(json.dumps(report, indent=1))
-            ck.commit_dir(tmp, dst, overwrite)
+            fileio.commit(tmp, dst, overwrite=overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -212,7 +212,7 @@ def resolve_target(name: str, tokenizer: str | None = None, chat_template: str |
 
 def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, DrafterSource]:
     """`NAME=CKPT` pairs → DrafterSources, each checked against the target's config (no weights read)."""
-    from hdflash_jax.drafter.checkpoint import check_drafter_for_target, load_drafter, load_drafter_config
+    from hdflash_jax.drafter.checkpoint import load_drafter, load_drafter_config
 
     out: dict[str, DrafterSource] = {}
     for item in items or []:
@@ -229,7 +229,7 @@ def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, Drafter
         p = Path(path)
         try:
             dcfg = load_drafter_config(p)
-            check_drafter_for_target(dcfg, target_cfg, where=f"drafter {p}")
+            dcfg.check_target(target_cfg, where=f"drafter {p}")
         except (OSError, ValueError) as e:
             raise UsageError(f"--drafter {name}: {e}") from None
         if not (p / "params").is_dir():

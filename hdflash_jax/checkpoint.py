@@ -18,8 +18,6 @@ is read straight into its final sharding (with a mesh and no explicit shardings:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import jax
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig
+from hdflash_jax.fileio import atomic_dir
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -93,42 +92,6 @@ def _flat_arrays(state) -> dict[str, Any]:
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
-def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def clean_stale_tmp(path: Path) -> list[Path]:
-    """Remove `<path>.tmp-<pid>` folders whose process is gone (left by a killed save). Returns what went."""
-    gone = []
-    for p in path.parent.glob(f"{path.name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        gone.append(p)
-    return gone
-
-
-def commit_dir(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Rename a finished temp folder to `path`; an existing `path` is replaced only with `overwrite`."""
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"{path}: destination exists (pass --overwrite / overwrite=True to replace it)")
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-
-
 class ParamWriter:
     """Writes a params tree into `<folder>/params` in pieces: `add({dotted path: array})` any number of times
     (disjoint keys), then `finalize()`. Arrays are written and dropped at each `add`."""
@@ -173,19 +136,10 @@ def save_params(path: str | Path, state, cfg: TargetConfig, *, overwrite: bool =
 def save_atomically(path: str | Path, state, write_meta, *, overwrite: bool = False) -> Path:
     """Params under `params/` plus whatever `write_meta(folder)` writes, in a temp folder renamed at the end."""
     path = Path(path).resolve()  # orbax wants absolute paths
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: destination exists (pass overwrite=True to replace it)")
     flat = _flat_arrays(state)
-    tmp = tmp_path_for(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         _ocp().save(tmp / PARAMS_DIR, nest(flat))
         write_meta(tmp)
-        commit_dir(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -414,6 +414,19 @@ class DrafterConfig:
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             bad("dtype", f"dtype/param_dtype must be one of {DTYPES}")
 
+    def check_target(self, target: TargetConfig, where: str = "drafter") -> None:
+        """The one compatibility rule: raise ValueError when this drafter cannot run on `target` (it shares the
+        target's embedding, LM head and streams, and taps its layers)."""
+        for field, mine, theirs in (("dim", self.dim, target.dim), ("hc_mult", self.hc_mult, target.hc_mult),
+                                    ("vocab_size", self.vocab_size, target.vocab_size),
+                                    ("target_n_layers", self.target_n_layers, target.n_layers)):
+            if mine != theirs:
+                raise ValueError(f"{where} was built for another target: {field}={mine}, the target has {theirs} "
+                                 f"(DrafterConfig.for_target derives a matching drafter)")
+        if self.conditioning == "layers" and max(self.layer_ids) >= target.n_layers:
+            raise ValueError(f"{where}: target_layer_ids {self.layer_ids} out of range for a "
+                             f"{target.n_layers}-layer target")
+
     @classmethod
     def for_target(cls, target: TargetConfig, **kw) -> "DrafterConfig":
         """A drafter for `target`: width, streams, vocab, depth, eps, θ and dtypes from it; `kw` overrides."""

@@ -288,12 +288,7 @@ def build_drafter_config(cfg: dict, tcfg, tokenizer=None):
         dcfg = get_drafter_preset(d["preset"], **over)
     else:
         dcfg = DrafterConfig.for_target(tcfg, **over)
-    for field, mine, theirs in (("dim", dcfg.dim, tcfg.dim), ("hc_mult", dcfg.hc_mult, tcfg.hc_mult),
-                                ("vocab_size", dcfg.vocab_size, tcfg.vocab_size),
-                                ("target_n_layers", dcfg.target_n_layers, tcfg.n_layers)):
-        if mine != theirs:
-            raise ValueError(f"drafter config: {field}={mine} does not match the target's {theirs} "
-                             f"(use drafter.preset: null to derive the drafter from the target)")
+    dcfg.check_target(tcfg, where="drafter config")
     if tokenizer is not None and getattr(tokenizer, "mask_id", dcfg.mask_token_id) != dcfg.mask_token_id:
         _log(f"note: tokenizer mask_id {tokenizer.mask_id} != drafter mask_token_id {dcfg.mask_token_id}; "
              f"the drafter's is used")

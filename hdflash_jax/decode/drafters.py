@@ -145,11 +145,7 @@ class BlockDraft:
         return target_return_layers(self.cfg)
 
     def check_target(self, tcfg: TargetConfig) -> None:
-        for field, mine, theirs in (("dim", self.cfg.dim, tcfg.dim), ("hc_mult", self.cfg.hc_mult, tcfg.hc_mult),
-                                    ("vocab_size", self.cfg.vocab_size, tcfg.vocab_size),
-                                    ("target_n_layers", self.cfg.target_n_layers, tcfg.n_layers)):
-            if mine != theirs:
-                raise ValueError(f"drafter was built for another target: {field}={mine}, target has {theirs}")
+        self.cfg.check_target(tcfg)
         if self.num_drafts < 1:
             raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
 

@@ -7,7 +7,7 @@ A drafter checkpoint is a folder:
 
 The target's embedding and head are not part of it (frozen, shared with the target). Writing goes to
 `<path>.tmp-<pid>` renamed into place (hdflash_jax.checkpoint's helpers), so an interrupted save leaves nothing
-that loads. `check_drafter_for_target` is the check that a drafter was built for the target it is used with; it
+that loads. `DrafterConfig.check_target` is the check that a drafter was built for the target it is used with; it
 only needs the two configs, so callers can run it before loading any weights.
 """
 
@@ -60,18 +60,6 @@ def load_drafter_config(path: str | Path) -> DrafterConfig:
         raise ValueError(f"{f}: {e}") from None
 
 
-def check_drafter_for_target(dcfg: DrafterConfig, tcfg: TargetConfig, where: str = "drafter") -> None:
-    """Raise ValueError when a drafter with config `dcfg` cannot run on a target with config `tcfg`."""
-    for field, mine, theirs in (("dim", dcfg.dim, tcfg.dim), ("hc_mult", dcfg.hc_mult, tcfg.hc_mult),
-                                ("vocab_size", dcfg.vocab_size, tcfg.vocab_size),
-                                ("target_n_layers", dcfg.target_n_layers, tcfg.n_layers)):
-        if mine != theirs:
-            raise ValueError(f"{where} was built for another target: {field}={mine}, the target has {theirs}")
-    if dcfg.conditioning == "layers" and max(dcfg.layer_ids) >= tcfg.n_layers:
-        raise ValueError(f"{where}: target_layer_ids {dcfg.layer_ids} out of range for a "
-                         f"{tcfg.n_layers}-layer target")
-
-
 def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
     """Restore a drafter checkpoint → (DrafterConfig, BlockDrafter), checked against `target_cfg` if given.
 
@@ -83,7 +71,7 @@ def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
     path = Path(path)
     cfg = load_drafter_config(path)
     if target_cfg is not None:
-        check_drafter_for_target(cfg, target_cfg, where=f"drafter {path}")
+        cfg.check_target(target_cfg, where=f"drafter {path}")
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {PARAMS_DIR}/)")

@@ -320,11 +320,7 @@ def init_drafter_from_target(target, cfg: DrafterConfig, seed: int = 0, *, copy_
     `copy_final_norm`) final norm copies of the target's final norm weight. Embedding and head are not copied.
     """
     tc = target.cfg
-    if (cfg.dim, cfg.hc_mult, cfg.vocab_size) != (tc.dim, tc.hc_mult, tc.vocab_size):
-        raise ValueError(f"drafter (dim, hc_mult, vocab_size) = {(cfg.dim, cfg.hc_mult, cfg.vocab_size)} does not "
-                         f"match the target's {(tc.dim, tc.hc_mult, tc.vocab_size)}; use DrafterConfig.for_target")
-    if cfg.conditioning == "layers" and max(cfg.layer_ids) >= tc.n_layers:
-        raise ValueError(f"target_layer_ids {cfg.layer_ids} out of range for a {tc.n_layers}-layer target")
+    cfg.check_target(tc)
     d = init_drafter(cfg, seed)
     d.reducer.load_from_target(target)
     if copy_final_norm:
