@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hdflash_jax.config import DrafterConfig, get_preset
-from hdflash_jax.decode.drafters import BlockDraft, MTPDrafter, Reference, ReplayDrafter
+from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayTokens, ReplayDrafter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.drafter.model import init_drafter_from_target
 from hdflash_jax.deepseek_v4.model import init_target
@@ -74,9 +74,9 @@ def main(argv=None):
     vanilla = DrafterConfig.for_target(cfg, conditioning="layers", reducer="linear", **small)
     methods = {
         f"mtp (k={args.mtp_k})": (MTPDrafter(args.mtp_k), None),
-        "hyperdflash (untrained)": (BlockDraft(hyper, k), init_drafter_from_target(target, hyper)),
-        "dflash (untrained)": (BlockDraft(vanilla, k), init_drafter_from_target(target, vanilla)),
-        "replay ceiling": (ReplayDrafter(k), Reference(ref)),
+        "hyperdflash (untrained)": (BlockDrafterAdapter(hyper, k), init_drafter_from_target(target, hyper)),
+        "dflash (untrained)": (BlockDrafterAdapter(vanilla, k), init_drafter_from_target(target, vanilla)),
+        "replay ceiling": (ReplayDrafter(k), ReplayTokens(ref)),
     }
     for name, (drafter, modules) in methods.items():
         g = Generator(target, drafter, modules, settings=settings)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from hdflash_jax.config import DrafterConfig, get_preset
-from hdflash_jax.decode.drafters import BlockDraft
+from hdflash_jax.decode.drafters import BlockDrafterAdapter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.drafter.model import init_drafter_from_target
 from hdflash_jax.deepseek_v4.model import init_target
@@ -32,7 +32,7 @@ def main(argv=None):
     settings = DecodeSettings(max_new_tokens=args.new_tokens)
     outputs = {}
     for name, gen in (("autoregressive", Generator(target, settings=settings)),
-                      ("hyperdflash", Generator(target, BlockDraft(dcfg, dcfg.block_size - 1),
+                      ("hyperdflash", Generator(target, BlockDrafterAdapter(dcfg, dcfg.block_size - 1),
                                                 init_drafter_from_target(target, dcfg), settings=settings))):
         t = time.perf_counter()
         gen.generate(prompts)

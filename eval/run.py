@@ -316,7 +316,7 @@ class Method:
 
 def _build_methods(names, spec: TargetSpec, drafters: dict[str, DrafterSource], target, settings, args
                    ) -> dict[str, Method]:
-    from hdflash_jax.decode.drafters import BlockDraft, MTPDrafter, NoDrafter
+    from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter
     from hdflash_jax.decode.generate import Generator
 
     sampled = settings.temperature > 0
@@ -333,7 +333,7 @@ def _build_methods(names, spec: TargetSpec, drafters: dict[str, DrafterSource], 
             src = drafters.get(m) or spec.drafters[m]
             bs = args.block_size or src.config.block_size
             modules = src.load(target, args.seed)
-            drafter, origin = BlockDraft(src.config, bs - 1, sampled=sampled, temperature=temp), src.origin
+            drafter, origin = BlockDrafterAdapter(src.config, bs - 1, sampled=sampled, temperature=temp), src.origin
         out[m] = Method(m, Generator(target, drafter, modules, settings=settings), drafter.num_drafts + 1, origin)
     return out
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from hdflash_jax.config import get_preset
 from hdflash_jax.decode import generate as gen
-from hdflash_jax.decode.drafters import BlockDraft, MTPDrafter, Reference, ReplayDrafter
+from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayTokens, ReplayDrafter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.deepseek_v4.model import init_target
 
@@ -58,7 +58,7 @@ def _block_drafter(target, conditioning, seed=0, **kw):
     dcfg = DrafterConfig.for_target(MICRO, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=64,
                                     block_size=BLOCK, conditioning=conditioning, reducer=reducer,
                                     target_layer_ids=layer_ids, **kw)
-    return BlockDraft(dcfg, BLOCK - 1), init_drafter_from_target(target, dcfg, seed=seed)
+    return BlockDrafterAdapter(dcfg, BLOCK - 1), init_drafter_from_target(target, dcfg, seed=seed)
 
 
 def _drafter(name, target, prompts, ar):
@@ -69,7 +69,7 @@ def _drafter(name, target, prompts, ar):
     if name == "mtp":
         return MTPDrafter(3), None
     if name == "oracle":
-        return ReplayDrafter(BLOCK - 1), Reference(_reference(prompts, ar.tokens))
+        return ReplayDrafter(BLOCK - 1), ReplayTokens(_reference(prompts, ar.tokens))
     raise KeyError(name)
 
 
@@ -108,7 +108,7 @@ def test_eos_and_max_new_tokens_inside_accepted_blocks(target, ar_runs):
 
 
 def test_no_recompilation_for_a_second_prompt_of_the_same_bucket(target):
-    g = Generator(target, ReplayDrafter(3), Reference(np.ones((3, 64), np.int32)),
+    g = Generator(target, ReplayDrafter(3), ReplayTokens(np.ones((3, 64), np.int32)),
                   settings=DecodeSettings(max_new_tokens=6))
     g.generate(_prompts(3, seed=1))
     g.generate(_prompts(3, seed=2))  # other tokens and lengths, same bucket (16) and batch
@@ -126,7 +126,7 @@ def test_block_drafter_sampled_drafts_are_lossless_too(sampling_target):
                                     block_size=4)
     settings = DecodeSettings(max_new_tokens=3, temperature=1.0)
     ar = _first_tokens(Generator(sampling_target, settings=settings), seed=11, n_samples=1500)
-    drafter = BlockDraft(dcfg, 3, sampled=True)
+    drafter = BlockDrafterAdapter(dcfg, 3, sampled=True)
     spec = _first_tokens(Generator(sampling_target, drafter, init_drafter_from_target(sampling_target, dcfg),
                                    settings=settings), seed=12, n_samples=1500)
     p = _chi2_pvalues(ar, spec)
@@ -151,7 +151,7 @@ def test_clear_errors_before_compiling(target):
     from hdflash_jax.config import DrafterConfig
 
     with pytest.raises(ValueError, match="another target: dim"):
-        Generator(target, BlockDraft(DrafterConfig.for_target(other, n_layers=1), 7), settings=g.settings)
+        Generator(target, BlockDrafterAdapter(DrafterConfig.for_target(other, n_layers=1), 7), settings=g.settings)
     with pytest.raises(ValueError, match="block size must be >= 2"):
         Generator(target, MTPDrafter(0), settings=g.settings)
     with pytest.raises(ValueError, match="no MTP layer"):
@@ -191,7 +191,7 @@ def sampling_target():
 
 def _constant_drafter(token):
     """Always proposes `token`: the rejection path carries all the weight, so a wrong residual shows at once."""
-    return ReplayDrafter(3), Reference(np.full((N_SAMPLES, 64), token, np.int32))
+    return ReplayDrafter(3), ReplayTokens(np.full((N_SAMPLES, 64), token, np.int32))
 
 
 def _chi2_pvalues(a, b):

@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, build_target_layer_ids, get_drafter_preset, get_preset
+from hdflash_jax.deepseek_v4.cache import set_committed_length
 from hdflash_jax.drafter import model as dm
 from hdflash_jax.drafter.model import (
     block_token_ids, count_params, draft, draft_block, init_draft_cache, init_drafter, init_drafter_from_target,
-    make_draft_fn, rollback_draft_cache, train_forward, training_mask,
+    make_draft_fn, train_forward, training_mask,
 )
 from hdflash_jax.drafter.reducer import features_from_target, make_reducer, target_return_layers
 
@@ -126,7 +127,7 @@ def test_gated_reducer_equals_target_hc_head():
     lg = init_drafter_from_target(t, get_drafter_preset("tiny-hyperdflash", conditioning="layers",
                                                         target_layer_ids=(1, 3), post_norm=False), seed=4)
     np.testing.assert_allclose(lg.reducer(jnp.stack([streams, streams], axis=2)), ref, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="built for another target: dim=4096, the target has 64"):
         init_drafter_from_target(t, get_drafter_preset("v4-flash-hyperdflash"))
 
 
@@ -200,7 +201,7 @@ def test_draft_cache_equals_train_forward(setup):
     # step 2: the verify pass gave features for 3..6 of which 5, 6 were rejected: append, then roll back to 5
     _, _, cache = _draft(d, io, chunk(3, 7, junk_from=5), jnp.array([4]), x[:, 7], cache)
     assert int(cache["length"][0]) == 7
-    cache = rollback_draft_cache(cache, jnp.array([5]))
+    cache = set_committed_length(cache, jnp.array([5]))
     _, l2 = _draft_block(d, io, x[:, 5], cache)
     np.testing.assert_allclose(l2[0], ref[0, 1, 1:], **TOL)
     # step 3: positions 5..8 (overwriting the rejected ones), anchor x_9

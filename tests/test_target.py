@@ -10,7 +10,7 @@ from flax import nnx
 
 from hdflash_jax.config import TargetConfig, get_preset
 from hdflash_jax.deepseek_v4 import mhc
-from hdflash_jax.deepseek_v4.cache import init_cache, rollback
+from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.deepseek_v4.model import abstract_target, forward_full, init_target
 from tests.hf_reference import hf_logits, load_hf_into, make_hf_model
 
@@ -201,7 +201,7 @@ def test_rollback_is_exact(cached, keep):
     block = np.where(np.arange(8)[None] < keep, tokens[np.arange(2)[:, None], starts[:, None] + np.arange(8)],
                      drafts)
     _, cache = extend(state, jnp.asarray(block), cache, jnp.full((2,), 8, jnp.int32))
-    cache = rollback(cache, jnp.asarray(starts + keep, jnp.int32))
+    cache = set_committed_length(cache, jnp.asarray(starts + keep, jnp.int32))
     got = []
     for step in range(4):
         p = starts + keep + step

@@ -25,7 +25,7 @@ Design
   state, step, RNG, and the grain iterator state; a run restarted on the same out_dir continues exactly.
 * Metrics (loss, ce, kl, per-slot accuracy, lr, grad norm, tokens/s) go to `<out_dir>/metrics.jsonl`, to
   TensorBoard when `tensorboardX` (or torch's writer) is importable, and to a tqdm bar. Eval every
-  `eval.every` steps: held-out τ through the real speculative decoder (`Generator` + `BlockDraft`).
+  `eval.every` steps: held-out τ through the real speculative decoder (`Generator` + `BlockDrafterAdapter`).
 * The run folder keeps the resolved config (`config.yaml`) and the drafter config (`drafter_config.json`).
 """
 
@@ -558,7 +558,7 @@ class Trainer:
 
 
 class Evaluator:
-    """Held-out τ through the real decoder: Generator(target, BlockDraft) with the drafter params of the moment.
+    """Held-out τ through the real decoder: Generator(target, BlockDrafterAdapter) with the drafter params of the moment.
 
     One `Generator` is built once; each call swaps its drafter state (same tree: no recompilation). Prompts run in
     fixed-size batches (the last one padded with repeats that are left out of τ). With several processes each one
@@ -570,7 +570,7 @@ class Evaluator:
         import jax
         from flax import nnx
 
-        from hdflash_jax.decode.drafters import BlockDraft
+        from hdflash_jax.decode.drafters import BlockDrafterAdapter
         from hdflash_jax.decode.generate import DecodeSettings, Generator
 
         self.trainer, self.prompts = trainer, prompts
@@ -578,7 +578,7 @@ class Evaluator:
         if jax.process_count() > 1:
             target_params = trainer.host_tree(target_params)
         target = trainer.tpure.merge(target_params)
-        self.gen = Generator(target, BlockDraft(trainer.dcfg, trainer.dcfg.block_size - 1),
+        self.gen = Generator(target, BlockDrafterAdapter(trainer.dcfg, trainer.dcfg.block_size - 1),
                              trainer.drafter_module(params),
                              settings=DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature,
                                                      eos_token_id=trainer.tokenizer.eos_id))

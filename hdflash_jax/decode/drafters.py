@@ -4,7 +4,7 @@
 * `ReplayDrafter` — proposes a known continuation at no cost: the oracle of the tests (τ = block size) and the
   ceiling of the benchmarks.
 * `MTPDrafter` — DeepSeek's native MTP block chained k times on its own streams.
-* `BlockDraft` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass per block.
+* `BlockDrafterAdapter` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass per block.
 """
 
 from __future__ import annotations
@@ -54,19 +54,16 @@ class ReplayDrafter(_Stateless):
     sampled: bool = False
 
     def propose(self, target, modules, state, anchor, position, key):
-        ref = modules["reference"][...]
+        ref = modules.reference[...]
         idx = jnp.clip(position[:, None] + 1 + jnp.arange(self.num_drafts)[None, :], 0, ref.shape[1] - 1)
         return jnp.take_along_axis(ref, idx, axis=1), None, state
 
 
-class Reference(nnx.Module):
+class ReplayTokens(nnx.Module):
     """Holds the replay drafter's reference tokens as explicit state, so a new reference does not recompile."""
 
     def __init__(self, tokens):
         self.reference = nnx.Variable(jnp.asarray(tokens, jnp.int32))
-
-    def __getitem__(self, name):
-        return getattr(self, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +126,7 @@ def _choose(logits, key, sampled: bool, temperature: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockDraft:
+class BlockDrafterAdapter:
     """HyperDFlash / vanilla DFlash: one non-causal pass over [anchor, mask × K] per step.
 
     The drafter's context cache holds the reduced target features of committed positions; `observe` appends the

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
-from hdflash_jax.deepseek_v4.cache import init_cache, rollback
+from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
 
@@ -122,7 +122,8 @@ def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_le
     dst = drafter.init_state(target, modules, b, max_len)
     dst = drafter.observe(target, modules, dst, out, prompt_len, next_tokens)
     accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
-    return LoopState(jnp.int32(0), key, rollback(out.cache, prompt_len), dst, first, out_buf, n_out, done, accepted)
+    cache = set_committed_length(out.cache, prompt_len)
+    return LoopState(jnp.int32(0), key, cache, dst, first, out_buf, n_out, done, accepted)
 
 
 def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
@@ -145,7 +146,7 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     emitted = jnp.where(slot < a[:, None], shifted, acc.bonus[:, None])  # d_1..d_a, then the bonus
     out_buf, n_out, done = _emit(st.out, st.n_out, st.done, emitted, a + 1, settings)
     committed = jnp.where(st.done, 0, a + 1)  # the anchor and the accepted drafts enter the cache
-    cache = rollback(vout.cache, start + committed)
+    cache = set_committed_length(vout.cache, start + committed)
     dst = drafter.observe(target, modules, dst, vout, committed, emitted)
     return LoopState(st.step + 1, key, cache, dst, jnp.where(st.done, st.anchor, acc.bonus), out_buf, n_out, done,
                      st.accepted.at[st.step].set(jnp.where(st.done, -1, a)))

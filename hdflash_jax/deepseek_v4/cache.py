@@ -3,7 +3,7 @@
 A cache is a plain pytree: `{"length": [B] int32, "layers": [per-layer dict], "mtp": {"length", "layers"}}` (the
 MTP layers keep their own length: their drafted positions are rolled back apart from the target's).
 `length[b]` is the number of committed tokens of row b. Everything else is position-indexed, so a rollback is
-`cache["length"] = new_length` (see `rollback`) and nothing else:
+`cache["length"] = new_length` (see `set_committed_length`) and nothing else:
 
 * sliding window: a ring of `W + max_block - 1` slots (`win_kv`, with the position each slot holds in `win_pos`).
   A call reads the ring *before* writing its own keys, and attends to its own keys directly, so verifying a block
@@ -69,8 +69,9 @@ def init_cache(cfg: TargetConfig, batch: int, max_len: int, max_block: int = 16,
     }
 
 
-def rollback(cache: dict, length: jax.Array) -> dict:
-    """Keep the first `length[b]` tokens of each row. Exact for any length in [start, start + n] of the last call."""
+def set_committed_length(cache: dict, length: jax.Array) -> dict:
+    """Make `length[b]` the committed length of row b: commits a prefill, or rolls back after a partial acceptance
+    (exact for any length in [start, start + n] of the last call). Target and draft caches alike."""
     return {**cache, "length": jnp.asarray(length, jnp.int32)}
 
 

@@ -10,7 +10,7 @@ with the target's frozen embedding; its B queries see every committed context ke
 
 Two paths share every layer:
 * inference: `draft(...)` appends the new context K/V to a position-indexed draft cache, then runs the block;
-  the block's own K/V never enter the cache, and a rollback is `rollback_draft_cache(cache, length)`;
+  the block's own K/V never enter the cache, and a rollback is `deepseek_v4.cache.set_committed_length(cache, length)`;
 * training: `train_forward(...)` runs N blocks of B slots per sequence in one pass under `training_mask` (block n,
   anchor a_n, sees context keys k < a_n and its own block's keys, nothing else).
 
@@ -177,11 +177,6 @@ def init_draft_cache(cfg: DrafterConfig, batch: int, max_len: int, dtype=None) -
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     return {"length": jnp.zeros((batch,), jnp.int32),
             "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
-
-
-def rollback_draft_cache(cache: dict, length) -> dict:
-    """Keep the first `length[b]` context positions of each row (everything is position-indexed)."""
-    return {**cache, "length": jnp.asarray(length, jnp.int32)}
 
 
 def extend_draft_cache(drafter: BlockDrafter, ctx_feats_new, n_ctx_new, cache: dict) -> dict:
