@@ -241,7 +241,7 @@ class TargetConfig:
 
 
 def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
-    """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2); YaRN-blended on compressed layers (spec §4.2)."""
+    """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2); YaRN-blended on compressed layers (DeepSeek-V4 applies YaRN only where entries are compressed)."""
     import numpy as np
 
     dim = cfg.rope_head_dim
@@ -261,7 +261,7 @@ def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
 
 
 PRESETS: dict[str, TargetConfig] = {
-    # spec §9: every feature (SWA, CSA with indexer top-k that really selects, HCA, hash + routed MoE, MTP).
+    # every feature (SWA, CSA with indexer top-k that really selects, HCA, hash + routed MoE, MTP).
     "tiny": TargetConfig(
         vocab_size=512, dim=64, n_layers=6, n_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=32,
         o_groups=2, o_lora_rank=16, window_size=8, index_n_heads=8, index_head_dim=32, index_topk=4,
@@ -307,7 +307,7 @@ def build_target_layer_ids(n_target_layers: int, k: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-    """A block drafter (spec §1, §5): a few pre-norm decoder layers at the target's width, KV injection of a
+    """A block drafter: a few pre-norm decoder layers at the target's width, KV injection of a
     conditioning vector c per committed context position, the target's embedding and LM head frozen.
 
     `conditioning` × `reducer`:

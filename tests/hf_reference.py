@@ -28,7 +28,7 @@ def make_hf_model(cfg: TargetConfig, seed: int = 0):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-            elif name.endswith("tid2eid"):  # distinct experts per row (spec §5 port gotcha)
+            elif name.endswith("tid2eid"):  # distinct experts per row: a hash table with repeated experts hides a wrong gather
                 rows = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[: cfg.n_activated_experts]
                                     for _ in range(b.shape[0])])
                 b.copy_(rows)
