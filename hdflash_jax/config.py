@@ -241,7 +241,8 @@ class TargetConfig:
 
 
 def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
-    """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2); YaRN-blended on compressed layers (DeepSeek-V4 applies YaRN only where entries are compressed)."""
+    """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2). SWA and MTP layers: base rope_theta, no YaRN;
+    CSA/HCA layers: base compress_rope_theta, YaRN-blended (no mscale: the softmax scale stays head_dim^-1/2)."""
     import numpy as np
 
     dim = cfg.rope_head_dim
