@@ -11,3 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 resolves to the local CPU build here; any other torch request pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,dev]"
+# z-lab's reference DFlash drafter for the export/import parity tests: its pinned runtime deps (datasets, requests,
+# an older tqdm) are not needed for the model code and would fight constraints.txt, so it installs without them.
+.venv/bin/python -m pip install -q --no-deps "dflash==0.1.0"
