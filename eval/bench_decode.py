@@ -81,11 +81,11 @@ def main(argv=None):
     for name, (drafter, modules) in methods.items():
         g = Generator(target, drafter, modules, settings=settings)
         res, wall, comp = _timed(lambda: g.generate(prompts), args.repeats)
-        rows[name] = dict(tok_s=n_tokens / wall, tau=res.tau, wall_s=wall, compile_s=comp,
+        rows[name] = dict(tok_s=n_tokens / wall, tau=res.stats.tau, wall_s=wall, compile_s=comp,
                           same_as_ar=bool((res.tokens == ar.tokens).all()))
         if name == "replay ceiling":
             h, h_wall, h_comp = _timed(lambda: g.generate_host_loop(prompts), args.repeats)
-            rows["replay ceiling (python loop)"] = dict(tok_s=n_tokens / h_wall, tau=h.tau, wall_s=h_wall,
+            rows["replay ceiling (python loop)"] = dict(tok_s=n_tokens / h_wall, tau=h.stats.tau, wall_s=h_wall,
                                                         compile_s=h_comp,
                                                         same_as_ar=bool((h.tokens == ar.tokens).all()))
 

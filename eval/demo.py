@@ -42,7 +42,7 @@ def main(argv=None):
         wall = time.perf_counter() - t
         outputs[name] = res.tokens[0].tolist()
         print(f"{name:15s} compile+run {first:6.1f}s  run {wall * 1e3:7.1f} ms  "
-              f"{args.new_tokens / wall:8.1f} tok/s  tau {res.tau:.2f}")
+              f"{args.new_tokens / wall:8.1f} tok/s  tau {res.stats.tau:.2f}")
     print("tokens:", outputs["autoregressive"][:16], "...")
     print("greedy outputs identical:", outputs["autoregressive"] == outputs["hyperdflash"])
 

@@ -23,7 +23,7 @@ The `results` dict (also the content of results.json):
       }
     }
 
-See eval.metrics for the definitions. Extra keys anywhere are kept in results.json and ignored
+See hdflash_jax.decode.stats for the definitions. Extra keys anywhere are kept in results.json and ignored
 by the tables. results.json is written as is, except that numpy scalars/arrays become JSON
 numbers/lists and non-finite floats (NaN, inf) become null, so the file is strict JSON.
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.metrics import pool_hists, rates_from_hist, tau_from_hist
+from hdflash_jax.decode.stats import AcceptanceStats, pool_hists
 
 CELL_KEYS = (
     "tau", "accept_rate_by_pos", "accepted_hist", "tokens", "tokens_per_s", "wall_s",
@@ -151,7 +151,8 @@ def acceptance_table(results: dict) -> str:
     for m in ordered_methods(results):
         h = pooled_hist(results, m)
         if h.size > 1 and h.sum() > 0:
-            rows.append((m, rates_from_hist(h), tau_from_hist(h), int(h.sum())))
+            st = AcceptanceStats.from_hist(h)
+            rows.append((m, np.array(st.accept_rate_by_position), st.tau, st.steps))
     if not rows:
         return "(no method with draft positions)"
     width = max(r[1].size for r in rows)
@@ -214,8 +215,9 @@ def _plot_acceptance(results: dict, path: Path) -> None:
     for m in ordered_methods(results):
         h = pooled_hist(results, m)
         if h.size > 1 and h.sum() > 0:
-            r = rates_from_hist(h)
-            ax.plot(np.arange(1, r.size + 1), r, marker="o", label=f"{m} (τ={tau_from_hist(h):.2f})")
+            st = AcceptanceStats.from_hist(h)
+            r = st.accept_rate_by_position
+            ax.plot(np.arange(1, len(r) + 1), r, marker="o", label=f"{m} (τ={st.tau:.2f})")
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1.02)

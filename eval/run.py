@@ -14,7 +14,7 @@ What it does, per suite (and per MT-Bench turn), per method:
     first execution of an XLA program has one-off costs); both are reported as compile_s. Then it times the real
     runs (wall_s: generation only);
   * gathers the per-step accepted-draft counts into τ, per-position acceptance rates and the accepted-length
-    histogram (eval.metrics), generated tokens, tokens/s, and the speedup = AR wall_s / method wall_s on the same
+    histogram (hdflash_jax.decode.stats), generated tokens, tokens/s, and the speedup = AR wall_s / method wall_s on the same
     prompts in the same run (AR always runs: it is the baseline, added if not asked for);
   * greedy runs (--temperature 0): every speculative output must equal AR's token for token; a difference is
     reported loudly (stderr, `greedy_match_ar: false`, `greedy_mismatches` in results.json) and the exit status is
@@ -388,14 +388,11 @@ def _messages(sample: Sample, turn: int, answers: list[str]) -> list[dict]:
 
 
 def _cell_stats(cell: Cell, block_size: int) -> dict:
-    from eval.metrics import concat_steps, summarize
+    from hdflash_jax.decode.stats import AcceptanceStats
 
-    acc = concat_steps(cell.steps, block_size=block_size)
-    if acc.size:
-        s = summarize(acc, block_size=block_size)
-    else:  # every row ended before its first verify step (e.g. max_new_tokens = 1)
-        s = {"tau": float("nan"), "accept_rate_by_pos": [], "accepted_hist": [0] * block_size, "steps": 0}
-    return s
+    return AcceptanceStats.pooled(AcceptanceStats.from_accepted(a, v, block_size=block_size)
+                                  for a, v in cell.steps).to_json() if cell.steps else \
+        AcceptanceStats.from_hist([0] * block_size).to_json()
 
 
 def _versions() -> dict:

@@ -84,10 +84,10 @@ def test_greedy_speculative_equals_autoregressive(target, ar_runs, method, batch
     assert res.lengths.tolist() == [40] * batch
     if method == "oracle":
         # every draft accepted: τ equals the block size on every step
-        assert res.tau == BLOCK and (res.accepted[res.accepted >= 0] == BLOCK - 1).all()
+        assert res.stats.tau == BLOCK and (res.accepted[res.accepted >= 0] == BLOCK - 1).all()
         assert res.steps.tolist() == [5] * batch  # 1 prefill token + ceil(39 / 8) verify steps
     else:
-        assert 1.0 <= res.tau <= 4.0
+        assert 1.0 <= res.stats.tau <= 4.0
 
 
 def test_eos_and_max_new_tokens_inside_accepted_blocks(target, ar_runs):

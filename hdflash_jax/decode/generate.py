@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hdflash_jax.decode.stats import AcceptanceStats
 from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
@@ -49,15 +50,9 @@ class GenerateResult(NamedTuple):
     block_size: int
 
     @property
-    def tau(self) -> float:
-        """Mean accepted length per step, bonus included (the papers' τ)."""
-        valid = self.accepted >= 0
-        return float((self.accepted[valid] + 1).mean())
-
-    def accept_rate_by_position(self) -> np.ndarray:
-        """Fraction of steps in which draft position j (1..K) was accepted."""
-        a = self.accepted[self.accepted >= 0]
-        return np.array([(a >= j).mean() for j in range(1, self.block_size)])
+    def stats(self) -> AcceptanceStats:
+        """τ, per-position acceptance and the accepted-length histogram over every row's verify steps."""
+        return AcceptanceStats.from_accepted(self.accepted, self.accepted >= 0, block_size=self.block_size)
 
     def row_tokens(self, row: int) -> list[int]:
         return self.tokens[row, : self.lengths[row]].tolist()
