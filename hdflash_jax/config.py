@@ -240,6 +240,16 @@ class TargetConfig:
         )
 
 
+def rope_inv_freq(dim: int, theta: float, dtype=None):
+    """Plain RoPE inverse frequencies θ^(-2i/dim) for the dim/2 interleaved pairs, computed in float64 and rounded
+    once to `dtype` (float32 by default). The one definition: the target's `yarn_inv_freq` and the drafter's
+    full-width RoPE both build on it."""
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    return inv.astype(np.float32 if dtype is None else dtype)
+
+
 def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
     """Per-pair RoPE frequencies θ_i (i < rope_head_dim/2). SWA and MTP layers: base rope_theta, no YaRN;
     CSA/HCA layers: base compress_rope_theta, YaRN-blended (no mscale: the softmax scale stays head_dim^-1/2)."""
@@ -247,7 +257,7 @@ def yarn_inv_freq(cfg: TargetConfig, compressed: bool):
 
     dim = cfg.rope_head_dim
     base = cfg.compress_rope_theta if compressed else cfg.rope_theta
-    inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    inv = rope_inv_freq(dim, base, np.float64)
     if not compressed or cfg.rope_factor <= 1.0:
         return inv.astype(np.float32)
 

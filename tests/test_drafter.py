@@ -343,3 +343,35 @@ def test_drafter_sizes_script(tmp_path, capsys):
     assert rows["dflash"]["target_layer_ids"] == [1, 11, 20, 30, 40]
     assert rows["hyperdflash"]["total_params"] == 5 * 192_946_432 + 65_541 + 4096 + 4096
     assert "1024x" in capsys.readouterr().out
+
+
+# ---- RoPE frequencies: one definition for target and drafter ------------------------------------------------
+
+def _yarn_reference(cfg, compressed):
+    """The YaRN blend written out independently of hdflash_jax.config (float64, one rounding at the end)."""
+    import math
+
+    dim, base = cfg.rope_head_dim, (cfg.compress_rope_theta if compressed else cfg.rope_theta)
+    inv = np.array([base ** (-(2.0 * i) / dim) for i in range(dim // 2)], np.float64)
+    if not compressed or cfg.rope_factor <= 1.0:
+        return inv.astype(np.float32)
+    corr = [dim * math.log(cfg.original_seq_len / (b * 2 * math.pi)) / (2 * math.log(base))
+            for b in (cfg.beta_fast, cfg.beta_slow)]
+    lo, hi = max(math.floor(corr[0]), 0), min(math.ceil(corr[1]), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - lo) / max(hi - lo, 1e-3), 0.0, 1.0)
+    return (inv / cfg.rope_factor * ramp + inv * (1.0 - ramp)).astype(np.float32)
+
+
+def test_rope_frequencies_have_one_definition():
+    from hdflash_jax.config import rope_inv_freq, yarn_inv_freq
+
+    got = rope_inv_freq(8, 10000.0)
+    assert got.dtype == np.float32 and got[0] == 1.0
+    np.testing.assert_array_equal(got, np.float32([1.0, 0.1, 0.01, 0.001]))  # 10000^(-2i/8) = 10^-i
+    for name in ("tiny", "v4-flash", "v4-pro"):
+        cfg = get_preset(name)
+        for compressed in (False, True):
+            np.testing.assert_array_equal(yarn_inv_freq(cfg, compressed), _yarn_reference(cfg, compressed))
+    d = get_drafter_preset("tiny-hyperdflash")
+    ref = np.array([d.rope_theta ** (-(2.0 * i) / d.head_dim) for i in range(d.head_dim // 2)]).astype(np.float32)
+    np.testing.assert_array_equal(rope_inv_freq(d.head_dim, d.rope_theta), ref)

@@ -1,4 +1,4 @@
-"""The block drafter (DFlash, spec §1; HyperDFlash, spec §5): one non-causal pass drafts B−1 tokens.
+"""The block drafter (vanilla DFlash and HyperDFlash): one non-causal pass drafts B−1 tokens.
 
 Per committed context position p the target's features (final pre-collapse streams, or K tapped layers) go
 through the reducer to one conditioning vector c_p [D]. Every draft layer projects c_p with its *own* K/V
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hdflash_jax.config import DrafterConfig
+from hdflash_jax.config import DrafterConfig, rope_inv_freq
 from hdflash_jax.drafter.reducer import feature_shape, make_reducer
 from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, apply_rope, rope_angles
 
@@ -36,12 +36,6 @@ _NEG = -1e30
 
 
 # ---- layers --------------------------------------------------------------------------------------------------
-
-def rope_inv_freq(cfg: DrafterConfig) -> np.ndarray:
-    """Full-width RoPE over head_dim (interleaved pairs, `apply_rope`'s convention), θ = cfg.rope_theta."""
-    d = cfg.head_dim
-    return (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
-
 
 def masked_attention(q, k, v, mask, scale: float):
     """GQA attention. q [b, Tq, H, d], k/v [b, Tk, KV, d], mask [b, Tq, Tk] bool → [b, Tq, H, d].
@@ -84,7 +78,7 @@ class DraftLayer(nnx.Module):
         """K/V of inputs x [b, T, D] at positions [b, T]: k = RoPE(knorm(W_k x)), v = W_v x."""
         cfg = self.cfg
         b, t, _ = x.shape
-        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta))
         k = self.k_norm(self.wk(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
         v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         return apply_rope(k, cos, sin), v
@@ -98,7 +92,7 @@ class DraftLayer(nnx.Module):
         cfg = self.cfg
         b, t, _ = h.shape
         x = self.input_norm(h)
-        cos, sin = rope_angles(positions, rope_inv_freq(cfg))
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta))
         q = apply_rope(self.q_norm(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)), cos, sin)
         k, v = self._kv(x, positions)
         keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)

@@ -1,6 +1,6 @@
 """Conditioning reducers: target streams of one context position → the drafter's conditioning vector c [D].
 
-* `GatedReducer` (HyperDFlash, spec §5): exactly the target's `hc_head` function
+* `GatedReducer` (HyperDFlash): exactly the target's `hc_head` function
   (`hdflash_jax.deepseek_v4.mhc.hc_head`: weightless RMS over vec(H), independent sigmoid gates, Σ_j g_j H_j) with its
   own trainable `fn` [n, nD], `base` [n], `scale` [1], initialised by copying the target's hc_head; then an
   optional RMSNorm (`post_norm`, initialised from the target's final norm). All in fp32.
