@@ -2,7 +2,7 @@
 
 `TargetConfig` carries every field of DeepSeek's `inference/config.json` (official names) and loads both that
 file and a transformers `config.json` (`model_type: deepseek_v4`). Presets: `tiny` (every feature, seconds on
-CPU), `v4-flash`, `v4-pro` (the released sizes).
+CPU), `small` (the built-in small model), `v4-flash`, `v4-pro` (the released sizes).
 """
 
 from __future__ import annotations
@@ -279,6 +279,16 @@ PRESETS: dict[str, TargetConfig] = {
         n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, moe_inter_dim=32, n_hash_layers=2,
         route_scale=1.5, original_seq_len=64, compress_ratios=(0, 4, 8, 4, 8, 4, 0), max_seq_len=4096,
         dtype="float32", param_dtype="float32",
+    ),
+    # the built-in small model (models/small): every feature at a size that pretrains on 2 CPU cores: SWA / CSA
+    # whose indexer top-16 really selects among 64 entries at 256 tokens / HCA (ratio 16), mHC with 4 streams,
+    # a hash-routed MoE layer then score-routed ones, one MTP block. vocab_size and bos/eos come from its tokenizer.
+    "small": TargetConfig(
+        vocab_size=4096, dim=128, n_layers=5, n_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=64, o_groups=2,
+        o_lora_rank=64, window_size=64, index_n_heads=4, index_head_dim=32, index_topk=16, n_routed_experts=8,
+        n_activated_experts=2, n_shared_experts=1, moe_inter_dim=128, n_hash_layers=1, route_scale=1.5,
+        hc_mult=4, hc_sinkhorn_iters=20, original_seq_len=256, compress_ratios=(0, 4, 16, 4, 0, 0), n_mtp_layers=1,
+        max_seq_len=4096, bos_token_id=0, eos_token_id=1, dtype="float32", param_dtype="float32",
     ),
     "v4-flash": TargetConfig(),
     "v4-pro": TargetConfig(
