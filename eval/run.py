@@ -270,23 +270,20 @@ def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSou
 
 # ==== batching ==============================================================================================
 
-def bucket_of(length: int, buckets: tuple[int, ...]) -> int:
-    for b in buckets:
-        if b >= length:
-            return b
-    raise ValueError(f"prompt of {length} tokens exceeds the largest bucket {buckets[-1]} (see --prompt-buckets)")
-
-
-def plan_batches(lengths: list[int], batch_size: int, buckets: tuple[int, ...]) -> list[list[int]]:
+def plan_batches(lengths: list[int], batch_size: int, plan: Callable[..., Any]) -> list[tuple[list[int], Any]]:
     """Row indices grouped into batches of at most `batch_size` prompts of one bucket, in input order per bucket
-    (buckets in increasing size). Every batch is later padded to `batch_size` rows, so each bucket has one shape."""
+    (buckets in increasing size), each with its `DecodePlan` for `batch_size` rows (every batch is padded to
+    `batch_size`, so each bucket has one shape). `plan` is `Generator.plan` (or `plan_decode` bound to settings):
+    the decoder owns the bucket and context rule."""
     by_bucket: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
-        by_bucket.setdefault(bucket_of(n, buckets), []).append(i)
+        by_bucket.setdefault(plan([n]).bucket, []).append(i)
     batches = []
     for b in sorted(by_bucket):
         rows = by_bucket[b]
-        batches.extend(rows[i: i + batch_size] for i in range(0, len(rows), batch_size))
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i: i + batch_size]
+            batches.append((chunk, plan([lengths[r] for r in chunk], batch_size)))
     return batches
 
 
@@ -338,16 +335,16 @@ def _build_methods(names, spec: TargetSpec, drafters: dict[str, DrafterSource], 
     return out
 
 
-def _run_prompts(method: Method, prompts: list[list[int]], batches: list[list[int]], cell: Cell, seed0: int,
-                 batch_size: int, bar) -> dict[int, list[int]]:
+def _run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
+                 seed0: int, bar) -> dict[int, list[int]]:
     """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)}."""
     gen = method.generator
     outs: dict[int, list[int]] = {}
-    for bi, rows in enumerate(batches):
+    for bi, (rows, plan) in enumerate(batches):
         batch = [prompts[r] for r in rows]
-        batch += [batch[-1]] * (batch_size - len(batch))  # pad: one shape per bucket
+        batch += [batch[-1]] * (plan.batch - len(batch))  # pad: one shape per bucket
         seed = seed0 + bi
-        shape = (gen.bucket(max(len(p) for p in batch)), batch_size)
+        shape = plan.shape
         if shape not in method.compiled:
             # Compile apart, then one untimed warm-up run: XLA's first execution of a program carries one-off
             # costs (seen: ~1 s on CPU for the tiny model) that must not land in wall_s.
@@ -497,14 +494,14 @@ class Plan:
     drafters: dict[str, DrafterSource]
     methods: list[str]
     ar_added: bool
-    buckets: tuple[int, ...]
+    settings: Any  # DecodeSettings shared by every method
     out: Path
     argv: list[str] | None = None
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments, checkpoints and selection; read configs only (no weights, no compilation)."""
-    from hdflash_jax.decode.generate import DecodeSettings
+    from hdflash_jax.decode.generate import DecodeSettings, plan_decode
 
     try:
         suites = expand_suites(args.suite)
@@ -565,20 +562,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     # first-turn prompts must fit a bucket and the model's context (later turns are checked when built)
     tok, cfg = spec.tokenizer, spec.config
+    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              eos_token_id=tok.eos_id, prompt_buckets=buckets)
     max_k = max([mtp_depth(m, args.mtp_k) or 0 for m in methods]
                 + [(args.block_size or (drafters.get(m) or spec.drafters[m]).config.block_size) - 1
                    for m in methods if not is_builtin(m)])
     for s, lst in samples.items():
         for smp in lst:
             n = len(tok.encode(tok.apply_chat_template(_messages(smp, 0, []))))
-            try:
-                b = bucket_of(n, buckets)
+            try:  # the rule of Generator.plan, for the method with the most drafts, before any model exists
+                plan_decode(settings, max_k, cfg.max_seq_len, [n])
             except ValueError as e:
                 raise UsageError(f"{smp.id}: {e}") from None
-            if b + args.max_new_tokens + max_k + 1 > cfg.max_seq_len:
-                raise UsageError(f"{smp.id}: prompt bucket {b} + --max-new-tokens {args.max_new_tokens} exceeds the "
-                                 f"target's context of {cfg.max_seq_len} tokens")
-    return Plan(args, suites, samples, spec, drafters, methods, ar_added, buckets, out)
+    return Plan(args, suites, samples, spec, drafters, methods, ar_added, settings, out)
 
 
 # ==== the run ===============================================================================================
@@ -588,14 +584,11 @@ def execute(plan: Plan) -> tuple[dict, list[dict], list[dict]]:
     import jax
     from tqdm import tqdm
 
-    from hdflash_jax.decode.generate import DecodeSettings
-
     args, spec = plan.args, plan.spec
     tok = spec.tokenizer
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compilation_cache))
-    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              eos_token_id=tok.eos_id, prompt_buckets=plan.buckets)
+    settings = plan.settings
     _log(f"target {spec.name} ({spec.origin}); loading")
     t = time.perf_counter()
     target = spec.load(args.seed)
@@ -620,16 +613,10 @@ def execute(plan: Plan) -> tuple[dict, list[dict], list[dict]]:
                         answers = [tok.decode(ids) for ids in cell.outputs.get(i, [])]
                         prompts.append(tok.encode(tok.apply_chat_template(_messages(samples[i], turn, answers))))
                     try:
-                        batches = plan_batches([len(p) for p in prompts], args.batch_size, plan.buckets)
+                        batches = plan_batches([len(p) for p in prompts], args.batch_size, meth.generator.plan)
                     except ValueError as e:
                         raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
-                    for b in {bucket_of(max(len(prompts[r]) for r in bt), plan.buckets) for bt in batches}:
-                        if meth.generator.max_len(b) > spec.config.max_seq_len:
-                            raise RunError(f"{su} turn {turn + 1} ({m}): prompt bucket {b} + --max-new-tokens "
-                                           f"{args.max_new_tokens} exceeds the target's context of "
-                                           f"{spec.config.max_seq_len} tokens")
-                    outs = _run_prompts(meth, prompts, batches, cell, args.seed + 100_003 * phase, args.batch_size,
-                                        bar)
+                    outs = _run_prompts(meth, prompts, batches, cell, args.seed + 100_003 * phase, bar)
                     for r, i in enumerate(rows):
                         cell.outputs.setdefault(i, []).append(outs[r])
                 phase += 1
@@ -696,7 +683,7 @@ def execute(plan: Plan) -> tuple[dict, list[dict], list[dict]]:
         "tokenizer": repr(tok), "chat_template": str(getattr(tok, "chat_template", None)),
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
         "greedy": greedy, "block_size": args.block_size, "mtp_k": args.mtp_k, "batch_size": args.batch_size,
-        "prompt_buckets": list(plan.buckets), "seed": args.seed, "limit": args.limit, "score": args.score,
+        "prompt_buckets": list(settings.prompt_buckets), "seed": args.seed, "limit": args.limit, "score": args.score,
         "target_load_s": load_s, "compile_s_total": {m: meth.compile_s for m, meth in methods.items()},
         "timing": "wall_s = generation only; compile_s = lower + compile + one untimed warm-up run per new "
                   "(bucket, batch) shape, counted in the suite where the shape first appeared; prompts padded "

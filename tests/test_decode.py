@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from hdflash_jax.config import get_preset
 from hdflash_jax.decode import generate as gen
 from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayTokens, ReplayDrafter
-from hdflash_jax.decode.generate import DecodeSettings, Generator
+from hdflash_jax.decode.generate import DecodePlan, DecodeSettings, Generator
 from hdflash_jax.deepseek_v4.model import init_target
 
 # Every attention kind (SWA, CSA with indexer, HCA), hash + routed MoE and the MTP block, in 3 layers.
@@ -135,6 +135,8 @@ def test_block_drafter_sampled_drafts_are_lossless_too(sampling_target):
 
 def test_clear_errors_before_compiling(target):
     g = Generator(target, settings=DecodeSettings(max_new_tokens=4, prompt_buckets=(16,)))
+    # AR: the cache holds the 16-slot bucket, 4 new tokens and one block of 1
+    assert g.plan([3, 16]) == DecodePlan(bucket=16, batch=2, max_len=21) and g.plan([3], batch=4).shape == (16, 4)
     with pytest.raises(ValueError, match="empty prompt"):
         g.generate([[1, 2], []])
     with pytest.raises(ValueError, match="exceeds the largest bucket"):

@@ -137,11 +137,19 @@ def test_drafter_checkpoint_round_trip(drafter_ckpt, tmp_path):
 # ==== planning pieces =========================================================================================
 
 def test_plan_batches_groups_by_bucket():
+    from hdflash_jax.decode.generate import DecodePlan, DecodeSettings, plan_decode
+
     lengths = [10, 40, 12, 50, 14, 60, 9]
-    batches = ev.plan_batches(lengths, 2, (16, 64))
-    assert batches == [[0, 2], [4, 6], [1, 3], [5]]  # bucket 16 first, input order within a bucket
+    settings = DecodeSettings(max_new_tokens=8, prompt_buckets=(16, 64))
+    plan = lambda n, batch=None: plan_decode(settings, 3, 100, n, batch)  # noqa: E731
+    batches = ev.plan_batches(lengths, 2, plan)
+    assert [rows for rows, _ in batches] == [[0, 2], [4, 6], [1, 3], [5]]  # bucket 16 first, input order per bucket
+    # every batch, the partial last one too, is planned for 2 rows; cache = bucket + 8 new + a block of 4
+    assert [p for _, p in batches] == [DecodePlan(16, 2, 28)] * 2 + [DecodePlan(64, 2, 76)] * 2
     with pytest.raises(ValueError, match="largest bucket"):
-        ev.plan_batches([100], 2, (16, 64))
+        ev.plan_batches([100], 2, plan)
+    with pytest.raises(ValueError, match="context of 70"):
+        ev.plan_batches(lengths, 2, lambda n, batch=None: plan_decode(settings, 3, 70, n, batch))
 
 
 def test_methods_and_targets():

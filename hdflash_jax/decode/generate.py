@@ -67,6 +67,43 @@ class DecodeSettings:
     prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """The shape of one generate program: prompts padded to `bucket`, `batch` rows, caches of `max_len` slots."""
+    bucket: int
+    batch: int
+    max_len: int  # bucket + max_new_tokens + K + 1: the last verify block may run K + 1 slots past the budget
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """What a compiled program is keyed by: (bucket, batch)."""
+        return (self.bucket, self.batch)
+
+
+def plan_decode(settings: DecodeSettings, num_drafts: int, max_seq_len: int, prompt_lengths,
+                batch: int | None = None) -> DecodePlan:
+    """The one rule for prompt buckets and cache length: the smallest bucket that holds the longest prompt, and
+    a cache for it, the new tokens and one verify block; it must fit the model's context. `batch` (default: one
+    row per prompt) may exceed the number of prompts when a caller pads a batch to a fixed shape."""
+    lengths = [int(n) for n in prompt_lengths]
+    if not lengths:
+        raise ValueError("no prompts given")
+    if min(lengths) < 1:
+        raise ValueError(f"empty prompt at row {lengths.index(min(lengths))}")
+    longest = max(lengths)
+    bucket = next((size for size in sorted(settings.prompt_buckets) if size >= longest), None)
+    if bucket is None:
+        raise ValueError(f"prompt of {longest} tokens exceeds the largest bucket {max(settings.prompt_buckets)}")
+    max_len = bucket + settings.max_new_tokens + num_drafts + 1
+    if max_len > max_seq_len:
+        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {settings.max_new_tokens} + a block of "
+                         f"{num_drafts + 1} exceeds the model's context of {max_seq_len} tokens")
+    batch = len(lengths) if batch is None else batch
+    if batch < len(lengths):
+        raise ValueError(f"batch {batch} is smaller than the {len(lengths)} prompts")
+    return DecodePlan(bucket, batch, max_len)
+
+
 def _emit(out_buf, n_out, done, emitted, count, settings: DecodeSettings):
     """Append up to `count[b]` tokens of `emitted[b]` to each row, stopping at EOS or max_new_tokens."""
     b, w = emitted.shape
@@ -188,55 +225,41 @@ class Generator:
         self._compiled = {}
         self.compile_count = 0
 
-    def max_len(self, bucket: int) -> int:
-        return bucket + self.settings.max_new_tokens + self.drafter.num_drafts + 1
+    def plan(self, prompt_lengths, batch: int | None = None) -> DecodePlan:
+        """Bucket, batch and cache length of a generate call on prompts of these lengths (see `plan_decode`)."""
+        return plan_decode(self.settings, self.drafter.num_drafts, self.cfg.max_seq_len, prompt_lengths, batch)
 
-    def bucket(self, longest: int) -> int:
-        for size in self.settings.prompt_buckets:
-            if size >= longest:
-                return size
-        raise ValueError(f"prompt of {longest} tokens exceeds the largest bucket {self.settings.prompt_buckets[-1]}")
-
-    def _fn(self, bucket: int, batch: int):
-        key = (bucket, batch)
-        if key not in self._compiled:
-            fn = functools.partial(_generate, self.tgraph, self.dgraph, self.drafter, self.settings,
-                                   self.max_len(bucket))
+    def _fn(self, plan: DecodePlan):
+        if plan.shape not in self._compiled:
+            fn = functools.partial(_generate, self.tgraph, self.dgraph, self.drafter, self.settings, plan.max_len)
 
             def counted(*args):
                 self.compile_count += 1  # runs once per trace, i.e. per compilation
                 return fn(*args)
 
-            self._compiled[key] = jax.jit(counted)
-        return self._compiled[key]
+            self._compiled[plan.shape] = jax.jit(counted)
+        return self._compiled[plan.shape]
 
-    def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray, DecodePlan]:
         """Pad prompts (lists of ids) into the smallest bucket that fits; clear errors before compiling."""
-        if len(prompts) == 0:
-            raise ValueError("no prompts given")
+        plan = self.plan([len(p) for p in prompts])
         lengths = np.array([len(p) for p in prompts], np.int32)
-        if (lengths == 0).any():
-            raise ValueError(f"empty prompt at row {int(np.argmin(lengths))}")
-        bucket = self.bucket(int(lengths.max()))
-        if self.max_len(bucket) > self.cfg.max_seq_len:
-            raise ValueError(f"prompt bucket {bucket} + max_new_tokens {self.settings.max_new_tokens} exceeds the "
-                             f"model's context of {self.cfg.max_seq_len} tokens")
-        padded = np.zeros((len(prompts), bucket), np.int32)
+        padded = np.zeros((plan.batch, plan.bucket), np.int32)
         for r, p in enumerate(prompts):
             ids = np.asarray(p, np.int64)
             if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
                 raise ValueError(f"prompt row {r} has token ids outside [0, {self.cfg.vocab_size})")
             padded[r, : len(p)] = ids
-        return padded, lengths
+        return padded, lengths, plan
 
     def lower(self, prompts, seed: int = 0):
-        padded, lengths = self.prepare(prompts)
-        return self._fn(padded.shape[1], padded.shape[0]).lower(
+        padded, lengths, plan = self.prepare(prompts)
+        return self._fn(plan).lower(
             self.tstate, self.dstate, padded, lengths, jax.random.key(seed))
 
     def generate_host_loop(self, prompts, seed: int = 0) -> GenerateResult:
         """The same steps driven from Python, one jitted step per iteration (what the while_loop saves)."""
-        padded, lengths = self.prepare(prompts)
+        padded, lengths, plan = self.prepare(prompts)
         if not hasattr(self, "_host_fns"):
             def merged(tstate, dstate):
                 return nnx.merge(self.tgraph, tstate), (nnx.merge(self.dgraph, dstate) if self.dgraph else None)
@@ -247,7 +270,7 @@ class Generator:
             self._host_fns = (jax.jit(prefill, static_argnums=5), jax.jit(step))
         prefill, step = self._host_fns
         st = prefill(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed),
-                     self.max_len(padded.shape[1]))
+                     plan.max_len)
         while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
             st = step(self.tstate, self.dstate, st)
         acc_log = np.asarray(st.accepted)
@@ -255,8 +278,8 @@ class Generator:
                               self.drafter.num_drafts + 1)
 
     def generate(self, prompts, seed: int = 0) -> GenerateResult:
-        padded, lengths = self.prepare(prompts)
-        fn = self._fn(padded.shape[1], padded.shape[0])
+        padded, lengths, plan = self.prepare(prompts)
+        fn = self._fn(plan)
         out_buf, n_out, acc_log = fn(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths),
                                      jax.random.key(seed))
         acc_log = np.asarray(acc_log)
