@@ -3,7 +3,10 @@ persistent compilation cache so repeated runs of the suite skip most XLA compile
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# appended, not set by default: a caller's own XLA_FLAGS (dump options, ...) must not cost the 8 devices
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
