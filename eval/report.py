@@ -1,42 +1,16 @@
 """Write an evaluation's results: results.json, results.md and two PNG plots.
 
-The `results` dict (also the content of results.json):
-
-    {
-      "config":   {...},   # free-form: CLI arguments, checkpoint paths, block size, batch, dtype...
-      "versions": {...},   # free-form: jax/flax/numpy versions, git commit, device...
-      "suites": {
-        <suite>: {                         # e.g. "gsm8k"; columns of the tables, in this order
-          <method>: {                      # e.g. "ar", "mtp", "dflash", "hyperdflash"; rows
-            "tau": float,                  # mean(accepted + 1) over valid steps; AR: 1.0
-            "accept_rate_by_pos": [float], # r_j = P(accepted >= j), j = 1..B-1; AR: []
-            "accepted_hist": [int],        # step counts of accepted = 0..B-1; AR: [steps]
-            "tokens": int,                 # generated tokens, all prompts
-            "tokens_per_s": float,         # tokens / wall_s
-            "wall_s": float,               # generation wall clock, compilation excluded
-            "compile_s": float,            # compilation / warm-up time, reported apart
-            "speedup": float,              # AR wall_s / this wall_s, same prompts, same run; AR: 1.0
-            "greedy_match_ar": bool|None,  # outputs identical to AR's (greedy); None if not checked
-            "score": float|None            # accuracy in [0, 1]; None if not scored (e.g. MT-Bench)
-          }, ...
-        }, ...
-      }
-    }
-
-See hdflash_jax.decode.stats for the definitions. Extra keys anywhere are kept in results.json and ignored
-by the tables. results.json is written as is, except that numpy scalars/arrays become JSON
-numbers/lists and non-finite floats (NaN, inf) become null, so the file is strict JSON.
-
-results.md: table 1 has rows = methods, columns = suites + "avg", cells `speedup× / τ` (avg =
-arithmetic mean over the suites the method ran, as in the paper). Table 2: per-position
-acceptance rates pooled over all suites (from the summed histograms, i.e. every step weighs
-the same). Table 3: the raw numbers per suite and method.
+Input: `eval.results.Results` (a results.json dict is accepted and read into one first; the schema is described
+there). results.md: table 1 has rows = methods, columns = suites + "avg", cells `speedup× / τ` (avg = arithmetic
+mean over the suites the method ran, as in the paper). Table 2: per-position acceptance rates pooled over all
+suites (from the summed histograms, i.e. every step weighs the same). Table 3: the raw numbers per suite and
+method.
 
 Plots (pooled over suites, one series per method, AR left out as it has no draft positions):
 acceptance_by_position.png (the paper's Figure 1) and accepted_length_hist.png (frequencies).
 
-Writing is all-or-nothing: files go to a temporary sibling directory that is renamed into
-place, and an existing non-empty out dir is refused unless overwrite=True.
+Writing is all-or-nothing: files go to a temporary sibling directory that is renamed into place, and an existing
+non-empty out dir is refused unless overwrite=True.
 """
 
 from __future__ import annotations
@@ -47,65 +21,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from hdflash_jax.decode.stats import AcceptanceStats, pool_hists
+from eval.results import Results, as_results, jsonable
+from hdflash_jax.decode.stats import AcceptanceStats
 
-CELL_KEYS = (
-    "tau", "accept_rate_by_pos", "accepted_hist", "tokens", "tokens_per_s", "wall_s",
-    "compile_s", "speedup", "greedy_match_ar", "score",
-)
-NULLABLE_KEYS = ("greedy_match_ar", "score")
 METHOD_ORDER = ("ar", "mtp", "mtp3", "mtp7", "dflash", "hyperdflash")
 DASH = "—"
 
 
-def validate_results(results: dict) -> None:
-    """Raise ValueError naming the first missing/ill-typed entry of the results schema."""
-    if not isinstance(results, dict):
-        raise ValueError("results must be a dict")
-    for key in ("config", "versions", "suites"):
-        if not isinstance(results.get(key), dict):
-            raise ValueError(f"results[{key!r}] must be a dict")
-    if not results["suites"]:
-        raise ValueError("results['suites'] is empty")
-    for suite, methods in results["suites"].items():
-        if not isinstance(methods, dict) or not methods:
-            raise ValueError(f"results['suites'][{suite!r}] must be a non-empty dict of methods")
-        for method, cell in methods.items():
-            where = f"results['suites'][{suite!r}][{method!r}]"
-            if not isinstance(cell, dict):
-                raise ValueError(f"{where} must be a dict")
-            missing = [k for k in CELL_KEYS if k not in cell]
-            if missing:
-                raise ValueError(f"{where} lacks {missing}")
-            for k in CELL_KEYS:
-                if cell[k] is None and k not in NULLABLE_KEYS:
-                    raise ValueError(f"{where}[{k!r}] is None")
-
-
-def _jsonable(x):
-    """numpy -> Python, non-finite floats -> None, recursively."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
-def ordered_methods(results: dict) -> list[str]:
+def ordered_methods(results: Results) -> list[str]:
     """Methods over all suites: the known ones in paper order first, then others as they appear."""
     seen: list[str] = []
-    for methods in results["suites"].values():
+    for methods in results.suites.values():
         for m in methods:
             if m not in seen:
                 seen.append(m)
@@ -116,16 +46,17 @@ def _fmt(x, spec: str) -> str:
     return DASH if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def pooled_hist(results: dict, method: str) -> np.ndarray:
-    """Histogram of accepted lengths of `method` summed over suites."""
-    return pool_hists(
-        cells[method]["accepted_hist"] for cells in results["suites"].values() if method in cells
-    )
+def pooled_stats(results: Results, method: str) -> AcceptanceStats | None:
+    """Acceptance statistics of `method` over every suite's steps; None for methods without draft positions or
+    without steps."""
+    st = AcceptanceStats.pooled(cells[method].stats for cells in results.suites.values() if method in cells)
+    return st if st.block_size > 1 and st.steps > 0 else None
 
 
-def summary_table(results: dict) -> str:
+def summary_table(results: Results | Mapping) -> str:
     """Markdown: rows = methods, columns = suites + avg, cells `speedup× / τ`."""
-    suites = list(results["suites"])
+    results = as_results(results)
+    suites = list(results.suites)
     lines = [
         "| method | " + " | ".join(suites) + " | avg |",
         "|---|" + "---|" * (len(suites) + 1),
@@ -133,61 +64,58 @@ def summary_table(results: dict) -> str:
     for m in ordered_methods(results):
         cells, sp, ta = [], [], []
         for s in suites:
-            c = results["suites"][s].get(m)
+            c = results.suites[s].get(m)
             if c is None:
                 cells.append(DASH)
                 continue
-            cells.append(f"{_fmt(c['speedup'], '.2f')}× / {_fmt(c['tau'], '.2f')}")
-            sp.append(c["speedup"])
-            ta.append(c["tau"])
+            cells.append(f"{_fmt(c.speedup, '.2f')}× / {_fmt(c.tau, '.2f')}")
+            sp.append(c.speedup)
+            ta.append(c.tau)
         avg = f"{np.mean(sp):.2f}× / {np.mean(ta):.2f}" if sp else DASH
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
 
 
-def acceptance_table(results: dict) -> str:
+def acceptance_table(results: Results) -> str:
     """Markdown: rows = methods with draft positions, columns = positions, pooled over suites."""
-    rows = []
-    for m in ordered_methods(results):
-        h = pooled_hist(results, m)
-        if h.size > 1 and h.sum() > 0:
-            st = AcceptanceStats.from_hist(h)
-            rows.append((m, np.array(st.accept_rate_by_position), st.tau, st.steps))
+    rows = [(m, st) for m in ordered_methods(results) if (st := pooled_stats(results, m)) is not None]
     if not rows:
         return "(no method with draft positions)"
-    width = max(r[1].size for r in rows)
+    width = max(st.block_size - 1 for _, st in rows)
     lines = [
         "| method | steps | τ | " + " | ".join(f"r{j}" for j in range(1, width + 1)) + " |",
         "|---|---|---|" + "---|" * width,
     ]
-    for m, rates, t, n in rows:
-        vals = [f"{r:.3f}" for r in rates] + [DASH] * (width - rates.size)
-        lines.append(f"| {m} | {n} | {t:.2f} | " + " | ".join(vals) + " |")
+    for m, st in rows:
+        rates = st.accept_rate_by_position
+        vals = [f"{r:.3f}" for r in rates] + [DASH] * (width - len(rates))
+        lines.append(f"| {m} | {st.steps} | {st.tau:.2f} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def details_table(results: dict) -> str:
+def details_table(results: Results) -> str:
     """Markdown: every (suite, method) with tokens, throughput, times, AR match and score."""
     lines = [
         "| suite | method | τ | speedup | tokens | tokens/s | wall s | compile s | = AR | score |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s, cells in results["suites"].items():
+    for s, cells in results.suites.items():
         for m in ordered_methods(results):
             c = cells.get(m)
             if c is None:
                 continue
-            match = DASH if c["greedy_match_ar"] is None else ("yes" if c["greedy_match_ar"] else "no")
+            match = DASH if c.greedy_match_ar is None else ("yes" if c.greedy_match_ar else "no")
             lines.append(
-                f"| {s} | {m} | {_fmt(c['tau'], '.2f')} | {_fmt(c['speedup'], '.2f')}× | {c['tokens']} | "
-                f"{_fmt(c['tokens_per_s'], '.1f')} | {_fmt(c['wall_s'], '.2f')} | {_fmt(c['compile_s'], '.2f')} | "
-                f"{match} | {_fmt(c['score'], '.3f')} |"
+                f"| {s} | {m} | {_fmt(c.tau, '.2f')} | {_fmt(c.speedup, '.2f')}× | {c.tokens} | "
+                f"{_fmt(c.tokens_per_s, '.1f')} | {_fmt(c.wall_s, '.2f')} | {_fmt(c.compile_s, '.2f')} | "
+                f"{match} | {_fmt(c.score, '.3f')} |"
             )
     return "\n".join(lines)
 
 
-def render_markdown(results: dict) -> str:
+def render_markdown(results: Results | Mapping) -> str:
     """The whole results.md."""
+    results = as_results(results)
     return "\n\n".join([
         "# Results",
         "Cells: wall-clock speedup over AR (same prompts, same run, compilation excluded) / "
@@ -199,13 +127,13 @@ def render_markdown(results: dict) -> str:
         "## Details",
         details_table(results),
         "## Config",
-        "```json\n" + json.dumps(_jsonable(results["config"]), indent=2, sort_keys=True) + "\n```",
+        "```json\n" + json.dumps(jsonable(results.config), indent=2, sort_keys=True) + "\n```",
         "## Versions",
-        "```json\n" + json.dumps(_jsonable(results["versions"]), indent=2, sort_keys=True) + "\n```",
+        "```json\n" + json.dumps(jsonable(results.versions), indent=2, sort_keys=True) + "\n```",
     ]) + "\n"
 
 
-def _plot_acceptance(results: dict, path: Path) -> None:
+def _plot_acceptance(results: Results, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,9 +141,8 @@ def _plot_acceptance(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m in ordered_methods(results):
-        h = pooled_hist(results, m)
-        if h.size > 1 and h.sum() > 0:
-            st = AcceptanceStats.from_hist(h)
+        st = pooled_stats(results, m)
+        if st is not None:
             r = st.accept_rate_by_position
             ax.plot(np.arange(1, len(r) + 1), r, marker="o", label=f"{m} (τ={st.tau:.2f})")
     ax.set_xlabel("draft position")
@@ -231,7 +158,7 @@ def _plot_acceptance(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_hist(results: dict, path: Path) -> None:
+def _plot_hist(results: Results, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,9 +166,9 @@ def _plot_hist(results: dict, path: Path) -> None:
 
     series = []
     for m in ordered_methods(results):
-        h = pooled_hist(results, m)
-        if h.size > 1 and h.sum() > 0:
-            series.append((m, h / h.sum()))
+        st = pooled_stats(results, m)
+        if st is not None:
+            series.append((m, np.array(st.accepted_hist) / st.steps))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     width = 0.8 / max(1, len(series))
     for i, (m, freq) in enumerate(series):
@@ -258,7 +185,7 @@ def _plot_hist(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(out_dir, results: dict, overwrite: bool = False) -> Path:
+def write_results(out_dir, results: Results | Mapping, overwrite: bool = False) -> Path:
     """Write results.json, results.md, acceptance_by_position.png, accepted_length_hist.png.
 
     Refuses (FileExistsError) an existing non-empty `out_dir` unless overwrite=True, and writes
@@ -266,7 +193,7 @@ def write_results(out_dir, results: dict, overwrite: bool = False) -> Path:
     Returns the out dir.
     """
     out = Path(out_dir)
-    validate_results(results)
+    results = as_results(results)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -275,7 +202,7 @@ def write_results(out_dir, results: dict, overwrite: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "results.json").write_text(
-            json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+            json.dumps(jsonable(results.to_json()), indent=2, allow_nan=False) + "\n", encoding="utf-8"
         )
         (tmp / "results.md").write_text(render_markdown(results), encoding="utf-8")
         _plot_acceptance(results, tmp / "acceptance_by_position.png")

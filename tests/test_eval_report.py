@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from eval.report import render_markdown, validate_results, write_results
+from eval.report import render_markdown, write_results
+from eval.results import Results
 
 
 def cell(tau, rates, hist, speedup, tokens=100, wall=2.0, score=None, match=None):
@@ -82,9 +83,25 @@ def test_schema_errors_name_the_entry(tmp_path):
     r = make_results()
     del r["suites"]["mbpp"]["dflash"]["tau"]
     with pytest.raises(ValueError, match=r"\['mbpp'\]\['dflash'\].*tau"):
-        validate_results(r)
+        Results.from_json(r)
     with pytest.raises(ValueError):
         write_results(tmp_path / "run", r)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="versions"):
-        validate_results({"config": {}, "suites": {}})
+        Results.from_json({"config": {}, "suites": {}})
+
+
+def test_results_records_round_trip(tmp_path):
+    """results.json read back into typed records writes the same file; unknown keys are kept."""
+    r = make_results()
+    r["suites"]["gsm8k"]["dflash"]["custom"] = {"a": 1}
+    r["isolation"] = {"kind": "test"}
+    out = write_results(tmp_path / "run", r)
+    data = json.loads((out / "results.json").read_text())
+    assert data["suites"]["gsm8k"]["dflash"]["custom"] == {"a": 1} and data["isolation"] == {"kind": "test"}
+    # steps and block size follow from the histogram when a cell does not give them
+    assert data["suites"]["gsm8k"]["dflash"]["steps"] == 4 and data["suites"]["gsm8k"]["dflash"]["block_size"] == 3
+    back = Results.from_json(data)
+    assert back.suites["mbpp"]["dflash"].stats.accepted_hist == (0, 2, 2)
+    assert back.suites["mbpp"]["dflash"].greedy_match_ar is False
+    assert json.loads(json.dumps(back.to_json())) == data

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval import methods as em
+from eval import plan as ep
 from eval import run as ev
+from eval import runner as er
+from eval import targets as et
+from eval.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, UsageError
+from eval.results import Mismatch, Results
 from hdflash_jax.tokenizer import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, ByteTokenizer, HFTokenizer,
                                    answer_content, deepseek_v4_tokenizer_json, load_tokenizer, render_deepseek_v4)
 
@@ -142,47 +148,47 @@ def test_plan_batches_groups_by_bucket():
     lengths = [10, 40, 12, 50, 14, 60, 9]
     settings = DecodeSettings(max_new_tokens=8, prompt_buckets=(16, 64))
     plan = lambda n, batch=None: plan_decode(settings, 3, 100, n, batch)  # noqa: E731
-    batches = ev.plan_batches(lengths, 2, plan)
+    batches = er.plan_batches(lengths, 2, plan)
     assert [rows for rows, _ in batches] == [[0, 2], [4, 6], [1, 3], [5]]  # bucket 16 first, input order per bucket
     # every batch, the partial last one too, is planned for 2 rows; cache = bucket + 8 new + a block of 4
     assert [p for _, p in batches] == [DecodePlan(16, 2, 28)] * 2 + [DecodePlan(64, 2, 76)] * 2
     with pytest.raises(ValueError, match="largest bucket"):
-        ev.plan_batches([100], 2, plan)
+        er.plan_batches([100], 2, plan)
     with pytest.raises(ValueError, match="context of 70"):
-        ev.plan_batches(lengths, 2, lambda n, batch=None: plan_decode(settings, 3, 70, n, batch))
+        er.plan_batches(lengths, 2, lambda n, batch=None: plan_decode(settings, 3, 70, n, batch))
 
 
 def test_methods_and_targets():
-    spec = ev.resolve_target("tiny-random")
+    spec = et.resolve_target("tiny-random")
     assert spec.config.vocab_size == spec.tokenizer.vocab_size == 512 and not spec.trained
-    assert ev.expand_methods("all", spec, {}) == (["ar", "mtp", "hyperdflash", "dflash"], False)
-    assert ev.expand_methods("hyperdflash,mtp", spec, {}) == (["ar", "hyperdflash", "mtp"], True)
-    nomtp = ev.TargetSpec("x", "test", spec.config.replace(n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4)),
+    assert em.expand_methods("all", spec, {}) == (["ar", "mtp", "hyperdflash", "dflash"], False)
+    assert em.expand_methods("hyperdflash,mtp", spec, {}) == (["ar", "hyperdflash", "mtp"], True)
+    nomtp = et.TargetSpec("x", "test", spec.config.replace(n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4)),
                           spec.load, spec.tokenizer)
-    assert ev.expand_methods("all", nomtp, {}) == (["ar"], False)
-    with pytest.raises(ev.UsageError, match="no MTP layer"):
-        ev.expand_methods("mtp", nomtp, {})
+    assert em.expand_methods("all", nomtp, {}) == (["ar"], False)
+    with pytest.raises(UsageError, match="no MTP layer"):
+        em.expand_methods("mtp", nomtp, {})
     # mtp<k>: the MTP layer chained k times, several depths in one run
-    assert ev.expand_methods("mtp3,mtp7", spec, {}) == (["ar", "mtp3", "mtp7"], True)
-    assert [ev.mtp_depth(m, 2) for m in ("mtp", "mtp3", "mtp12", "ar", "hyperdflash")] == [2, 3, 12, None, None]
-    assert not ev.is_builtin("mtp0") and not ev.is_builtin("mtp03")
-    with pytest.raises(ev.UsageError, match="no MTP layer"):
-        ev.expand_methods("mtp3", nomtp, {})
-    with pytest.raises(ev.UsageError, match="unknown method 'mtp0'"):
-        ev.expand_methods("mtp0", spec, {})
+    assert em.expand_methods("mtp3,mtp7", spec, {}) == (["ar", "mtp3", "mtp7"], True)
+    assert [em.mtp_depth(m, 2) for m in ("mtp", "mtp3", "mtp12", "ar", "hyperdflash")] == [2, 3, 12, None, None]
+    assert not em.is_builtin("mtp0") and not em.is_builtin("mtp03")
+    with pytest.raises(UsageError, match="no MTP layer"):
+        em.expand_methods("mtp3", nomtp, {})
+    with pytest.raises(UsageError, match="unknown method 'mtp0'"):
+        em.expand_methods("mtp0", spec, {})
 
 
 def test_small_target_without_a_built_model_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HDFLASH_SMALL_MODEL", str(tmp_path / "none"))
-    with pytest.raises(ev.UsageError, match="python -m train.small_pipeline"):
-        ev.resolve_target("small")
+    with pytest.raises(UsageError, match="python -m train.small_pipeline"):
+        et.resolve_target("small")
 
 
 def test_mt_bench_second_turn_follows_the_first_answer():
     from eval.suites import load_suite
 
     s = load_suite("mt_bench", limit=1)[0]
-    msgs = ev._messages(s, 1, [f"thoughts{THINK_END}my answer"])
+    msgs = ep.chat_messages(s, 1, [f"thoughts{THINK_END}my answer"])
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
     assert msgs[1]["content"] == "my answer" and msgs[2]["content"] == s.turns[1]
 
@@ -230,7 +236,7 @@ def _err(capsys, argv):
 def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
     out = tmp_path / "out"
     rc, err = _err(capsys, ["--limit", "1", "--out", str(out), "--quiet", *argv])
-    assert rc == ev.EXIT_USAGE and message in err, err
+    assert rc == EXIT_USAGE and message in err, err
     assert not out.exists()
 
 
@@ -359,11 +365,11 @@ def test_compare_to_ar():
     samples = load_suite("mt_bench", limit=3)
     ar = {0: [[1, 2, 3], [4, 5]], 1: [[1, 2]], 2: [[7], [8]]}
     same = {0: [[1, 2, 3], [4, 5]], 1: [[1, 2]], 2: [[7], [8]]}
-    assert ev.compare_to_ar(samples, ar, same) == []
+    assert er.compare_to_ar(samples, ar, same) == []
     other = {0: [[1, 2, 3], [4, 6]], 1: [[1, 2, 9]], 2: [[7], [8]]}
-    assert ev.compare_to_ar(samples, ar, other) == [
-        {"id": samples[0].id, "turn": 2, "first_diff_token": 1, "ar_tokens": 2, "method_tokens": 2},
-        {"id": samples[1].id, "turn": 1, "first_diff_token": 2, "ar_tokens": 2, "method_tokens": 3}]
+    assert er.compare_to_ar(samples, ar, other) == [
+        Mismatch(id=samples[0].id, turn=2, first_diff_token=1, ar_tokens=2, method_tokens=2),
+        Mismatch(id=samples[1].id, turn=1, first_diff_token=2, ar_tokens=2, method_tokens=3)]
 
 
 def test_greedy_mismatch_is_loud(e2e, capsys, monkeypatch, tmp_path):
@@ -374,15 +380,14 @@ def test_greedy_mismatch_is_loud(e2e, capsys, monkeypatch, tmp_path):
     bad = [{"id": "gsm8k/1", "turn": 1, "first_diff_token": 5, "ar_tokens": 8, "method_tokens": 8}]
     results["suites"]["gsm8k"]["hyperdflash"]["greedy_match_ar"] = False
     results["greedy_mismatches"] = [{"suite": "gsm8k", "method": "hyperdflash", "n_samples": 3, "mismatched": bad}]
-    monkeypatch.setattr(ev, "execute", lambda plan: (json.loads(json.dumps(results)), [],
-                                                     results["greedy_mismatches"]))
+    monkeypatch.setattr(ev, "execute", lambda plan: (Results.from_json(json.loads(json.dumps(results))), []))
     argv = ["--suite", "gsm8k", "--method", "ar,hyperdflash", "--limit", "3", *E2E]
-    assert ev.main([*argv, "--out", str(tmp_path / "a")]) == ev.EXIT_MISMATCH
+    assert ev.main([*argv, "--out", str(tmp_path / "a")]) == EXIT_MISMATCH
     err = capsys.readouterr().err
     assert "GREEDY MISMATCH: 1 speculative output(s) differ from AR: hyperdflash on gsm8k: 1/3" in err
     assert _results(tmp_path / "a")["greedy_mismatches"][0]["mismatched"] == bad
     assert "| no |" in (tmp_path / "a" / "results.md").read_text()
-    assert ev.main([*argv, "--out", str(tmp_path / "b"), "--allow-mismatch"]) == ev.EXIT_OK
+    assert ev.main([*argv, "--out", str(tmp_path / "b"), "--allow-mismatch"]) == EXIT_OK
     assert "--allow-mismatch: exit 0" in capsys.readouterr().err
 
 

@@ -1,0 +1,115 @@
+"""Methods of an evaluation: their names, the expansion of `--method`, and one `Generator` per method.
+
+Names: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times, so `mtp3,mtp7`
+compare depths in one run), and the block drafters by name (a target's own or `--drafter NAME=CKPT`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+from eval.errors import UsageError, log
+
+if TYPE_CHECKING:
+    from eval.targets import DrafterSource, TargetSpec
+
+BUILTIN_METHODS = ("ar", "mtp")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3, mtp7): see mtp_depth
+MTP_K = re.compile(r"^mtp([1-9][0-9]*)$")
+METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# the design a method name promises: (conditioning, reducer) of its DrafterConfig
+EXPECTED_DESIGN = {"hyperdflash": ("final_streams", "gated"), "dflash": ("layers", "linear")}
+
+
+def is_builtin(method: str) -> bool:
+    return method in BUILTIN_METHODS or MTP_K.match(method) is not None
+
+
+def mtp_depth(method: str, default_k: int) -> int | None:
+    """Drafts per step of an MTP method ("mtp" → --mtp-k, "mtp<k>" → k), None for any other method."""
+    if method == "mtp":
+        return default_k
+    m = MTP_K.match(method)
+    return int(m.group(1)) if m else None
+
+
+def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSource]) -> tuple[list[str], bool]:
+    """'ar,mtp,...' or 'all' → method names (AR first, added if missing); returns (methods, ar_added)."""
+    known = {**target.drafters, **drafters}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--method: no method given")
+    out: list[str] = []
+    for n in names:
+        expanded = (["ar"] + (["mtp"] if target.config.n_mtp_layers > 0 else []) + list(known)) if n == "all" else [n]
+        for m in expanded:
+            if not is_builtin(m) and m not in known:
+                valid = ", ".join(list(BUILTIN_METHODS) + list(known) + ["all"])
+                if m in EXPECTED_DESIGN:
+                    raise UsageError(f"--method {m}: the target {target.name!r} has no built-in {m} drafter; "
+                                     f"pass --drafter {m}=CHECKPOINT (valid methods now: {valid})")
+                raise UsageError(f"unknown method {m!r}; valid methods: {valid} (more with --drafter NAME=CKPT)")
+            if m not in out:
+                out.append(m)
+    for m in out:
+        if mtp_depth(m, 1) is not None and target.config.n_mtp_layers < 1:
+            raise UsageError(f"--method {m}: the target {target.name!r} has no MTP layer (n_mtp_layers = 0)")
+    ar_added = "ar" not in out
+    out = ["ar"] + [m for m in out if m != "ar"]
+    return out, ar_added
+
+
+def warn_on_design(methods: list[str], sources: dict[str, DrafterSource]) -> None:
+    """A drafter named hyperdflash / dflash whose config is the other design is allowed, but said."""
+    for m in methods:
+        expect, src = EXPECTED_DESIGN.get(m), sources.get(m)
+        if expect and src is not None and (src.config.conditioning, src.config.reducer) != expect:
+            log(f"warning: method {m!r} runs a drafter with conditioning/reducer "
+                f"{(src.config.conditioning, src.config.reducer)}, not {expect}")
+
+
+def num_drafts(method: str, sources: dict[str, DrafterSource], mtp_k: int, block_size: int | None) -> int:
+    """K of a method before any model exists: 0 for AR, the chain depth of MTP, block size − 1 of a drafter
+    (--block-size, else the drafter's training block size)."""
+    if method == "ar":
+        return 0
+    depth = mtp_depth(method, mtp_k)
+    if depth is not None:
+        return depth
+    return (block_size or sources[method].config.block_size) - 1
+
+
+@dataclasses.dataclass
+class Method:
+    """One method of a run: its generator (one per method, reused over suites) and the shapes it compiled."""
+    name: str
+    generator: Any  # hdflash_jax.decode.generate.Generator
+    block_size: int
+    origin: str
+    compiled: set = dataclasses.field(default_factory=set)
+    compile_s: float = 0.0
+
+
+def build_methods(names: list[str], sources: dict[str, DrafterSource], target, settings, *, mtp_k: int,
+                  block_size: int | None, seed: int) -> dict[str, Method]:
+    """One `Generator` per method over the loaded target (block drafters' weights are loaded here)."""
+    from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter
+    from hdflash_jax.decode.generate import Generator
+
+    sampled = settings.temperature > 0
+    temp = settings.temperature if sampled else 1.0
+    out = {}
+    for m in names:
+        k = num_drafts(m, sources, mtp_k, block_size)
+        if m == "ar":
+            drafter, modules, origin = NoDrafter(), None, "autoregressive"
+        elif mtp_depth(m, mtp_k) is not None:
+            drafter, modules = MTPDrafter(k, sampled=sampled, temperature=temp), None
+            origin = f"the target's MTP layer chained {k}x"
+        else:
+            src = sources[m]
+            modules, origin = src.load(target, seed), src.origin
+            drafter = BlockDrafterAdapter(src.config, k, sampled=sampled, temperature=temp)
+        out[m] = Method(m, Generator(target, drafter, modules, settings=settings), drafter.num_drafts + 1, origin)
+    return out

@@ -1,0 +1,143 @@
+"""Everything an evaluation decides before any compute: `make_plan` checks the arguments, checkpoints and selection
+(configs and tokenizers only: no weights, no compilation) and returns a `Plan`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+from pathlib import Path
+from typing import Any
+
+from eval.errors import UsageError
+from eval.methods import expand_methods, num_drafts, warn_on_design
+from eval.suites import SUITES, Sample, expand_suites, load_suite
+from eval.targets import DrafterSource, TargetSpec, parse_drafter_args, resolve_target
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything checked and decided before any compute."""
+    args: argparse.Namespace
+    suites: tuple[str, ...]
+    samples: dict[str, list[Sample]]
+    spec: TargetSpec
+    drafters: dict[str, DrafterSource]  # the block drafter of every method that has one (target's or --drafter)
+    methods: list[str]
+    ar_added: bool
+    settings: Any  # DecodeSettings shared by every method
+    out: Path
+    argv: list[str] | None = None
+
+
+def chat_messages(sample: Sample, turn: int, answers: list[str]) -> list[dict]:
+    """The conversation up to user turn `turn` (0-based), earlier turns answered by `answers` (their final parts)."""
+    from hdflash_jax.tokenizer import answer_content
+
+    msgs = []
+    for t in range(turn + 1):
+        msgs.append({"role": "user", "content": sample.turns[t]})
+        if t < turn:
+            msgs.append({"role": "assistant", "content": answer_content(answers[t])})
+    return msgs
+
+
+def prompt_ids(tok, sample: Sample, turn: int, answers: list[str]) -> list[int]:
+    """Token ids of the prompt for `turn`, rendered with the tokenizer's chat template."""
+    return tok.encode(tok.apply_chat_template(chat_messages(sample, turn, answers)))
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit {args.limit}: empty selection (no samples to run)")
+    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                    ("--mtp-k", args.mtp_k)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.block_size is not None and args.block_size < 2:
+        raise UsageError(f"--block-size must be >= 2 (anchor + at least one draft), got {args.block_size}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
+
+
+def _buckets(arg: str | None) -> tuple[int, ...] | None:
+    """--prompt-buckets → sorted sizes; None: the decoder's defaults."""
+    if not arg:
+        return None
+    try:
+        buckets = tuple(sorted({int(x) for x in arg.split(",") if x.strip()}))
+    except ValueError:
+        raise UsageError(f"--prompt-buckets {arg!r}: expected a comma list of integers") from None
+    if not buckets or buckets[0] < 1:
+        raise UsageError(f"--prompt-buckets {arg!r}: need positive sizes")
+    return buckets
+
+
+def _out_dir(args: argparse.Namespace, suites: tuple[str, ...]) -> Path:
+    out = Path(args.out) if args.out else Path("runs") / "eval" / (
+        "-".join(suites if len(suites) < len(SUITES) else ("all",)) + "-"
+        + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def _load_samples(suites: tuple[str, ...], limit: int | None) -> dict[str, list[Sample]]:
+    try:
+        samples = {s: load_suite(s, limit) for s in suites}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for s, lst in samples.items():
+        if not lst:
+            raise UsageError(f"suite {s}: empty selection")
+    return samples
+
+
+def _check_first_turns(plan: Plan) -> None:
+    """First-turn prompts must fit a bucket and the model's context with the most drafts of any method (later
+    turns depend on the answers and are checked when built). The rule is the decoder's (`plan_decode`)."""
+    from hdflash_jax.decode.generate import plan_decode
+
+    args, tok = plan.args, plan.spec.tokenizer
+    max_k = max(num_drafts(m, plan.drafters, args.mtp_k, args.block_size) for m in plan.methods)
+    for lst in plan.samples.values():
+        for smp in lst:
+            try:
+                plan_decode(plan.settings, max_k, plan.spec.config.max_seq_len, [len(prompt_ids(tok, smp, 0, []))])
+            except ValueError as e:
+                raise UsageError(f"{smp.id}: {e}") from None
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate the arguments, checkpoints and selection; read configs only (no weights, no compilation)."""
+    from hdflash_jax.decode.generate import DecodeSettings
+
+    try:
+        suites = expand_suites(args.suite)
+    except ValueError as e:
+        raise UsageError(f"--suite: {e}") from None
+    _check_numbers(args)
+    buckets = _buckets(args.prompt_buckets)
+    out = _out_dir(args, suites)
+    template = "deepseek_v4_thinking" if args.thinking else None  # None: the tokenizer's own
+    try:
+        spec = resolve_target(args.target, args.tokenizer, template)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    cli_drafters = parse_drafter_args(args.drafter, spec.config)
+    methods, ar_added = expand_methods(args.method, spec, cli_drafters)
+    known = {**spec.drafters, **cli_drafters}
+    drafters = {m: known[m] for m in methods if m in known}
+    warn_on_design(methods, drafters)
+    samples = _load_samples(suites, args.limit)
+    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              eos_token_id=spec.tokenizer.eos_id,
+                              **({"prompt_buckets": buckets} if buckets else {}))
+    plan = Plan(args, suites, samples, spec, drafters, methods, ar_added, settings, out)
+    _check_first_turns(plan)
+    return plan

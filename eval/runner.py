@@ -1,0 +1,220 @@
+"""Running an evaluation: batching prompts, compiling apart from timing, generating every (suite, turn, method),
+then the statistics, the greedy check against AR and the scores, as typed `eval.results` records.
+
+Per suite (and per MT-Bench turn), per method:
+  * each sample's user turn(s) are rendered with the tokenizer's chat template (MT-Bench's second turn follows
+    the method's OWN first answer) and tokenized;
+  * prompts are grouped into batches of --batch-size that share one length bucket (`plan_batches`, the bucket and
+    context rule being `Generator.plan`'s); a partial last batch is padded with copies of its last prompt, whose
+    outputs and statistics are dropped; so every method compiles one program per bucket for all suites;
+  * each new (bucket, batch) shape is compiled apart (`Generator.lower(...).compile()`) and run once untimed (the
+    first execution of an XLA program has one-off costs); both are reported as compile_s. Then the real runs
+    are timed (wall_s: generation only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from eval.errors import RunError, log
+from eval.methods import Method, build_methods
+from eval.plan import Plan, prompt_ids
+from eval.provenance import run_config, versions
+from eval.results import CellResult, Mismatch, OutputRecord, Results, SuiteMismatches, Turn
+from eval.suites import Sample
+from hdflash_jax.decode.stats import AcceptanceStats
+
+SEED_STRIDE = 100_003  # seeds of different (suite, turn) phases never overlap within a run
+
+
+def plan_batches(lengths: list[int], batch_size: int, plan: Callable[..., Any]) -> list[tuple[list[int], Any]]:
+    """Row indices grouped into batches of at most `batch_size` prompts of one bucket, in input order per bucket
+    (buckets in increasing size), each with its `DecodePlan` for `batch_size` rows (every batch is padded to
+    `batch_size`, so each bucket has one shape). `plan` is `Generator.plan` (or `plan_decode` bound to settings):
+    the decoder owns the bucket and context rule."""
+    by_bucket: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_bucket.setdefault(plan([n]).bucket, []).append(i)
+    batches = []
+    for b in sorted(by_bucket):
+        rows = by_bucket[b]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i: i + batch_size]
+            batches.append((chunk, plan([lengths[r] for r in chunk], batch_size)))
+    return batches
+
+
+@dataclasses.dataclass
+class Cell:
+    """What one (suite, method) accumulates over batches and turns."""
+    wall_s: float = 0.0
+    compile_s: float = 0.0  # lower + compile + the warm-up run of each new shape
+    warmup_s: float = 0.0  # the warm-up runs alone (part of compile_s)
+    tokens: int = 0
+    stats: list = dataclasses.field(default_factory=list)  # AcceptanceStats of each batch's real rows
+    outputs: dict = dataclasses.field(default_factory=dict)  # sample index -> [ids of turn 1, ids of turn 2, ...]
+    compiled_shapes: list = dataclasses.field(default_factory=list)
+
+
+def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> None:
+    """Compile apart, then one untimed warm-up run: XLA's first execution of a program carries one-off costs that
+    must not land in wall_s."""
+    gen = method.generator
+    t = time.perf_counter()
+    gen.lower(batch, seed).compile()
+    t_compiled = time.perf_counter()
+    gen.generate(batch, seed=seed)
+    t_warm = time.perf_counter()
+    method.compile_s += t_warm - t
+    cell.compile_s += t_warm - t
+    cell.warmup_s += t_warm - t_compiled
+
+
+def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
+                seed0: int, bar) -> dict[int, list[int]]:
+    """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)}."""
+    outs: dict[int, list[int]] = {}
+    for bi, (rows, plan) in enumerate(batches):
+        batch = [prompts[r] for r in rows]
+        batch += [batch[-1]] * (plan.batch - len(batch))  # pad: one shape per bucket
+        seed = seed0 + bi
+        if plan.shape not in method.compiled:
+            bar.set_postfix_str(f"compiling {method.name} {plan.shape}")
+            _compile(method, batch, seed, cell)
+            method.compiled.add(plan.shape)
+            cell.compiled_shapes.append(plan.shape)
+            bar.set_postfix_str("")
+        t = time.perf_counter()
+        res = method.generator.generate(batch, seed=seed)
+        cell.wall_s += time.perf_counter() - t
+        n = len(rows)
+        acc = res.accepted[:, :n]
+        cell.stats.append(AcceptanceStats.from_accepted(acc, acc >= 0, block_size=method.block_size))
+        cell.tokens += int(res.lengths[:n].sum())
+        for j, r in enumerate(rows):
+            outs[r] = res.row_tokens(j)
+        bar.update(n)
+    return outs
+
+
+def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells: dict[str, Cell], phase: int,
+              bar) -> None:
+    """Every method on the `turn`-th user turn of suite `su` (samples that have one)."""
+    samples, tok = plan.samples[su], plan.spec.tokenizer
+    rows = [i for i, s in enumerate(samples) if len(s.turns) > turn]
+    for m, meth in methods.items():
+        bar.set_description(f"{su} t{turn + 1} {m}")
+        cell = cells[m]
+        prompts = [prompt_ids(tok, samples[i], turn, [tok.decode(ids) for ids in cell.outputs.get(i, [])])
+                   for i in rows]
+        try:
+            batches = plan_batches([len(p) for p in prompts], plan.args.batch_size, meth.generator.plan)
+        except ValueError as e:
+            raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
+        outs = run_prompts(meth, prompts, batches, cell, plan.args.seed + SEED_STRIDE * phase, bar)
+        for r, i in enumerate(rows):
+            cell.outputs.setdefault(i, []).append(outs[r])
+
+
+def generate_all(plan: Plan, methods: dict[str, Method]) -> dict[str, dict[str, Cell]]:
+    """suite → method → Cell, every turn of every sample generated by every method."""
+    from tqdm import tqdm
+
+    total = sum(len(s.turns) for lst in plan.samples.values() for s in lst) * len(methods)  # prompts to generate
+    cells = {su: {m: Cell() for m in methods} for su in plan.suites}
+    phase = 0
+    with tqdm(total=total, desc="eval", unit="prompt", disable=plan.args.quiet, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for su in plan.suites:
+            for turn in range(max(len(s.turns) for s in plan.samples[su])):
+                _run_turn(plan, su, turn, methods, cells[su], phase, bar)
+                phase += 1
+    return cells
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def compare_to_ar(samples: list[Sample], ar_outputs: dict, outputs: dict) -> list[Mismatch]:
+    """Samples whose generated ids differ from AR's in some turn, each at its first differing turn (later turns of
+    MT-Bench follow different answers anyway)."""
+    bad = []
+    for i, smp in enumerate(samples):
+        for t, (a, b) in enumerate(zip(ar_outputs[i], outputs[i])):
+            if list(a) != list(b):
+                bad.append(Mismatch(smp.id, t + 1, _first_diff(a, b), len(a), len(b)))
+                break
+    return bad
+
+
+def _scores(samples: list[Sample], texts: dict[int, list[str]], timeout_s: float) -> list[float | None]:
+    """Per-sample scores of the last turn's text (eval.scoring; code runs in the sandbox)."""
+    from eval.scoring import score_output
+
+    return [score_output(samples[i], texts[i][-1], timeout_s) for i in range(len(samples))]
+
+
+def _greedy_check(su: str, m: str, samples: list[Sample], ar: Cell, c: Cell) -> tuple[Mismatch, ...]:
+    bad = tuple(compare_to_ar(samples, ar.outputs, c.outputs))
+    if bad:
+        print(f"\n*** GREEDY MISMATCH: {m} on {su}: {len(bad)}/{len(samples)} outputs differ from AR "
+              f"(first: {bad[0].id} turn {bad[0].turn} at token {bad[0].first_diff_token}) ***",
+              file=sys.stderr, flush=True)
+    return bad
+
+
+def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[CellResult, list[OutputRecord]]:
+    """Statistics, greedy check and scores of one (suite, method), and its outputs.jsonl records."""
+    from eval.metrics import speedup, tokens_per_second
+
+    samples, tok, args = plan.samples[su], plan.spec.tokenizer, plan.args
+    texts = {i: [tok.decode(ids) for ids in c.outputs[i]] for i in range(len(samples))}
+    bad = _greedy_check(su, meth.name, samples, ar, c) if args.temperature == 0 and meth.name != "ar" else None
+    per_sample = _scores(samples, texts, args.score_timeout) if args.score else [None] * len(samples)
+    scored = [x for x in per_sample if x is not None]
+    stats = AcceptanceStats.pooled(c.stats) if c.stats else AcceptanceStats.from_hist([0] * meth.block_size)
+    result = CellResult(
+        stats, c.tokens, tokens_per_second(c.tokens, c.wall_s), c.wall_s, c.compile_s, speedup(ar.wall_s, c.wall_s),
+        greedy_match_ar=None if bad is None else not bad, score=sum(scored) / len(scored) if scored else None,
+        samples=len(samples), compiled_shapes=tuple(c.compiled_shapes), warmup_s=c.warmup_s, drafter=meth.origin,
+        greedy_mismatched=bad or ())
+    records = [OutputRecord(su, smp.id, meth.name,
+                            tuple(Turn(x, len(ids)) for x, ids in zip(texts[i], c.outputs[i])), per_sample[i])
+               for i, smp in enumerate(samples)]
+    return result, records
+
+
+def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
+    """Load the target, run every suite and method, and gather the results and the output records."""
+    import jax
+
+    args, spec = plan.args, plan.spec
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compilation_cache))
+    log(f"target {spec.name} ({spec.origin}); loading")
+    t = time.perf_counter()
+    target = spec.load(args.seed)
+    load_s = time.perf_counter() - t
+    methods = build_methods(plan.methods, plan.drafters, target, plan.settings, mtp_k=args.mtp_k,
+                            block_size=args.block_size, seed=args.seed)
+    log(f"loaded in {load_s:.1f}s; methods: " + ", ".join(f"{m.name} (B={m.block_size})" for m in methods.values()))
+    cells = generate_all(plan, methods)
+    suites: dict[str, dict[str, CellResult]] = {}
+    records: list[OutputRecord] = []
+    mismatches: list[SuiteMismatches] = []
+    for su in plan.suites:
+        suites[su] = {}
+        for m, meth in methods.items():
+            suites[su][m], recs = cell_result(plan, su, meth, cells[su][m], cells[su]["ar"])
+            records += recs
+            if suites[su][m].greedy_mismatched:
+                mismatches.append(SuiteMismatches(su, m, len(plan.samples[su]), suites[su][m].greedy_mismatched))
+    return Results(run_config(plan, methods, load_s), versions(), suites, tuple(mismatches)), records
