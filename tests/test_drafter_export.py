@@ -1,0 +1,230 @@
+"""Drafters in and out (convert.drafter_export): z-lab's DFlashDraftModel (code this project did not write) loads an
+exported drafter strictly and computes the same draft logits; here → there → here is bit-identical; a drafter the
+reference wrote itself imports and speculates losslessly in eval.run; bad inputs fail with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dflash_model = pytest.importorskip("dflash.model")
+
+from flax import nnx  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import Qwen3Config  # noqa: E402
+
+from convert import drafter_export as ex  # noqa: E402
+from convert import drafter_import as im  # noqa: E402
+from hdflash_jax.checkpoint import _flat_arrays  # noqa: E402
+from hdflash_jax.config import DrafterConfig, get_preset  # noqa: E402
+from hdflash_jax.deepseek_v4.layers import RMSNorm  # noqa: E402
+from hdflash_jax.drafter.checkpoint import load_drafter, save_drafter  # noqa: E402
+from hdflash_jax.drafter.model import draft, init_draft_cache, init_drafter  # noqa: E402
+
+V, D = 256, 64
+
+
+def tiny_cfg(**kw) -> DrafterConfig:
+    base = dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=96, block_size=4, mask_token_id=V - 1,
+                conditioning="layers", target_layer_ids=(1, 3), reducer="linear", post_norm=False, dim=D,
+                hc_mult=4, vocab_size=V, target_n_layers=6, dtype="float32", param_dtype="float32")
+    base.update(kw)
+    return DrafterConfig(**base)
+
+
+def random_drafter(cfg: DrafterConfig, seed: int = 0):
+    """A drafter with every parameter random, norms and gate included (a permutation error in q_norm/k_norm or a
+    swapped gate tensor would not show on all-ones norms or zero biases)."""
+    d = init_drafter(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    for _, m in nnx.iter_modules(d):
+        if isinstance(m, RMSNorm):
+            w = m.weight[...]
+            m.weight[...] = jnp.asarray(1 + 0.2 * rng.standard_normal(w.shape), w.dtype)
+    for name in ("base", "scale"):
+        for _, m in nnx.iter_modules(d):
+            if hasattr(m, name) and isinstance(getattr(m, name), nnx.Param):
+                v = getattr(m, name)
+                v[...] = jnp.asarray(1 + 0.5 * rng.standard_normal(v[...].shape), v[...].dtype)
+    return d
+
+
+def flat_numpy(drafter) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in _flat_arrays(drafter).items()}
+
+
+def reference_model(folder: Path, cfg: DrafterConfig):
+    """z-lab's DFlashDraftModel from the exported folder, loaded with strict=True. With hc_mult > 1 its `fc` is
+    widened to K·n·D inputs first (speculators' DeepSeek-V4 layout; z-lab's class builds K·D)."""
+    rcfg = Qwen3Config.from_json_file(str(folder / ex.CONFIG_FILE))
+    model = dflash_model.DFlashDraftModel(rcfg).eval().to(torch.float32)
+    if cfg.hc_mult > 1:
+        model.fc = torch.nn.Linear(len(model.target_layer_ids) * cfg.hc_mult * cfg.dim, cfg.dim, bias=False)
+    model.load_state_dict(load_file(str(folder / ex.WEIGHTS_FILE)), strict=True)
+    assert model.block_size == cfg.block_size and model.mask_token_id == cfg.mask_token_id
+    assert list(model.target_layer_ids) == list(cfg.layer_ids)
+    return model
+
+
+def compare_draft_logits(drafter, model, cfg: DrafterConfig, steps=(7, 3, 1, 4), seed=0) -> float:
+    """Several decode steps the way dflash_generate drives the reference: step s appends the features of the n_s
+    newly committed positions and drafts B−1 slots after the anchor at `start`; the reference's draft cache is
+    cropped to `start` after each call, as dflash_generate does. Returns the worst relative logit error."""
+    rng = np.random.default_rng(seed)
+    embed = rng.standard_normal((V, D)).astype(np.float32)
+    head = (rng.standard_normal((V, D)) / np.sqrt(D)).astype(np.float32)
+    feat_shape = (cfg.n_feature_layers, cfg.hc_mult, D)
+    cache = init_draft_cache(cfg, 1, sum(steps) + 1)
+    ref_cache = dflash_model._make_cache(model.config)
+    start, worst, bs = 0, 0.0, cfg.block_size
+    for n in steps:
+        feats = rng.standard_normal((1, n, *feat_shape)).astype(np.float32)
+        anchor = int(rng.integers(0, V - 1))
+        _, logits, cache = draft(drafter, (jnp.asarray(embed), jnp.asarray(head)), jnp.asarray(feats),
+                                 jnp.asarray([n], jnp.int32), jnp.asarray([anchor], jnp.int32), cache)
+        start += n
+        ids = torch.tensor([[anchor] + [cfg.mask_token_id] * (bs - 1)])
+        with torch.no_grad():
+            hidden = model(target_hidden=torch.from_numpy(feats.reshape(1, n, -1)),
+                           noise_embedding=torch.from_numpy(embed)[ids],
+                           position_ids=torch.arange(start - n, start + bs)[None],
+                           past_key_values=ref_cache, use_cache=True)[:, 1 - bs:, :]
+            dflash_model._crop_to(ref_cache, start)
+            ref = model.compute_logits(hidden, lambda h: h @ torch.from_numpy(head).T).numpy()
+        got = np.asarray(logits)
+        assert got.shape == ref.shape == (1, bs - 1, V)
+        worst = max(worst, float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))))
+    return worst
+
+
+@pytest.mark.parametrize("hc_mult", [1, 4])
+def test_exported_drafter_loads_strictly_into_reference_and_drafts_the_same_logits(tmp_path, hc_mult):
+    cfg = tiny_cfg(hc_mult=hc_mult)
+    drafter = random_drafter(cfg)
+    src = save_drafter(tmp_path / "here", drafter)
+    res = ex.to_zlab(src, tmp_path / "zlab")
+    assert res.gate_tensors == () and res.n_tensors == 2 * 11 + 3
+    conf = json.loads((tmp_path / "zlab" / ex.CONFIG_FILE).read_text())
+    assert conf["dflash_config"] == {"block_size": 4, "mask_token_id": V - 1, "target_layer_ids": [1, 3]}
+    if hc_mult == 1:  # what a user does; the reference class holds the drafter exactly
+        model, info = dflash_model.DFlashDraftModel.from_pretrained(str(tmp_path / "zlab"), output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    model = reference_model(tmp_path / "zlab", cfg)
+    err = compare_draft_logits(drafter, model, cfg)
+    assert err <= 1e-5, err
+
+
+def test_rope_permutation_is_what_the_reference_rotates():
+    """Independent of the drafter: rotating interleaved pairs then permuting equals permuting then rotate_half."""
+    from transformers.models.qwen3.modeling_qwen3 import rotate_half
+
+    hd, pos = 16, 5.0
+    x = np.random.default_rng(0).standard_normal(hd)
+    theta = 10000.0 ** (-np.arange(0, hd, 2) / hd)
+    c, s = np.cos(pos * theta), np.sin(pos * theta)
+    inter = np.empty(hd)
+    inter[0::2] = x[0::2] * c - x[1::2] * s
+    inter[1::2] = x[0::2] * s + x[1::2] * c
+    p = ex.rope_permutation(hd)
+    xt = torch.from_numpy(x[p])
+    half = (xt * torch.from_numpy(np.concatenate([c, c])) + rotate_half(xt) * torch.from_numpy(np.concatenate([s, s])))
+    np.testing.assert_allclose(inter[p], half.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # vanilla DFlash
+    dict(conditioning="final_streams", target_layer_ids=None, reducer="gated", post_norm=True),  # HyperDFlash
+    dict(conditioning="layers", target_layer_ids=(0, 2, 5), reducer="gated", post_norm=True,
+         dtype="bfloat16", param_dtype="bfloat16"),
+    dict(conditioning="final_streams", target_layer_ids=None, reducer="linear"),
+])
+def test_round_trip_here_there_here_is_bit_identical(tmp_path, kw):
+    cfg = tiny_cfg(**kw)
+    drafter = random_drafter(cfg, seed=3)
+    src = save_drafter(tmp_path / "a", drafter)
+    res = ex.to_zlab(src, tmp_path / "z")
+    assert bool(res.gate_tensors) == (cfg.reducer == "gated")
+    assert ex.main(["--to", "here", "--src", str(tmp_path / "z"), "--dst", str(tmp_path / "b")]) == 0
+    cfg2, back = load_drafter(tmp_path / "b")
+    assert cfg2 == cfg
+    a, b = flat_numpy(drafter), flat_numpy(back)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+# ---- strict import -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    cfg = tiny_cfg()
+    ex.to_zlab(save_drafter(root / "here", random_drafter(cfg)), root / "zlab")
+    return root / "zlab"
+
+
+def _broken(exported: Path, tmp_path: Path, edit_config=None, edit_tensors=None) -> Path:
+    import shutil
+
+    from convert.safetensors_io import load_all, write_safetensors
+
+    out = tmp_path / "broken"
+    shutil.copytree(exported, out)
+    if edit_config:
+        c = json.loads((out / ex.CONFIG_FILE).read_text())
+        edit_config(c)
+        (out / ex.CONFIG_FILE).write_text(json.dumps(c))
+    if edit_tensors:
+        t = load_all(out / ex.WEIGHTS_FILE)
+        edit_tensors(t)
+        write_safetensors(out / ex.WEIGHTS_FILE, t)
+    return out
+
+
+def _no_block(c):
+    del c["dflash_config"]["block_size"]
+
+
+def _rename(t):
+    t["fc.weights"] = t.pop("fc.weight")
+
+
+@pytest.mark.parametrize("config_edit, tensor_edit, message", [
+    (_no_block, None, "config.json: dflash_config.block_size missing (the reference would silently use 16"),
+    (lambda c: c["dflash_config"].update(mask_token_id=V), None, "config.json: DrafterConfig.mask_token_id"),
+    (lambda c: c["dflash_config"].update(target_layer_ids=[1, 6]), None, "target_layer_ids=[1, 6]"),
+    (lambda c: c["rope_parameters"].update(rope_type="yarn"), None, "rope_parameters.rope_type='yarn'"),
+    (lambda c: c[ex.EXT].update(rope="interleaved"), None, "hdflash.rope='interleaved'"),
+    (lambda c: c.update(architectures=["DFlash2DraftModel"]), None, "DFlash2"),
+    (lambda c: c.update(attention_bias=True), None, "attention_bias"),
+    (None, _rename, "model.safetensors: unexpected tensor 'fc.weights'"),
+    (None, lambda t: t.update({"lm_head.weight": np.zeros((V, D), np.float32)}), "embedding/head copy"),
+    (None, lambda t: t.pop("layers.1.self_attn.k_norm.weight"), "tensor 'layers.1.self_attn.k_norm.weight' missing"),
+    (None, lambda t: t.update({"fc.weight": t["fc.weight"][:, :-D]}), "'fc.weight' has shape (64, 448)"),
+])
+def test_import_errors_name_the_file_and_key(exported, tmp_path, capsys, config_edit, tensor_edit, message):
+    src = _broken(exported, tmp_path, config_edit, tensor_edit)
+    dst = tmp_path / "out"
+    assert ex.main(["--to", "here", "--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and str(src) in err, err
+    assert not dst.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_import_checks_the_target(exported, tmp_path, capsys):
+    rc = ex.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "d"), "--target", "tiny"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "vocab_size=256, the target has 512" in err and str(exported) in err, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_export_refuses_existing_destination(exported, tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    rc = ex.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "x")])
+    assert rc == 2 and "destination exists" in capsys.readouterr().err
