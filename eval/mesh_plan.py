@@ -1,0 +1,273 @@
+"""Plan a mesh before renting it: AOT-compile a target program on simulated devices with abstract shapes and print
+what one device needs (argument, output, temp and alias bytes), its FLOPs and bytes accessed, and, for a chosen
+accelerator, whether it fits and the bandwidth floor (bytes accessed / HBM bandwidth).
+
+    python -m eval.mesh_plan --preset v4-flash --layers 4 --mesh expert=8,tensor=8 --program prefill \
+        --batch 1 --seq 32768 [--context L] [--json FILE] [--fits v5p|h100|h200]
+
+Nothing is allocated: parameters, caches and inputs are `jax.ShapeDtypeStruct`s with their `NamedSharding`s, the
+program is `jax.jit(...).lower(...).compile()`d, and the figures come from `memory_analysis()` and
+`cost_analysis()`. The CPU backend upcasts bf16 in some ops, so temp bytes here overstate a TPU/GPU somewhat.
+Programs: `prefill` (a prompt of --seq tokens into an empty cache of --context slots), `verify` (a block of --seq
+tokens onto a cache holding --context tokens), `generate` (prefill + the autoregressive while_loop, --seq prompt,
+--context - --seq new tokens). `--layers N` keeps the first N layers of the preset (no MTP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+# accelerator: (HBM bytes per chip, HBM bytes/s per chip)
+ACCELERATORS = {
+    "v5p": (95 * 2**30, 2.765e12),
+    "h100": (80 * 2**30, 3.35e12),
+    "h200": (141 * 2**30, 4.8e12),
+}
+PROGRAMS = ("prefill", "verify", "generate", "draft", "train")
+NOT_YET = ("draft", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    program: str
+    preset: str
+    layers: int
+    mesh: dict
+    batch: int
+    seq: int
+    context: int
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    flops: float
+    bytes_accessed: float
+    compile_s: float
+    hlo_chars: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="v4-flash", help="a preset name (v4-flash, v4-pro, tiny, small) or a "
+                                                         "config.json file")
+    ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all)")
+    ap.add_argument("--mesh", default="expert=8,tensor=8", help="data=..,fsdp=..,expert=..,tensor=..")
+    ap.add_argument("--program", default="prefill", help=f"comma-separated, of {PROGRAMS}")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=32768, help="tokens of the call (prompt, or verify block)")
+    ap.add_argument("--context", type=int, default=None, help="cache slots (prefill/generate) or tokens already "
+                                                              "cached (verify); default --seq (+ seq for verify)")
+    ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                    help="TargetConfig field override, e.g. attention_impl=dense (repeatable)")
+    ap.add_argument("--json", help="write one object per program to this file")
+    ap.add_argument("--fits", choices=sorted(ACCELERATORS), help="check the per-device bytes against this chip")
+    return ap.parse_args(argv)
+
+
+def _config(args):
+    from hdflash_jax.config import PRESETS, TargetConfig
+
+    if args.preset in PRESETS:
+        cfg = PRESETS[args.preset]
+    elif os.path.isfile(args.preset):
+        cfg = TargetConfig.from_json_file(args.preset)
+    else:
+        raise SystemExit(f"--preset: {args.preset!r} is neither a preset ({sorted(PRESETS)}) nor a file")
+    n = cfg.n_layers if args.layers is None else args.layers
+    if not 1 <= n <= cfg.n_layers:
+        raise SystemExit(f"--layers: must be in [1, {cfg.n_layers}], got {n}")
+    changes = dict(n_layers=n, n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:n],
+                   n_hash_layers=min(cfg.n_hash_layers, n))
+    fields = {f.name: f.type for f in dataclasses.fields(TargetConfig)}
+    for item in args.override:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--override: unknown TargetConfig field {name!r}")
+        current = getattr(cfg, name)
+        changes[name] = type(current)(value) if not isinstance(current, tuple) else current
+    try:
+        return cfg.replace(**changes)
+    except ValueError as e:
+        raise SystemExit(f"--override: {e}") from None
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _cache_shardings(mesh, cache):
+    """Rows over the data-parallel axes when they divide the batch; everything else replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from hdflash_jax.sharding import batch_sharding
+
+    def one(x):
+        s = batch_sharding(mesh, x.ndim)
+        lead = s.spec[0]
+        size = 1
+        for a in (lead if isinstance(lead, tuple) else (lead,) if lead else ()):
+            size *= mesh.shape[a]
+        return s if x.shape[0] % size == 0 else NamedSharding(mesh, P())
+
+    return jax.tree.map(one, cache)
+
+
+def _program(name, cfg, args, mesh, graph, state):
+    """(function, abstract arguments, donated argument numbers) of one program."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from hdflash_jax.deepseek_v4.cache import init_cache
+    from hdflash_jax.sharding import batch_sharding
+
+    b, s = args.batch, args.seq
+    tok_sh = batch_sharding(mesh, 2) if b % _batch_ways(mesh) == 0 else None
+    tokens = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=tok_sh)
+    if name in ("prefill", "verify"):
+        max_len = args.context or (s if name == "prefill" else 2 * s)
+        if name == "verify":
+            max_len = max_len + s if args.context else max_len
+        cache = jax.eval_shape(lambda: init_cache(cfg, b, max_len, max_block=s if name == "verify" else 1))
+        cache = _abstract(cache, _cache_shardings(mesh, cache))
+
+        def run(state, tokens, cache):
+            out = nnx.merge(graph, state)(tokens, cache)
+            return out.logits[:, -1], out.cache
+
+        return run, (state, tokens, cache), (2,)
+    if name == "generate":
+        import functools
+
+        from hdflash_jax.decode.drafters import NoDrafter
+        from hdflash_jax.decode.generate import DecodeSettings, _generate
+
+        new = max((args.context or 2 * s) - s, 1)
+        settings = DecodeSettings(max_new_tokens=new, prompt_buckets=(s,))
+        fn = functools.partial(_generate, graph, None, NoDrafter(), settings, s + new + 1)
+        lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return (lambda st, p, n, k: fn(st, None, p, n, k)), (state, tokens, lengths, key), ()
+    raise SystemExit(f"--program {name}: not yet (planned: {', '.join(NOT_YET)} after the target programs)")
+
+
+def _device_count(spec: str) -> int:
+    """Devices a --mesh spec needs, read before jax is imported (parse_mesh validates it afterwards)."""
+    n = 1
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        size = part.partition("=")[2]
+        n *= int(size) if size.isdigit() else 1
+    return n
+
+
+def _batch_ways(mesh) -> int:
+    return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
+    import jax
+    from flax import nnx
+
+    from hdflash_jax.deepseek_v4.layers import KeyGen
+    from hdflash_jax.deepseek_v4.model import DeepseekV4
+    from hdflash_jax.sharding import state_shardings
+
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=KeyGen(0)))
+    graph, state = nnx.split(model)
+    shardings = state_shardings(state, mesh)
+    state = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)), state,
+                         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    fn, abstract_args, donate = _program(name, cfg, args, mesh, graph, state)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn, donate_argnums=donate).lower(*abstract_args)
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return PlanResult(
+        program=name, preset=preset, layers=cfg.n_layers, mesh=dict(mesh.shape), batch=args.batch, seq=args.seq,
+        context=args.context or 0, argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
+        hlo_chars=len(compiled.as_text()))
+
+
+def _gib(x) -> str:
+    return f"{x / 2**30:.3f} GiB"
+
+
+def report(r: PlanResult, fits: str | None) -> str:
+    lines = [f"{r.program}: {r.preset}, {r.layers} layers, mesh {r.mesh}, batch {r.batch}, seq {r.seq}"
+             + (f", context {r.context}" if r.context else ""),
+             f"  per device: argument {_gib(r.argument_bytes)}, output {_gib(r.output_bytes)}, "
+             f"temp {_gib(r.temp_bytes)}, alias {_gib(r.alias_bytes)}",
+             f"  flops {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g}, compile {r.compile_s:.1f} s, "
+             f"HLO {r.hlo_chars:,} chars"]
+    if fits:
+        hbm, bw = ACCELERATORS[fits]
+        need = r.argument_bytes + r.output_bytes + r.temp_bytes - r.alias_bytes
+        verdict = "fits" if need <= hbm else "does NOT fit"
+        lines.append(f"  {fits}: needs {_gib(need)} of {_gib(hbm)} -> {verdict}; bandwidth floor "
+                     f"{r.bytes_accessed / bw * 1e3:.3f} ms")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    names = [p.strip() for p in args.program.split(",") if p.strip()]
+    for name in names:
+        if name not in PROGRAMS:
+            raise SystemExit(f"--program: unknown {name!r}; one of {PROGRAMS}")
+        if name in NOT_YET:
+            raise SystemExit(f"--program {name}: not yet (the target programs prefill, verify, generate are planned)")
+    n_dev = _device_count(args.mesh)
+    if "jax" in sys.modules:
+        import jax
+        if len(jax.devices()) < n_dev:
+            raise SystemExit(f"--mesh needs {n_dev} devices; jax was imported with {len(jax.devices())}")
+    else:  # simulated devices: the flag must be set before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={n_dev}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from hdflash_jax.sharding import make_mesh, parse_mesh
+
+    try:
+        shape = parse_mesh(args.mesh)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    cfg = _config(args)
+    try:
+        mesh = make_mesh(shape, devices=jax.devices()[:n_dev])
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
+    results = []
+    for name in names:
+        r = plan(name, cfg, args, mesh, args.preset)
+        print(report(r, args.fits), flush=True)
+        results.append(r)
+    if args.json:
+        from hdflash_jax.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([r.to_json() for r in results], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
