@@ -15,6 +15,8 @@ from typing import Any
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("chunked", "dense")
+MOE_DISPATCHES = ("auto", "dense", "ragged", "expert_parallel")
 
 _KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "list": "a list",
                "dict": "a JSON object", "tuple[int, ...]": "a list of integers"}
@@ -78,6 +80,11 @@ class TargetConfig:
     eos_token_id: int = 1
     dtype: str = "bfloat16"  # activations and matmul weights; mHC, gates and norms compute in fp32
     param_dtype: str = "bfloat16"
+    # -- how to compute (not part of the checkpoint's math: every choice gives the same function) ----------------
+    attention_impl: str = "chunked"  # "chunked": query chunks, online softmax; "dense": one score matrix (reference)
+    attention_chunk: int = 256  # queries per chunk (and compressed entries per HCA block)
+    moe_dispatch: str = "auto"  # "dense" | "ragged" | "expert_parallel"; "auto": dense up to 16 experts, else EP
+    moe_capacity: float = 0.0  # expert_parallel: slots per expert = ceil(capacity·tokens·k/E); 0 = never drop
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -139,6 +146,14 @@ class TargetConfig:
             bad("dtype", f"dtype/param_dtype must be one of {DTYPES}")
         if self.hc_eps < 0 or self.norm_eps <= 0:
             bad("hc_eps/norm_eps", "must be non-negative / positive")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"unknown {self.attention_impl!r}; one of {ATTENTION_IMPLS}")
+        if self.attention_chunk < 1:
+            bad("attention_chunk", f"must be >= 1, got {self.attention_chunk}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            bad("moe_dispatch", f"unknown {self.moe_dispatch!r}; one of {MOE_DISPATCHES}")
+        if self.moe_capacity < 0:
+            bad("moe_capacity", f"must be >= 0 (0 = no drops), got {self.moe_capacity}")
 
     # ---- file formats --------------------------------------------------------------------------------------
     @classmethod
