@@ -1,4 +1,4 @@
-"""DeepSeek-V4 checkpoint quantization formats (spec §7.2): dequantization, and the inverse for tests.
+"""DeepSeek-V4 checkpoint quantization formats: dequantization, and the inverse for tests.
 
 * E8M0 scale: byte b → 2^(b − 127); 0xFF is NaN. Stored as `F8_E8M0` (ml_dtypes `float8_e8m0fnu`) or raw uint8.
   Base checkpoints may carry float32 (or bf16) scales instead; those multiply as they are.

@@ -9,7 +9,8 @@ safetensors' own numpy backend cannot read FP8, which is why the header is parse
 two per byte) is returned packed as int8 [..., n/2], the same form as DeepSeek's int8 FP4 expert weights.
 
 `.pt/.bin` files go through `torch.load(weights_only=True, mmap=True)` and are converted tensor by tensor
-(bf16 and float8 through a uint view, so nothing is rounded).
+(bf16 and float8 through a uint view, so nothing is rounded). A file torch cannot read that way is reported as not
+a PyTorch state dict; unsafe (pickle) loading is never attempted nor suggested.
 
 Folders: `model.safetensors.index.json` (or `pytorch_model.bin.index.json`) when present, else every
 `*.safetensors` (else every `*.bin`/`*.pt`) file at the top level, sorted.
@@ -44,7 +45,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 NAME_OF_DTYPE = {v: k for k, v in DTYPES.items() if k != "F4"}
 
-MAX_HEADER = 512 * 1024 * 1024
+MAX_HEADER = 100_000_000  # bytes of header JSON, the limit of the reference safetensors reader
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
@@ -71,6 +72,10 @@ def _stored_nbytes(dtype_name: str, shape) -> int:
     return (n + 1) // 2 if dtype_name == "F4" else n * DTYPES[dtype_name].itemsize
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 # ---- one safetensors file ---------------------------------------------------------------------------------
 
 class SafetensorsFile:
@@ -95,9 +100,13 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (a JSON object expected)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.infos: dict[str, TensorInfo] = {}
@@ -106,12 +115,12 @@ class SafetensorsFile:
             if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {e!r}")
             dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-            if dt not in DTYPES:
+            if not isinstance(dt, str) or dt not in DTYPES:
                 raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dt!r} "
                                       f"(known: {', '.join(sorted(DTYPES))})")
-            if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            if (not isinstance(shape, list) or not all(_is_count(d) for d in shape)
                     or not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]):
+                    or not all(_is_count(o) for o in offs) or offs[0] > offs[1]):
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: shape {shape!r}, "
                                       f"data_offsets {offs!r}")
             if dt == "F4" and (not shape or shape[-1] % 2):
@@ -199,6 +208,17 @@ def torch_to_numpy(t, where: str = "tensor") -> np.ndarray:
     return arr.view(DTYPES[name]) if view is not None else arr
 
 
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in one line, without its advice to retry with unsafe (pickle) loading."""
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1]
+    firsts = [ln.strip().split(". ")[0].rstrip(".") for ln in msg.splitlines() if ln.strip()]
+    firsts = [ln for ln in firsts if "weights_only" not in ln and "safe_globals" not in ln]
+    detail = firsts[0] if firsts else ""
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
 class TorchFile:
     def __init__(self, path: str | Path):
         import torch
@@ -212,12 +232,14 @@ class TorchFile:
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 — torch raises many kinds for a bad file
-            raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: not a PyTorch state dict ({_load_failure(e)}); only files of tensors "
+                                  f"saved with torch.save are read") from None
         for wrapper in ("state_dict", "model"):
             if isinstance(obj, dict) and len(obj) == 1 and isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
         if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict (name → tensor), got {type(obj).__name__}")
+            raise CheckpointError(f"{path}: not a PyTorch state dict (it holds a {type(obj).__name__}, not a "
+                                  f"mapping of names to tensors)")
         table = _torch_dtype_table()
         self._tensors = {}
         self.infos: dict[str, TensorInfo] = {}

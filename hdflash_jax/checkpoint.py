@@ -12,7 +12,8 @@ is how the converter keeps its memory flat in the number of layers.
 
 `load_params` restores into an abstract tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, so every array
 is read straight into its final sharding (with a mesh and no explicit shardings: the logical-axis rules of
-`hdflash_jax.sharding`).
+`hdflash_jax.sharding`). Every floating-point parameter restored is checked to be finite: NaN/Inf stop the load
+with one error naming the folder and the parameter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig
@@ -235,6 +237,61 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
             raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
         abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(key, var))
     restored = flatten(ocp.load(params, nest(abstract)))
+    check_finite(restored, params)
     for p, var in flat:
         var.set_value(restored[dotted(p)])
     return graphdef, nnx.from_flat_state(flat)
+
+
+# ---- finiteness ---------------------------------------------------------------------------------------------
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
+
+
+def count_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> int:
+    """NaN + Inf entries of a numpy array, in chunks so the temporary stays small whatever the array's size."""
+    flat = np.asarray(a).reshape(-1)
+    return sum(int(c.size - np.count_nonzero(np.isfinite(c))) for c in
+               (flat[i: i + chunk] for i in range(0, flat.size, chunk)))
+
+
+def _device_counts(arrays: dict[str, jax.Array]) -> dict[str, int]:
+    """Non-finite counts of device arrays in one jitted program (one scalar per array comes back to the host)."""
+    import jax.numpy as jnp
+
+    counts = jax.jit(lambda xs: {k: jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for k, x in xs.items()})(arrays)
+    return {k: int(v) for k, v in counts.items()}
+
+
+def nonfinite_counts(arrays: dict[str, Any], *, on_device: bool | None = None) -> dict[str, int]:
+    """{key: number of NaN/Inf entries} of the floating-point arrays (numpy or jax) that hold any.
+
+    CPU arrays are scanned in place with numpy (no compilation); arrays on accelerators with one jitted reduction
+    so nothing is copied to the host. `on_device` forces one path (tests)."""
+    floats = {k: v for k, v in arrays.items() if _is_float(v.dtype)}
+    if on_device is None:
+        on_device = any(isinstance(v, jax.Array) and any(d.platform != "cpu" for d in v.devices())
+                        for v in floats.values())
+    if on_device:
+        counts = _device_counts({k: jax.numpy.asarray(v) for k, v in floats.items()})
+    else:
+        counts = {}
+        for k, v in floats.items():
+            shards = v.addressable_shards if isinstance(v, jax.Array) else None
+            if shards is not None and not v.is_fully_replicated:
+                counts[k] = sum(count_nonfinite(np.asarray(s.data)) for s in shards if s.replica_id == 0)
+            else:
+                counts[k] = count_nonfinite(np.asarray(v.addressable_shards[0].data) if shards is not None else v)
+    return {k: n for k, n in counts.items() if n}
+
+
+def check_finite(arrays: dict[str, Any], where: Path | str) -> None:
+    """Raise ValueError naming `where` and the first parameter holding NaN/Inf."""
+    bad = nonfinite_counts(arrays)
+    if bad:
+        key = sorted(bad)[0]
+        more = f" ({len(bad) - 1} more parameters too)" if len(bad) > 1 else ""
+        size = int(np.prod(arrays[key].shape))
+        raise ValueError(f"{where}: parameter {key!r} holds {bad[key]} non-finite values (NaN or Inf) out of "
+                         f"{size}{more}")

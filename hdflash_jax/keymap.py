@@ -2,9 +2,9 @@
 
 Three names for one tensor:
 * official — DeepSeek's released layout (`layers.3.attn.wq_a.weight`, `hc_head_fn`, `ffn.experts.7.w1.weight`,
-  `mtp.0.*`): spec §7.1. Every other layout is first renamed to this one.
+  `mtp.0.*`). Every other layout is first renamed to this one.
 * transformers in-memory — `DeepseekV4ForCausalLM.state_dict()` (`model.layers.3.self_attn.q_a_proj.weight`,
-  `attn_hc.fn`, stacked `mlp.experts.gate_up_proj`): spec §7.3.
+  `attn_hc.fn`, stacked `mlp.experts.gate_up_proj`).
 * tree — the path of the leaf in `DeepseekV4`'s NNX state, written with dots (`layers.3.attn.wq_a.weight`).
   Official names map 1:1 except: `embed.weight` → `embed`, `hc_X_fn` → `hc_X.fn`, the MTP block's own layer
   keys gain `block.`, and routed experts are stacked: `ffn.experts.E.w1.weight` → row E of `ffn.experts.w1`.

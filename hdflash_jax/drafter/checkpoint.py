@@ -8,7 +8,8 @@ A drafter checkpoint is a folder:
 The target's embedding and head are not part of it (frozen, shared with the target). Writing goes to
 `<path>.tmp-<pid>` renamed into place (hdflash_jax.checkpoint's helpers), so an interrupted save leaves nothing
 that loads. `DrafterConfig.check_target` is the check that a drafter was built for the target it is used with; it
-only needs the two configs, so callers can run it before loading any weights.
+only needs the two configs, so callers can run it before loading any weights. Loading checks every parameter is
+finite (NaN/Inf: one error naming the folder and the parameter).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def load_drafter_config(path: str | Path) -> DrafterConfig:
         raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {DRAFTER_CONFIG_FILE})")
     try:
         d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a JSON object of DrafterConfig fields, got a {type(d).__name__}")
     try:
         return DrafterConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -64,7 +67,7 @@ def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
     """Restore a drafter checkpoint → (DrafterConfig, BlockDrafter), checked against `target_cfg` if given.
 
     Raises FileNotFoundError / ValueError naming the path (and parameter) for a missing or unfinished folder, a
-    tree that disagrees with the config, or a drafter built for another target.
+    tree that disagrees with the config, a parameter holding NaN/Inf, or a drafter built for another target.
     """
     from hdflash_jax.drafter.model import abstract_drafter
 
