@@ -17,7 +17,8 @@ no Jinja ``chat_template`` in V4's ``tokenizer_config.json``)::
 That is "chat" (non-thinking) mode: every assistant turn opens with ``</think>``. In "thinking" mode the generation
 prompt after the LAST user turn ends in ``<think>`` instead, earlier assistant turns lose their reasoning (they are
 rendered as content only, after ``</think>``), and an assistant turn after the last user turn is rendered as
-``{reasoning}</think>{content}``. A user turn followed directly by another user turn gets no assistant prefix. Only
+``{reasoning}</think>{content}`` (the reasoning read from ``reasoning_content`` as in the reference encoder, or
+``reasoning``). A user turn followed directly by another user turn gets no assistant prefix. Only
 the system / user / assistant roles are supported here (no tools, tasks or reminders).
 """
 
@@ -42,6 +43,7 @@ THINK_END = "</think>"
 TAG_BOS, TAG_EOS, TAG_PAD, TAG_USER, TAG_ASSISTANT, TAG_MASK = (
     "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|mask|>")
 
+REASONING_KEYS = ("reasoning_content", "reasoning")  # an assistant message's reasoning, reference name first
 CHAT_TEMPLATES = ("deepseek_v4", "deepseek_v4_thinking", "role_tags")
 ROLES = ("system", "user", "assistant")
 
@@ -75,6 +77,15 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"apply_chat_template: message {i} content must be a string")
 
 
+def _reasoning(m: dict) -> str:
+    """An assistant message's reasoning: `reasoning_content` (the name DeepSeek's reference encoder reads), else
+    `reasoning`."""
+    for key in REASONING_KEYS:
+        if m.get(key):
+            return m[key]
+    return ""
+
+
 def render_deepseek_v4(messages: Sequence[dict], add_generation_prompt: bool = True, *, thinking: bool = False,
                        add_bos: bool = True) -> str:
     """DeepSeek-V4's prompt string for system/user/assistant messages (see the module docstring).
@@ -93,7 +104,7 @@ def render_deepseek_v4(messages: Sequence[dict], add_generation_prompt: bool = T
             out.append(USER + content)
         else:  # assistant
             if thinking and i > last_user:
-                out.append((m.get("reasoning") or "") + THINK_END)
+                out.append(_reasoning(m) + THINK_END)
             out.append(content + EOS)
         nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
         if role == "user" and (nxt == "assistant" or (nxt is None and add_generation_prompt)):
