@@ -1,6 +1,8 @@
 """Answer scoring: GSM8K/MATH-500 final-answer match, HumanEval/MBPP by running tests.
 
-Code is only ever run through eval.sandbox.run_program (a separate, limited process).
+Code is only ever run through eval.sandbox.run_program (a separate, limited, isolated process);
+without a working isolation mechanism the code scorers raise eval.sandbox.UnisolatedError unless
+`allow_unisolated=True`.
 
 Conventions (kept light on purpose: the point is to check that speculative decoding does not
 change answer quality, not to compete with a full grader):
@@ -156,22 +158,25 @@ def build_mbpp_program(completion: str, test_setup_code: str, test_list: Sequenc
     return f"{completion}\n\n{test_setup_code}\n\n{tests}\n"
 
 
-def humaneval_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> SandboxResult:
+def humaneval_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                  allow_unisolated: bool = False) -> SandboxResult:
     """Run a HumanEval answer (raw model output) against its tests in the sandbox."""
     code = extract_code(output, meta["entry_point"])
     src = build_humaneval_program(meta["prompt"], code, meta["test"], meta["entry_point"])
-    return run_program(src, timeout_s)
+    return run_program(src, timeout_s, allow_unisolated=allow_unisolated)
 
 
-def mbpp_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> SandboxResult:
+def mbpp_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+             allow_unisolated: bool = False) -> SandboxResult:
     """Run an MBPP answer (raw model output) against its asserts in the sandbox."""
     entry = re.match(r"assert\s+(?:not\s+)?\(?\s*(?:set\()?\s*([A-Za-z_]\w*)\s*\(", meta["test_list"][0])
     code = extract_code(output, entry.group(1) if entry else None)
     src = build_mbpp_program(code, meta["test_setup_code"], meta["test_list"])
-    return run_program(src, timeout_s)
+    return run_program(src, timeout_s, allow_unisolated=allow_unisolated)
 
 
-def score_output(sample, output: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
+def score_output(sample, output: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 allow_unisolated: bool = False) -> bool | None:
     """Whether `output` answers `sample` (an eval.suites.Sample) correctly; None if unscored.
 
     MT-Bench (open-ended, judged by an LLM in the original) is not scored: returns None.
@@ -182,21 +187,22 @@ def score_output(sample, output: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> b
     if suite == "math500":
         return math500_correct(output, meta["reference"])
     if suite == "humaneval":
-        return humaneval_run(output, meta, timeout_s).passed
+        return humaneval_run(output, meta, timeout_s, allow_unisolated=allow_unisolated).passed
     if suite == "mbpp":
-        return mbpp_run(output, meta, timeout_s).passed
+        return mbpp_run(output, meta, timeout_s, allow_unisolated=allow_unisolated).passed
     if suite == "mt_bench":
         return None
     raise ValueError(f"no scorer for suite {suite!r}")
 
 
-def score_outputs(samples, outputs: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> float | None:
+def score_outputs(samples, outputs: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                  allow_unisolated: bool = False) -> float | None:
     """Accuracy (fraction correct) over samples of a suite; None if the suite is unscored.
 
     For multi-turn samples pass the last turn's answer.
     """
     if len(samples) != len(outputs):
         raise ValueError(f"{len(samples)} samples but {len(outputs)} outputs")
-    scores = [score_output(s, o, timeout_s) for s, o in zip(samples, outputs)]
+    scores = [score_output(s, o, timeout_s, allow_unisolated=allow_unisolated) for s, o in zip(samples, outputs)]
     scored = [x for x in scores if x is not None]
     return sum(scored) / len(scored) if scored else None

@@ -1,13 +1,20 @@
-"""Sandbox: statuses, timeouts that kill, crashes, isolation; scoring on hand examples."""
+"""Sandbox: statuses, timeouts that kill, crashes, a fresh process; scoring on hand examples.
 
+These run under the isolation that works here (eval.sandbox.isolation()), and unisolated where none
+does; tests/test_eval_sandbox_isolation.py checks the isolation itself with hostile programs.
+"""
+
+import functools
 import os
 import time
 
 import pytest
 
+from eval import sandbox
 from eval import scoring as S
-from eval.sandbox import run_program
 from eval.suites import load_suite
+
+run_program = functools.partial(sandbox.run_program, allow_unisolated=True)
 
 
 def test_passes_and_fails():
@@ -24,7 +31,7 @@ def test_infinite_loop_is_killed_within_timeout():
     assert time.monotonic() - t < 5
 
 
-def test_sleeping_child_process_is_killed(tmp_path):
+def test_sleeping_child_process_is_killed_without_isolation_too(tmp_path):
     marker = tmp_path / "alive"
     src = (
         "import os, time\n"
@@ -34,7 +41,7 @@ def test_sleeping_child_process_is_killed(tmp_path):
         "    os._exit(0)\n"
         "time.sleep(60)\n"
     )
-    r = run_program(src, 0.5)
+    r = run_program(src, 0.5, mechanism="none")  # the marker is only writable unisolated
     assert r.status == "timeout"
     time.sleep(2.5)
     assert not marker.exists()  # the whole process group died with the parent
@@ -63,6 +70,8 @@ def test_isolated_fresh_dir_and_env():
 
 
 # ---- scoring ----------------------------------------------------------------------------
+
+score = functools.partial(S.score_output, allow_unisolated=True)
 
 
 def test_gsm8k_scoring():
@@ -115,33 +124,33 @@ def test_extract_code():
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_humaneval_canonical_passes(i):
     s = load_suite("humaneval", limit=3)[i]
-    assert S.score_output(s, s.meta["canonical_solution"]) is True  # a body completion
+    assert score(s, s.meta["canonical_solution"]) is True  # a body completion
     fenced = "```python\n" + s.meta["prompt"] + s.meta["canonical_solution"] + "```"
-    assert S.score_output(s, fenced) is True  # a whole-function answer
+    assert score(s, fenced) is True  # a whole-function answer
 
 
 def test_humaneval_wrong_fails():
     s = load_suite("humaneval", limit=1)[0]
-    r = S.humaneval_run("    return False\n", s.meta)
+    r = S.humaneval_run("    return False\n", s.meta, allow_unisolated=True)
     assert (r.passed, r.status) == (False, "failed")
-    assert S.score_output(s, "    while True:\n        pass\n", timeout_s=1.0) is False
+    assert score(s, "    while True:\n        pass\n", timeout_s=1.0) is False
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_mbpp_canonical_passes(i):
     s = load_suite("mbpp", limit=3)[i]
-    assert S.score_output(s, "```python\n" + s.meta["reference_code"] + "\n```") is True
+    assert score(s, "```python\n" + s.meta["reference_code"] + "\n```") is True
 
 
 def test_mbpp_wrong_fails_and_setup_code_runs():
     s = load_suite("mbpp", limit=1)[0]
-    assert S.score_output(s, "def remove_Occ(s, ch):\n    return s\n") is False
+    assert score(s, "def remove_Occ(s, ch):\n    return s\n") is False
     (s367,) = [x for x in load_suite("mbpp") if x.id == "mbpp/367"]
     assert s367.meta["test_setup_code"]  # builds trees with the completion's Node class
-    assert S.score_output(s367, s367.meta["reference_code"]) is True
+    assert score(s367, s367.meta["reference_code"]) is True
 
 
 def test_score_outputs_accuracy():
     samples = load_suite("gsm8k", limit=2)
-    assert S.score_outputs(samples, ["#### 18", "#### 4"]) == 0.5
+    assert S.score_outputs(samples, ["#### 18", "#### 4"], allow_unisolated=True) == 0.5
     assert S.score_outputs(load_suite("mt_bench", limit=2), ["a", "b"]) is None
