@@ -14,3 +14,10 @@ fi
 # z-lab's reference DFlash drafter for the export/import parity tests: its pinned runtime deps (datasets, requests,
 # an older tqdm) are not needed for the model code and would fight constraints.txt, so it installs without them.
 .venv/bin/python -m pip install -q --no-deps "dflash==0.1.0"
+# bubblewrap isolates the model-written programs that eval scoring runs (eval/sandbox.py; without it the sandbox
+# uses unshare, or refuses to score unless --allow-unisolated). Installed only as root with apt-get; skipped otherwise.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >/dev/null 2>&1; then
+    echo "setup: could not install bubblewrap with apt-get; eval.sandbox will try unshare" >&2
+  fi
+fi
