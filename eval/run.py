@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--score", action="store_true",
                     help="score answers: GSM8K/MATH-500 final answer, HumanEval/MBPP tests in the sandbox")
     ap.add_argument("--score-timeout", type=float, default=10.0, help="seconds per sandboxed program (default: 10)")
+    ap.add_argument("--allow-unisolated", action="store_true",
+                    help="with --score, run HumanEval/MBPP programs even where no sandbox isolation (bwrap, unshare) "
+                         "works: they then can read, write and delete this user's files and use the network")
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="exit 0 even if a greedy speculative output differs from AR's")
     ap.add_argument("--compilation-cache", default=None, help="a persistent JAX compilation cache folder")
@@ -106,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     plan.argv = argv
+    if args.score:  # model-written code runs isolated, or unisolated only when the user says so
+        from eval.sandbox import UnisolatedError, require_isolation
+        try:
+            isolation = require_isolation(args.allow_unisolated).to_json(args.allow_unisolated)
+        except UnisolatedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     log(f"suites: {', '.join(f'{s} ({len(v)})' for s, v in plan.samples.items())}; methods: "
         f"{', '.join(plan.methods)}{' (ar added as the baseline)' if plan.ar_added else ''}; out: {plan.out}")
     t0 = time.perf_counter()
@@ -118,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     results.config["total_s"] = time.perf_counter() - t0
+    if args.score:
+        results.config["isolation"] = isolation
 
     from eval.report import summary_table, write_results
 
