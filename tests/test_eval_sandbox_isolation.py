@@ -256,3 +256,44 @@ def test_isolation_record_names_the_mechanism(mech, monkeypatch):
         assert S.mbpp_run(s.meta["reference_code"], s.meta).isolation == mech
     finally:
         sb.isolation.cache_clear()
+
+
+# ---- the eval CLI -----------------------------------------------------------------------
+
+
+def _fake_execute(plan):
+    from eval.results import CellResult, Results
+    from hdflash_jax.decode.stats import AcceptanceStats
+
+    cell = CellResult(AcceptanceStats.from_hist([1]), 1, 1.0, 1.0, 0.0, 1.0, None, 1.0)
+    return Results({}, {}, {"gsm8k": {"ar": cell}}), []
+
+
+CLI = ["--suite", "gsm8k", "--method", "ar", "--limit", "1", "--score", "--quiet"]
+
+
+def test_cli_refuses_to_score_unisolated_before_compute(no_isolation, monkeypatch, tmp_path, capsys):
+    import eval.run as ev
+
+    monkeypatch.setattr(ev, "execute", lambda plan: pytest.fail("computed although scoring was refused"))
+    assert ev.main([*CLI, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: no sandbox isolation works here" in err and "--allow-unisolated" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_records_the_isolation_in_results_json(no_isolation, monkeypatch, tmp_path):
+    import json
+
+    import eval.run as ev
+
+    monkeypatch.setattr(ev, "execute", _fake_execute)
+    assert ev.main([*CLI, "--allow-unisolated", "--out", str(tmp_path / "a")]) == 0
+    rec = json.loads((tmp_path / "a/results.json").read_text())["config"]["isolation"]
+    assert rec["mechanism"] == "none (allowed by --allow-unisolated)"
+    sb.isolation.cache_clear()
+    monkeypatch.delenv(sb.ENV_MECHANISM)
+    assert ev.main([*CLI, "--out", str(tmp_path / "b")]) == (0 if sb.isolation().isolated else 2)
+    if sb.isolation().isolated:
+        rec = json.loads((tmp_path / "b/results.json").read_text())["config"]["isolation"]
+        assert rec["mechanism"] == sb.isolation().mechanism in sb.MECHANISMS
