@@ -163,11 +163,11 @@ def _bwrap_argv(scratch: str, argv: list[str], as_root: bool) -> list[str]:
 def _unshare_argv(scratch: str, mount_root: str, argv: list[str], as_root: bool) -> list[str]:
     view = _view()
     spec = {"root": mount_root, "scratch": scratch, "ro": list(view.ro), "symlinks": list(view.symlinks),
-            "uid": SANDBOX_UID if as_root else None, "gid": SANDBOX_UID if as_root else None, "argv": argv}
+            "uid": SANDBOX_UID, "as_root": as_root, "argv": argv}
     cmd = [shutil.which("unshare") or "unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork",
            "--kill-child"]
     if not as_root:
-        cmd += ["--user", f"--map-user={SANDBOX_UID}", f"--map-group={SANDBOX_UID}"]
+        cmd += ["--user", "--map-root-user"]  # the launcher then maps SANDBOX_UID in a nested user namespace
     return cmd + ["--", sys.executable, "-I", "-B", _LAUNCHER, json.dumps(spec)]
 
 

@@ -7,7 +7,10 @@ namespace and (as root, or as the owner of a new user namespace) may mount. SPEC
   scratch:  the program's folder, the only writable place, bound at the same path;
   ro:       directories bound read-only (nosuid, nodev) at the same path;
   symlinks: [path, target] pairs recreated as symlinks (e.g. /bin -> usr/bin);
-  uid, gid: ids to switch to before running the program (null: keep, as in a user namespace);
+  uid:      the id (uid and gid) to run the program as. As real root: switch to it. In a user namespace
+            (root there = the unprivileged caller): enter a nested user namespace mapping it to that root,
+            so the program runs as `uid` and loses every capability at exec;
+  as_root:  whether the caller is real root;
   argv:     the program's command line (run with the inherited environment, cwd = scratch).
 Exit status: the program's, or 128 + N if it died of signal N (PID 1 cannot re-raise it). When PID 1
 exits the kernel kills every other process of the namespace, so no child outlives the program.
@@ -22,6 +25,7 @@ import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+CLONE_NEWUSER = 0x10000000
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,19 +61,26 @@ def _build_root(spec: dict) -> None:
     os.makedirs(root + "/proc", mode=0o555)
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    os.chroot(root)
-    os.chdir(spec["scratch"])
 
 
-def _drop_privileges(uid: int | None, gid: int | None) -> None:
+def _enter_nested_userns(uid: int) -> None:
+    """A user namespace where `uid` is this process's id (root of the outer one); before chroot (EPERM after)."""
+    if _libc.unshare(CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} 0 1\n"), ("gid_map", f"{uid} 0 1\n")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _drop_privileges(uid: int, as_root: bool) -> None:
     cap = 0
     while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:  # empty the bounding set (EINVAL past the last)
         cap += 1
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if uid is not None:  # as real root: leaving uid 0 clears every capability
+    if as_root:  # leaving uid 0 clears every capability
         os.setgroups([])
-        os.setresgid(gid, gid, gid)
+        os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
 
 
@@ -84,7 +95,11 @@ def _wait_for(pid: int) -> int:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     _build_root(spec)
-    _drop_privileges(spec["uid"], spec["gid"])
+    if not spec["as_root"]:
+        _enter_nested_userns(spec["uid"])
+    os.chroot(spec["root"])
+    os.chdir(spec["scratch"])
+    _drop_privileges(spec["uid"], spec["as_root"])
     pid = os.fork()
     if pid == 0:
         try:
