@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from eval.errors import RunError, log
+from eval.errors import BadCheckpointError, RunError, log
 from eval.methods import Method, build_methods
 from eval.plan import Plan, prompt_ids
 from eval.provenance import run_config, versions
@@ -92,6 +92,10 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         res = method.generator.generate(batch, seed=seed)
         cell.wall_s += time.perf_counter() - t
         n = len(rows)
+        if not res.prefill_finite[:n].all():  # computed on device; a broken checkpoint fails its first batch
+            raise BadCheckpointError(f"the target's prefill logits are not finite (NaN or inf) for "
+                                     f"{int((~res.prefill_finite[:n]).sum())}/{n} prompts of the first batch "
+                                     f"({method.name})")
         acc = res.accepted[:, :n]
         cell.stats.append(AcceptanceStats.from_accepted(acc, acc >= 0, block_size=method.block_size))
         cell.tokens += int(res.lengths[:n].sum())
@@ -206,7 +210,10 @@ def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
     methods = build_methods(plan.methods, plan.drafters, target, plan.settings, mtp_k=args.mtp_k,
                             block_size=args.block_size, seed=args.seed)
     log(f"loaded in {load_s:.1f}s; methods: " + ", ".join(f"{m.name} (B={m.block_size})" for m in methods.values()))
-    cells = generate_all(plan, methods)
+    try:
+        cells = generate_all(plan, methods)
+    except BadCheckpointError as e:
+        raise BadCheckpointError(f"target {spec.name} ({spec.origin}): {e}; its weights are broken") from None
     suites: dict[str, dict[str, CellResult]] = {}
     records: list[OutputRecord] = []
     mismatches: list[SuiteMismatches] = []

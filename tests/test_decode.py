@@ -81,7 +81,7 @@ def test_greedy_speculative_equals_autoregressive(target, ar_runs, method, batch
     drafter, modules = _drafter(method, target, prompts, ar)
     res = Generator(target, drafter, modules, settings=DecodeSettings(max_new_tokens=40)).generate(prompts)
     np.testing.assert_array_equal(res.tokens, ar.tokens)
-    assert res.lengths.tolist() == [40] * batch
+    assert res.lengths.tolist() == [40] * batch and res.prefill_finite.tolist() == [True] * batch
     if method == "oracle":
         # every draft accepted: τ equals the block size on every step
         assert res.stats.tau == BLOCK and (res.accepted[res.accepted >= 0] == BLOCK - 1).all()

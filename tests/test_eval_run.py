@@ -3,6 +3,7 @@
 The end-to-end runs use the random tiny target with one length bucket and batch 4, so each method compiles one
 program for all suites (AR + HyperDFlash by default; all four methods in the slow test)."""
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -412,3 +413,30 @@ def test_end_to_end_all_methods(tmp_path, fast_compile):
                   "--top-p", "0.9", "--out", str(out2), *E2E])
     assert rc == 0
     assert all(c["greedy_match_ar"] is None for c in _results(out2)["suites"]["gsm8k"].values())
+
+
+def test_target_with_non_finite_logits_fails_in_one_line(monkeypatch, capsys, tmp_path, fast_compile):
+    """A checkpoint of NaNs: exit 2 and one line naming it, no traceback, no report (the tiny random target with
+    one element of its final norm set to NaN, which reaches every logit)."""
+    import jax.numpy as jnp
+
+    def nan_target(tokenizer, chat_template):
+        spec = et.TARGETS["tiny-random"](tokenizer, chat_template)
+
+        def load(seed):
+            model = spec.load(seed)
+            model.norm.weight[...] = model.norm.weight[...].at[0].set(jnp.nan)
+            return model
+
+        return dataclasses.replace(spec, name="tiny-nan", origin="tiny random with a NaN", load=load)
+
+    monkeypatch.setitem(et.TARGETS, "tiny-nan", nan_target)
+    out = tmp_path / "out"
+    rc = ev.main(["--suite", "gsm8k", "--method", "ar", "--limit", "1", "--out", str(out),
+                  *E2E, "--target", "tiny-nan"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and not out.exists()
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert lines == ["error: target tiny-nan (tiny random with a NaN): the target's prefill logits are not finite "
+                     "(NaN or inf) for 1/1 prompts of the first batch (ar); its weights are broken"], err
+    assert "Traceback" not in err

@@ -48,6 +48,7 @@ class GenerateResult(NamedTuple):
     accepted: np.ndarray  # [max_steps, B] accepted drafts per step, -1 where the row was already done
     steps: np.ndarray  # [B] verify steps per row
     block_size: int
+    prefill_finite: np.ndarray  # [B] bool: every prefill logit of the row's prompt positions is finite
 
     @property
     def stats(self) -> AcceptanceStats:
@@ -137,6 +138,7 @@ class LoopState(NamedTuple):
     n_out: jax.Array  # [B]
     done: jax.Array  # [B]
     accepted: jax.Array  # [max_steps, B] accepted drafts per step, -1 where the row was done
+    prefill_finite: jax.Array  # [B] the prefill logits of the prompt positions are all finite
 
 
 def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key):
@@ -144,6 +146,8 @@ def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_le
     cache = init_cache(target.cfg, b, max_len, max_block=drafter.num_drafts + 1)
     out = target(prompt, cache, prompt_len, return_layers=drafter.return_layers)
     last_logits = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    in_prompt = (jnp.arange(prompt.shape[1])[None, :] < prompt_len[:, None])[:, :, None]
+    finite = jnp.all(jnp.isfinite(out.logits) | ~in_prompt, axis=(1, 2))  # padding positions do not count
     key, k0 = jax.random.split(key)
     first = sample(k0, last_logits, settings.temperature, settings.top_p)
     out_buf, n_out, done = _emit(jnp.full((b, settings.max_new_tokens), -1, jnp.int32), jnp.zeros((b,), jnp.int32),
@@ -155,7 +159,7 @@ def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_le
     dst = drafter.observe(target, modules, dst, out, prompt_len, next_tokens)
     accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
     cache = set_committed_length(out.cache, prompt_len)
-    return LoopState(jnp.int32(0), key, cache, dst, first, out_buf, n_out, done, accepted)
+    return LoopState(jnp.int32(0), key, cache, dst, first, out_buf, n_out, done, accepted, finite)
 
 
 def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
@@ -181,7 +185,7 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     cache = set_committed_length(vout.cache, start + committed)
     dst = drafter.observe(target, modules, dst, vout, committed, emitted)
     return LoopState(st.step + 1, key, cache, dst, jnp.where(st.done, st.anchor, acc.bonus), out_buf, n_out, done,
-                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)))
+                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)), st.prefill_finite)
 
 
 def _running(st: LoopState, max_steps: int) -> jax.Array:
@@ -195,7 +199,7 @@ def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_le
     st = _prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key)
     st = jax.lax.while_loop(lambda s: _running(s, settings.max_new_tokens),
                             lambda s: _step(target, modules, drafter, settings, s), st)
-    return st.out, st.n_out, st.accepted
+    return st.out, st.n_out, st.accepted, st.prefill_finite
 
 
 class Generator:
@@ -273,15 +277,15 @@ class Generator:
                      plan.max_len)
         while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
             st = step(self.tstate, self.dstate, st)
-        acc_log = np.asarray(st.accepted)
-        return GenerateResult(np.asarray(st.out), np.asarray(st.n_out), acc_log, (acc_log >= 0).sum(0),
-                              self.drafter.num_drafts + 1)
+        return self._result(st.out, st.n_out, st.accepted, st.prefill_finite)
 
     def generate(self, prompts, seed: int = 0) -> GenerateResult:
         padded, lengths, plan = self.prepare(prompts)
         fn = self._fn(plan)
-        out_buf, n_out, acc_log = fn(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths),
-                                     jax.random.key(seed))
+        return self._result(*fn(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths),
+                                jax.random.key(seed)))
+
+    def _result(self, out_buf, n_out, acc_log, prefill_finite) -> GenerateResult:
         acc_log = np.asarray(acc_log)
         return GenerateResult(np.asarray(out_buf), np.asarray(n_out), acc_log, (acc_log >= 0).sum(0),
-                              self.drafter.num_drafts + 1)
+                              self.drafter.num_drafts + 1, np.asarray(prefill_finite))
