@@ -68,7 +68,8 @@ class ReplayTokens(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class MTPDrafter:
-    """DeepSeek's native MTP block, chained k times on its own output streams (spec §6)."""
+    """DeepSeek's native MTP block (`DeepseekV4.mtp_step`), chained k times on its own output streams: draft i + 1
+    conditions on the MTP block's streams after draft i."""
     num_drafts: int
     return_layers: tuple[int, ...] = ()
     sampled: bool = False
