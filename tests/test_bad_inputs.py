@@ -189,7 +189,7 @@ def readonly_dir(tmp_path):
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
-    tool: str  # convert | eval | train | regenerate | load_params | load_drafter
+    tool: str  # convert | eval | train | pretrain | regenerate | load_params | load_drafter
     make: Callable[[World], list[str]]  # builds the bad input, returns argv (loaders: [path])
     needles: tuple[str, ...]  # must be in the error line; {src} {dst} {file} {config} {root} are filled in
     rc: int | str = 1  # exit status, or the loader's exception class name
@@ -312,13 +312,18 @@ def _eval_drafter_list(w: World) -> list[str]:
     return _eval(w, "--drafter", f"hyperdflash={p}")
 
 
-def _train_config(text: str):
+def _train_config(text: str | bytes, out: bool = True):
     def make(w: World) -> list[str]:
         f = w.root / "train.yaml"
-        f.write_text(text)
+        f.write_bytes(text if isinstance(text, bytes) else text.encode())
         w.config = f
-        return ["--config", str(f), "--out", str(w.dst)]
+        return ["--config", str(f)] + (["--out", str(w.dst)] if out else [])
     return make
+
+
+def _train_override(item: str):
+    return lambda w: ["--config", str(REPO / "train" / "configs" / "tiny_hyperdflash.yaml"), "--override", item,
+                      "--out", str(w.dst)]
 
 
 def _regen(target_of: Callable[[World], Path]):
@@ -450,6 +455,40 @@ CASES = [
          ("--config {config}: expected a mapping at the top level",), rc=2),
     Case("train_config_missing", "train", lambda w: ["--config", str(w.root / "nope.yaml")],
          ("--config {root}/nope.yaml: file not found",), rc=2),
+    # train-stack's typed config (their cases and messages, /tmp/notes/train-stack-badinputs.md)
+    *[Case(f"train_{cid}", "train", make, (msg,), rc=2) for cid, make, msg in [
+        ("lr_fast_override", _train_override("optim.lr=fast"), "optim.lr: expected a number, got 'fast'"),
+        ("lr_fast", _train_config("optim: {lr: fast}\n"), "optim.lr: expected a number, got 'fast'"),
+        ("steps_three_override", _train_override("train.steps=three"),
+         "train.steps: expected an integer, got 'three'"),
+        ("steps_three", _train_config('train: {steps: "three"}\n'), "train.steps: expected an integer, got 'three'"),
+        ("steps_float", _train_override("train.steps=2.5"), "train.steps: expected an integer, got 2.5"),
+        ("steps_zero", _train_config("train: {steps: 0}\n"), "train.steps: must be >= 1, got 0"),
+        ("unknown_key", _train_override("optim.lrr=1"), "optim.lrr: unknown key (known: lr, warmup_frac,"),
+        ("unknown_section", _train_config("optimizer: {lr: 1.0e-3}\n"), "optimizer: unknown key (known: out_dir,"),
+        ("section_scalar", _train_config("optim: 3\n"), "optim: expected a mapping, got 3"),
+        ("broken_yaml", _train_config("optim: {lr: 1.0e-3\n"), "--config {config}: not valid YAML/JSON at line 2"),
+        ("binary", _train_config(b"\xff\xfe\x00"), "--config {config}: not a text file"),
+        ("drafter_override_field", _train_config("drafter: {overrides: {n_layerz: 2}}\n"),
+         "drafter.overrides.n_layerz: unknown key (not a DrafterConfig field)"),
+        ("target_override_str", _train_override("target.overrides.dim=big"),
+         "target.overrides.dim: expected an integer, got 'big'"),
+        ("bool_field", _train_config("export_drafter: yes_please\n"),
+         "export_drafter: expected true or false, got 'yes_please'"),
+        ("override_no_value", _train_override("lr"), "--override 'lr': expected key=value with a dotted key"),
+        ("lr_negative", _train_override("optim.lr=-1"), "optim.lr: must be > 0, got -1.0"),
+    ]],
+    *[Case(f"pretrain_{cid}", "pretrain", make, (msg,), rc=2) for cid, make, msg in [
+        ("lr_fast", lambda w: ["--preset", "small", "--override", "optim.lr=fast"],
+         "optim.lr: expected a number, got 'fast'"),
+        ("steps_three", lambda w: ["--preset", "small", "--override", "train.steps=three"],
+         "train.steps: expected an integer, got 'three'"),
+        ("model_field", lambda w: ["--override", "model.nope=3"], "model.nope: unknown key (not a TargetConfig field)"),
+        ("model_dim_str", _train_config("model: {dim: big}\n", out=False), "model.dim: expected an integer, got 'big'"),
+        ("unknown_preset", _train_config("preset: huge\n", out=False), "preset: unknown preset 'huge'"),
+        ("config_list", _train_config("- 1\n- 2\n", out=False),
+         "--config {config}: expected a mapping at the top level, got a list"),
+    ]],
     # ---- train.regenerate ----
     Case("regen_target_not_ckpt", "regenerate", _regen(lambda w: w.src),
          ("--target {src}: a folder that is not a params checkpoint",), rc=2),
@@ -486,6 +525,10 @@ def run_tool(tool: str, argv: list[str], capsys) -> tuple[int | str, str]:
         from train import drafter as td
 
         rc = td.main(argv)
+    elif tool == "pretrain":
+        from train import pretrain_target as pt
+
+        rc = pt.main(argv)
     elif tool == "regenerate":
         from train import regenerate as rg
 
