@@ -159,11 +159,13 @@ def compare_to_ar(samples: list[Sample], ar_outputs: dict, outputs: dict) -> lis
     return bad
 
 
-def _scores(samples: list[Sample], texts: dict[int, list[str]], timeout_s: float) -> list[float | None]:
+def _scores(samples: list[Sample], texts: dict[int, list[str]], timeout_s: float,
+            allow_unisolated: bool) -> list[float | None]:
     """Per-sample scores of the last turn's text (eval.scoring; code runs in the sandbox)."""
     from eval.scoring import score_output
 
-    return [score_output(samples[i], texts[i][-1], timeout_s) for i in range(len(samples))]
+    return [score_output(samples[i], texts[i][-1], timeout_s, allow_unisolated=allow_unisolated)
+            for i in range(len(samples))]
 
 
 def _greedy_check(su: str, m: str, samples: list[Sample], ar: Cell, c: Cell) -> tuple[Mismatch, ...]:
@@ -182,7 +184,8 @@ def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[C
     samples, tok, args = plan.samples[su], plan.spec.tokenizer, plan.args
     texts = {i: [tok.decode(ids) for ids in c.outputs[i]] for i in range(len(samples))}
     bad = _greedy_check(su, meth.name, samples, ar, c) if args.temperature == 0 and meth.name != "ar" else None
-    per_sample = _scores(samples, texts, args.score_timeout) if args.score else [None] * len(samples)
+    per_sample = (_scores(samples, texts, args.score_timeout, args.allow_unisolated) if args.score
+                  else [None] * len(samples))
     scored = [x for x in per_sample if x is not None]
     stats = AcceptanceStats.pooled(c.stats) if c.stats else AcceptanceStats.from_hist([0] * meth.block_size)
     result = CellResult(
