@@ -297,3 +297,12 @@ def test_cli_records_the_isolation_in_results_json(no_isolation, monkeypatch, tm
     if sb.isolation().isolated:
         rec = json.loads((tmp_path / "b/results.json").read_text())["config"]["isolation"]
         assert rec["mechanism"] == sb.isolation().mechanism in sb.MECHANISMS
+
+
+def test_runner_scores_pass_the_permission_on(no_isolation):
+    from eval.runner import _scores
+
+    s = load_suite("humaneval", limit=1)[0]
+    assert _scores([s], {0: [s.meta["canonical_solution"]]}, 10.0, True) == [True]
+    with pytest.raises(sb.UnisolatedError):
+        _scores([s], {0: [s.meta["canonical_solution"]]}, 10.0, False)
