@@ -92,7 +92,7 @@ class Isolation:
 
     def to_json(self, allow_unisolated: bool = False) -> dict:
         return {"mechanism": self.label(allow_unisolated),
-                "uid": (SANDBOX_UID if os.geteuid() == 0 else os.getuid()) if self.isolated else os.getuid(),
+                "uid": SANDBOX_UID if self.isolated else os.getuid(),  # the program's uid (inside the sandbox)
                 "unavailable": dict(self.unavailable)}
 
 
@@ -256,7 +256,10 @@ def _status(rc: int, timed_out: bool, mechanism: str) -> tuple[str, int]:
 
 def _execute(source: str, timeout_s: float, mechanism: str, limits_args: tuple) -> SandboxResult:
     as_root = os.geteuid() == 0
-    nproc_uid = (SANDBOX_UID if as_root else os.getuid()) if mechanism != "none" else (None if as_root else os.getuid())
+    if as_root:  # RLIMIT_NPROC counts the real uid outside any user namespace; it cannot cap root
+        nproc_uid = None if mechanism == "none" else SANDBOX_UID
+    else:
+        nproc_uid = os.getuid()
     limits = _limits(*limits_args, nproc_uid)
     with tempfile.TemporaryDirectory(prefix="hdflash-sandbox-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp) / "work"  # the scratch folder; nothing else of `tmp` is visible inside
