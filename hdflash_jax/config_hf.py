@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-_KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "list": "a list",
-               "dict": "a JSON object", "tuple[int, ...]": "a list of integers"}
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
+               "list": "a list", "dict": "a JSON object", "tuple[int, ...]": "a list of integers"}
 
 
 def _is_int(v) -> bool:
@@ -18,9 +18,12 @@ def _is_int(v) -> bool:
 
 
 def typed(name: str, v, kind: str):
-    """`v` if it has the config kind ('int', 'float', 'str', 'list', 'dict', 'tuple[int, ...]'), else a ValueError
-    naming the field: a config value of the wrong type is refused, never coerced or crashed on later."""
-    ok = {"int": _is_int,
+    """`v` if it has the config kind ('int', 'float', 'str', 'bool', 'list', 'dict', 'tuple[int, ...]', any of
+    them '| None'), else a ValueError naming the field: a config value of the wrong type is refused, never coerced
+    or crashed on later."""
+    if kind.endswith(" | None"):
+        return v if v is None else typed(name, v, kind[: -len(" | None")])
+    ok = {"int": _is_int, "bool": lambda x: isinstance(x, bool),
           "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
           "str": lambda x: isinstance(x, str), "list": lambda x: isinstance(x, list),
           "dict": lambda x: isinstance(x, dict),

@@ -351,6 +351,17 @@ def _loader_config(text: str, kind: str):
     return make
 
 
+def _drafter_config_edit(edit):
+    def make(w: World) -> list[str]:
+        p = w.copy(w.base.nan_drafter, "ckpt")
+        w.config = p / "drafter_config.json"
+        d = json.loads(w.config.read_text())
+        edit(d)
+        w.config.write_text(json.dumps(d))
+        return [str(p)]
+    return make
+
+
 def _loader_nan(kind: str):
     def make(w: World) -> list[str]:
         p = w.copy(w.base.nan_ckpt if kind == "params" else w.base.nan_drafter, "ckpt")
@@ -505,6 +516,10 @@ CASES = [
          ("{config}: expected a JSON object of config fields, got a list",), rc="ValueError"),
     Case("load_drafter_nan", "load_drafter", _loader_nan("drafter"),
          ("{file}: parameter '{drafter_key}' holds 1 " + NOT_FINITE,), rc="ValueError"),
+    Case("load_drafter_config_str", "load_drafter", _drafter_config_edit(lambda d: d.update(n_layers="2")),
+         ("{config}: field 'n_layers': expected an integer, got '2' (str)",), rc="ValueError"),
+    Case("load_drafter_config_bool", "load_drafter", _drafter_config_edit(lambda d: d.update(post_norm="yes")),
+         ("{config}: field 'post_norm': expected true or false, got 'yes' (str)",), rc="ValueError"),
     Case("load_drafter_config_list", "load_drafter", _loader_config("[1, 2]", "drafter"),
          ("{config}: expected a JSON object of DrafterConfig fields, got a list",), rc="ValueError"),
 ]

@@ -14,6 +14,7 @@ finite (NaN/Inf: one error naming the folder and the parameter).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from flax import nnx
 
 from hdflash_jax.checkpoint import restore_strict, save_atomically
 from hdflash_jax.config import DrafterConfig, TargetConfig
+from hdflash_jax.config_hf import typed
 
 DRAFTER_CONFIG_FILE = "drafter_config.json"
 PARAMS_DIR = "params"
@@ -58,6 +60,9 @@ def load_drafter_config(path: str | Path) -> DrafterConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{f}: expected a JSON object of DrafterConfig fields, got a {type(d).__name__}")
     try:
+        for field in dataclasses.fields(DrafterConfig):  # refused by name here, not crashed on in a later trace
+            if field.name in d:
+                typed(field.name, d[field.name], field.type)
         return DrafterConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{f}: {e}") from None
