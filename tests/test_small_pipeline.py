@@ -1,4 +1,4 @@
-"""The built-in small model, stages 1–3 (issue 8): corpus decontamination, the BPE tokenizer, target pretraining.
+"""The built-in small model, stages 1–3: corpus decontamination, the BPE tokenizer, target pretraining.
 
 The pretraining tests share one micro target (1 CSA layer with a hash-routed MoE, the MTP block with a
 score-routed one, 2 Sinkhorn iterations) and one compiled training step; the end-to-end `run` test (resume,
@@ -7,7 +7,6 @@ export) is marked slow.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -17,10 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from hdflash_jax.config import TargetConfig
+from hdflash_jax.config import TargetConfig, get_preset
 from train import corpus as C
 from train import pretrain_target as P
 from train import tokenizer_train as TT
+from train.checkpointing import Checkpointer
+from train.config import ConfigError
+from train.config import to_dict as config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +31,11 @@ MICRO = TargetConfig(
     o_lora_rank=8, window_size=8, index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4,
     n_activated_experts=2, n_shared_experts=1, moe_inter_dim=16, n_hash_layers=1, original_seq_len=32,
     compress_ratios=(4, 0), max_seq_len=256, hc_sinkhorn_iters=2, dtype="float32", param_dtype="float32")
-MICRO_TRAIN = P.TrainConfig(seq_len=16, batch_size=2, steps=4, lr=1e-2, warmup_steps=0, bias_update_speed=1e-3,
-                            log_every=1, eval_every=2, eval_batches=1, ckpt_every=2)
+MICRO_RUN = P.load_config(data={
+    "train": {"seq_len": 16, "batch_size": 2, "steps": 4, "bias_update_speed": 1e-3, "eval_every": 2,
+              "eval_batches": 1},
+    "optim": {"lr": 1e-2, "warmup_steps": 0}, "log": {"every": 1, "progress": False}, "checkpoint": {"every": 2}})
+MICRO_TRAIN = MICRO_RUN.train
 
 
 # ---- stage 1: corpus -----------------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def test_build_tokenizer_from_corpus_folder_is_cached(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer():
-    return P.Trainer(MICRO, MICRO_TRAIN)
+    return P.Trainer(MICRO, MICRO_RUN)
 
 
 def _batch(seed=0):
@@ -211,7 +216,8 @@ def test_train_step_lowers_loss_trains_params_only_and_resumes(trainer, tmp_path
     bias0 = np.asarray(trainer.buffers["mtp.0.block.ffn.gate.bias"]).copy()
     emb0 = np.asarray(trainer.params["embed"]).copy()
     batch = _batch(0)
-    trainer.save(tmp_path / "ck")
+    ck = Checkpointer(tmp_path / "ck")
+    trainer.save(ck)
     m = [trainer.train_step(batch) for _ in range(3)]  # each reports the loss before its update
     losses = [float(x["loss"]) for x in m]
     assert all(np.isfinite(losses)) and losses[1] < losses[0] and losses[2] < losses[1], losses
@@ -222,7 +228,8 @@ def test_train_step_lowers_loss_trains_params_only_and_resumes(trainer, tmp_path
     assert np.allclose(np.round(step / MICRO_TRAIN.bias_update_speed), step / MICRO_TRAIN.bias_update_speed,
                        atol=1e-3) and np.abs(step).max() > 0
     # resume: restoring the step-0 checkpoint replays the same losses
-    trainer.restore(tmp_path / "ck")
+    trainer.restore(ck)
+    ck.close()
     assert trainer.step == 0 and np.array_equal(np.asarray(trainer.params["embed"]), emb0)
     again = [float(trainer.train_step(batch)["loss"]) for _ in range(3)]
     np.testing.assert_allclose(again, losses, rtol=1e-6)
@@ -238,21 +245,28 @@ def test_train_step_lowers_loss_trains_params_only_and_resumes(trainer, tmp_path
 
 
 def test_config_resolution_and_overrides(tmp_path):
-    f = tmp_path / "run.json"
-    f.write_text(json.dumps({"preset": "small", "model": {"dim": 96}, "train": {"steps": 7}, "out": "x"}))
-    spec = P.resolve_config(None, str(f), ["model.compress_ratios=[0,4,0]", "model.n_layers=2", "lr=0.001",
-                                           "train.batch_size=4"])
-    cfg, tcfg = P.build_configs(spec, vocab_size=1000, bos=0, eos=1)
+    f = tmp_path / "run.yaml"
+    f.write_text(json.dumps({"preset": "small", "model": {"dim": 96}, "train": {"steps": 7}, "out_dir": "x"}))
+    pcfg = P.load_config(f, ["model.compress_ratios=[0,4,0]", "model.n_layers=2", "optim.lr=1e-3",
+                             "train.batch_size=4"])
+    cfg = P.build_model_config(pcfg, vocab_size=1000, bos=0, eos=1)
     assert (cfg.dim, cfg.n_layers, cfg.compress_ratios, cfg.vocab_size) == (96, 2, (0, 4, 0), 1000)
-    assert (tcfg.steps, tcfg.lr, tcfg.batch_size) == (7, 0.001, 4)
-    with pytest.raises(ValueError, match="not a TrainConfig field"):
-        P.resolve_config("small", None, ["dim=3"])
-    with pytest.raises(ValueError, match="not a TargetConfig field"):
-        P.resolve_config("small", None, ["model.nope=3"])
-    small = P.SMALL_PRESET
+    assert (pcfg.train.steps, pcfg.optim.lr, pcfg.train.batch_size, pcfg.out_dir) == (7, 0.001, 4, "x")
+    assert pcfg.optim.b2 == 0.95 and pcfg.optim.decay_matrices_only  # the pretraining defaults of the section
+    for override, message in (
+            ("dim=3", "dim: unknown key (known: out_dir, preset, model, data, train, optim, checkpoint, log)"),
+            ("model.nope=3", "model.nope: unknown key (not a TargetConfig field)"),
+            ("model.dim=big", "model.dim: expected an integer, got 'big'"),
+            ("train.steps=three", "train.steps: expected an integer, got 'three'"),
+            ("train.seq_len=2", "train.seq_len: the MTP loss needs at least 3 tokens, got 2"),
+            ("preset=huge", "preset: unknown preset 'huge'; one of ['small', 'tiny', 'v4-flash', 'v4-pro']")):
+        with pytest.raises(ConfigError) as e:
+            P.load_config(None, [override])
+        assert str(e.value) == message
+    small = get_preset("small")
     assert {0, 4} <= set(small.layer_ratios) and any(r > 4 for r in small.layer_ratios)  # SWA, CSA, HCA
     assert small.n_hash_layers >= 1 and small.n_mtp_layers == 1 and small.hc_mult == 4
-    assert small.index_topk < P.TrainConfig().seq_len // 4  # the indexer really selects
+    assert small.index_topk < P.PretrainTrain().seq_len // 4  # the indexer really selects
     tokens = np.arange(5000, dtype=np.uint16)
     a, b = P.train_batch(tokens, MICRO_TRAIN, 3), P.train_batch(tokens, MICRO_TRAIN, 3)
     assert a.shape == (2, 17) and np.array_equal(a, b) and not np.array_equal(a, P.train_batch(tokens, MICRO_TRAIN, 4))
@@ -271,15 +285,15 @@ def test_run_end_to_end_resumes_and_exports(tmp_path, small_tokenizer):
     (cdir / "manifest.json").write_text("{}")
     TT.build_tokenizer(cdir, tdir, vocab_size=MICRO.vocab_size, log=lambda *a: None)
     model_over = {k: v for k, v in MICRO.to_dict().items() if k not in ("vocab_size", "bos_token_id", "eos_token_id")}
-    spec = {"preset": "small", "model": model_over, "train": {**dataclasses.asdict(MICRO_TRAIN), "steps": 3}}
     out = tmp_path / "run"
-    r1 = P.run(spec, cdir, tdir, out, log=lambda *a: None)
+    base = {**config_dict(MICRO_RUN), "preset": "small", "model": model_over, "out_dir": str(out),
+            "data": {"corpus": str(cdir), "tokenizer": str(tdir)}}
+    r1 = P.run(P.load_config(data=base, overrides=["train.steps=3"]), log=lambda *a: None)
     assert r1["step"] == 3 and (out / "model").is_dir()
-    spec["train"]["steps"] = 4
     import shutil
 
     shutil.rmtree(out / "model")
-    r2 = P.run(spec, cdir, tdir, out, log=lambda *a: None)
+    r2 = P.run(P.load_config(data=base), log=lambda *a: None)
     assert r2["step"] == 4 and r2["finished"] and np.isfinite(r2["val_ce"])
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
@@ -293,9 +307,11 @@ def test_trainer_checkpoints_at_a_relative_path(trainer, tmp_path, monkeypatch):
     """orbax refuses relative paths; `--out runs/small/target` (relative) must still checkpoint and resume."""
     monkeypatch.chdir(tmp_path)
     step = trainer.step
-    trainer.save(Path("rel") / "ck")
-    assert (tmp_path / "rel" / "ck").is_dir()
-    trainer.restore(Path("rel") / "ck")
+    with Checkpointer(Path("rel") / "ck") as ck:
+        trainer.save(ck)
+        ck.wait()
+        assert (tmp_path / "rel" / "ck" / str(step)).is_dir()
+        trainer.restore(ck)
     assert trainer.step == step
     from hdflash_jax.checkpoint import load_params, save_params
 
@@ -376,3 +392,22 @@ def test_shipped_small_model_speculates_losslessly(tmp_path):
     res = json.loads((out / "results.json").read_text())["suites"]["gsm8k"]
     assert all(res[m]["greedy_match_ar"] for m in ("mtp3", "dflash", "hyperdflash"))
     assert res["hyperdflash"]["tau"] > TAU_FLOOR and res["dflash"]["tau"] > TAU_FLOOR and res["mtp3"]["tau"] > 1.2, res
+
+
+def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
+    """Every drafter config the pipeline writes, and the CI pretraining overrides, pass the typed loaders."""
+    from train import small_pipeline as SP
+    from train.drafter_config import load_config
+
+    for size_name, size in SP.SIZES.items():
+        for v in size["variants"]:
+            cfg = load_config(data=SP.drafter_config(v, size, tmp_path))
+            over, loss_over, block = SP.VARIANTS[v]
+            assert cfg.train.block_size == block and cfg.train.steps == size["drafter"]["steps"]
+            assert cfg.eval.num_prompts == cfg.eval.batch_size == size["drafter"]["eval_prompts"]
+            assert all(cfg.drafter.overrides[k] == x for k, x in over.items())
+            assert cfg.loss.kl_alpha == loss_over.get("kl_alpha", 0.1)
+        pcfg = P.load_config(None, size["pretrain"])
+        cmd = SP.pretrain_command("python", size, tmp_path, None)
+        assert cmd.count("--override") == len(size["pretrain"])
+    assert (pcfg.train.steps, pcfg.model["compress_ratios"], pcfg.optim.warmup_steps) == (30, (0, 4, 8, 0), 5)

@@ -60,7 +60,7 @@ def work(tmp_path_factory):
     return {"root": root, "target": target, "ckpt": root / "target", "data": root / "train.jsonl"}
 
 
-def _config(work, out_dir, **sections) -> dict:
+def _config(work, out_dir, **sections):
     from train.drafter import load_config
 
     base = {
@@ -102,8 +102,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def _write_cfg(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
+def _write_cfg(cfg, path: Path) -> Path:
+    from train.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
     return path
 
 
@@ -120,6 +122,45 @@ def reference_run(work):
     t0 = time.time()
     _finish(_launch(cfg, 2))
     return {"out": out, "cfg": cfg, "seconds": time.time() - t0}
+
+
+# ---- the config loader: every bad value named by its key path, in one line ----------------------------------------
+
+def test_config_loader_names_the_key_path(tmp_path):
+    from train.config import ConfigError, to_dict
+    from train.drafter_config import load_config
+
+    cfg = load_config(REPO / "train" / "configs" / "tiny_hyperdflash.yaml", ["optim.lr=1e-3", "train.steps=5",
+                                                                             "drafter.overrides.n_layers=3"])
+    assert (cfg.optim.lr, cfg.train.steps, cfg.drafter.overrides["n_layers"]) == (1e-3, 5, 3)  # 1e-3: YAML 1.1 str
+    assert cfg.optim.warmup_frac == 0.04 and cfg.data.max_len == 128 and cfg.loss.kl_slots == 2
+    assert load_config(data=to_dict(cfg)) == cfg  # the run folder's config.yaml reads back equal
+    v4 = load_config(REPO / "train" / "configs" / "v4flash_hyperdflash.yaml")
+    assert v4.mesh == "data=4,fsdp=4,expert=8,tensor=4" and v4.target.checkpoint and v4.drafter.preset
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    for args, message in (
+            ((None, ["optim.lr=fast"]), "optim.lr: expected a number, got 'fast'"),
+            ((None, ["train.steps='three'"]), "train.steps: expected an integer, got 'three'"),
+            ((None, ["optim.lrr=1"]), "optim.lrr: unknown key (known: lr, warmup_frac, warmup_steps, end_lr_frac, "
+                                      "weight_decay, decay_matrices_only, b1, b2, eps, grad_clip)"),
+            ((None, ["optim=3"]), "optim: expected a mapping, got 3"),
+            ((None, ["drafter.overrides.n_layerz=2"]), "drafter.overrides.n_layerz: unknown key (not a DrafterConfig "
+                                                       "field)"),
+            ((None, ["eval.every=5"]), "eval.every: > 0 needs data.eval (a JSONL of held-out prompts)"),
+            ((None, ["checkpoint.max_to_keep=0"]), "checkpoint.max_to_keep: must be >= 1, got 0"),
+            ((None, ["lr"]), "--override 'lr': expected key=value with a dotted key, e.g. optim.lr=3e-4"),
+            ((listed, []), f"--config {listed}: expected a mapping at the top level, got a list"),
+            ((tmp_path / "nope.yaml", []), f"--config {tmp_path / 'nope.yaml'}: file not found")):
+        with pytest.raises(ConfigError) as e:
+            load_config(*args)
+        assert str(e.value) == message
+    # the CLI: that line on stderr, exit 2, no traceback
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: fast}\n")
+    r = subprocess.run([sys.executable, "-m", "train.drafter", "--config", str(bad)], cwd=REPO, env=_env(1),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: optim.lr: expected a number, got 'fast'", r.stderr
 
 
 # ---- (4) the loss pieces -------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
-"""Stage 1 of the built-in small model (issue 8): the pretraining corpus, from vendored offline text only.
+"""Stage 1 of the built-in small model: the pretraining corpus, from vendored offline text only.
 
     python -m train.corpus --out runs/small/corpus [--heldout-frac 0.02] [--ngram 13] [--force]
     python -m train.corpus --vendor-stdlib          # (maintainers) re-extract the stdlib text into train/data/
 
 Sources (all under `train/data/`, licenses in `train/data/LICENSES.md`):
 
-* gsm8k_train (chat): GSM8K train (7473); user = question + the eval's math instruction, assistant = the worked
+* gsm8k_train (chat): GSM8K train; user = question + the eval's math instruction, assistant = the worked
   solution with the calculator annotations `<<..>>` removed and `#### x` rewritten as `The answer is \\boxed{x}.`
 * mbpp_nontest (chat): MBPP task_ids 1–10 (prompt), 511–600 (validation), 601–974 (train); user = the eval's MBPP
   prompt, assistant = the reference code in a ```python block
-* python_stdlib (text): CPython 3.11.7 `Lib/*.py`, public top-level modules of at most 64 KB (131 files, PSF-2.0)
+* python_stdlib (text): CPython 3.11.7 `Lib/*.py`, public top-level modules of at most 64 KB (PSF-2.0)
 * pydoc_topics (text): CPython 3.11.7 `pydoc_data/topics.py`, the language-reference help topics as prose (PSF-2.0)
 
 The chat prompts use the evaluation's own templates (`eval.suites.MATH_INSTRUCTION`, `MBPP_TEMPLATE`), so the
@@ -18,9 +18,8 @@ for word n-gram overlap (default 13-grams, as in GPT-3's contamination study) wi
 `eval.suites` (GSM8K test, MATH-500, HumanEval, MBPP test 11–510, MT-Bench); documents that share any n-gram are
 dropped (counted in the manifest). N-grams are taken inside the pieces of text between the templates' fixed
 words (never across them, or every templated prompt would match every other), and pieces shorter than n words
-are matched whole. The finished splits are checked again and must come out clean. On the vendored data this drops
-50 of 8157 documents (GSM8K 4 near-duplicates of test problems, MBPP 45 tasks sharing a sentence or test data with
-test tasks, 1 stdlib module), leaving 7923 train / 184 held-out documents, 8.7 MB, 2.37M tokens at vocab 4096.
+are matched whole. The finished splits are checked again and must come out clean; the manifest counts what was
+dropped per source.
 
 Outputs in `--out`:
     train.jsonl, heldout.jsonl   one document per line: {"id", "source", "kind": "chat", "messages": [...]} or
@@ -40,8 +39,14 @@ import hashlib
 import json
 import re
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from pydoc_data.topics import topics
+
+from eval.suites import DATA_DIR as EVAL_DIR
+from eval.suites import FILES, HUMANEVAL_TEMPLATE, MATH_INSTRUCTION, MBPP_TEMPLATE, load_suite
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CORPUS_VERSION = 1  # bump when the document formatting changes (invalidates cached corpora)
@@ -72,7 +77,6 @@ STDLIB_SKIP = {"this.py", "antigravity.py"}  # rot13'd Zen; a web-browser joke
 # ---- document formatting ------------------------------------------------------------------------------------
 
 def _templates():
-    from eval.suites import HUMANEVAL_TEMPLATE, MATH_INSTRUCTION, MBPP_TEMPLATE
 
     return MATH_INSTRUCTION, MBPP_TEMPLATE, HUMANEVAL_TEMPLATE
 
@@ -194,7 +198,6 @@ class EvalIndex:
 
     @classmethod
     def from_suites(cls, suites: str = "all", n: int = 13, data_dir=None) -> "EvalIndex":
-        from eval.suites import load_suite
 
         samples = load_suite(suites, data_dir=data_dir)
         return cls({s.id: list(s.turns) for s in samples}, n=n)
@@ -262,7 +265,6 @@ def _write_jsonl(path: Path, docs: list[dict]) -> None:
 
 
 def build_key(data_dir: Path, heldout_frac: float, ngram: int) -> dict:
-    from eval.suites import DATA_DIR as EVAL_DIR, FILES
 
     return {"version": CORPUS_VERSION, "code": sha256_file(Path(__file__)), "heldout_frac": heldout_frac,
             "ngram": ngram,
@@ -334,7 +336,6 @@ def build_corpus(out: str | Path, *, heldout_frac: float = 0.02, ngram: int = 13
 
 def vendor_stdlib(data_dir: Path = DATA_DIR) -> None:
     """Re-extract the stdlib text from the running interpreter (must be CPython 3.11.7 to reproduce the files)."""
-    import sysconfig
 
     if sys.version_info[:3] != (3, 11, 7):
         print(f"warning: running Python {sys.version.split()[0]}, the vendored files come from 3.11.7")
@@ -344,7 +345,6 @@ def vendor_stdlib(data_dir: Path = DATA_DIR) -> None:
         if p.name.startswith("_") or p.name in STDLIB_SKIP or p.stat().st_size > STDLIB_MAX_BYTES:
             continue
         rows.append({"path": f"Lib/{p.name}", "text": p.read_text(encoding="utf-8")})
-    from pydoc_data.topics import topics
 
     topic_rows = [{"topic": k, "text": v} for k, v in sorted(topics.items())]
     d = data_dir / "python_stdlib"

@@ -15,7 +15,7 @@ tokenizer's pad id (its EOS when it has none); `loss_mask` is 1 on response toke
 `positions` are 0..max_len−1 (right padding: real tokens keep their absolute positions, and the causal target
 never lets a pad token influence a real one).
 
-Anchors (spec §3): per sequence and epoch, `num_anchors` positions a with loss_mask[a] = loss_mask[a+1] = 1 drawn
+Anchors: per sequence and epoch, `num_anchors` positions a with loss_mask[a] = loss_mask[a+1] = 1 drawn
 uniformly without replacement and sorted; with fewer candidates all are taken and `keep` marks the real ones
 (the rest are 0 with keep = False). The draw is `np.random.default_rng([seed, epoch, record_id])`: the same on
 every host and after a resume, different each epoch.
@@ -46,6 +46,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 
 # ---- tokenizers ------------------------------------------------------------------------------------------------
@@ -236,8 +237,6 @@ def make_batches(source, tokenizer, *, max_len: int, num_anchors: int, global_ba
     source: a random-access sequence of records (`JsonlSource`, a list); each element of a batch is a dict of
     numpy arrays: tokens / loss_mask / positions [L, S], length [L], anchors / keep [L, N], record_id / epoch [L].
     """
-    import grain
-
     n = len(source)
     if n == 0:
         raise ValueError("data: no records")
@@ -255,8 +254,6 @@ def make_batches(source, tokenizer, *, max_len: int, num_anchors: int, global_ba
 
 def make_iterator(batches, *, prefetch: int = 2):
     """An iterator over `make_batches(...)` with `get_state()` / `set_state()` (a small JSON-able dict)."""
-    import grain
-
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
 

@@ -1,4 +1,4 @@
-"""The drafter's training loss, in one place (spec §3 "Loss", §5 "Targeted LM-head KL").
+"""The drafter's training loss, in one place: decayed block cross-entropy plus a KL to the target's LM head.
 
 For N blocks per sequence (anchor a_n, slots j = 0..B−1 at positions a_n + j; slot j >= 1 predicts x_{a_n+j}):
 
@@ -10,9 +10,9 @@ For N blocks per sequence (anchor a_n, slots j = 0..B−1 at positions a_n + j; 
 
 with teacher p_{n,j} = softmax(target_logits[a_n + j − 1] / T) — the frozen target's own, exact next-token
 distribution at the position that predicts x_{a_n+j} (HyperDFlash mean-pools the streams for its teacher; we use
-the real `hc_head` logits, spec §5 [U]) — and student q_{n,j} = softmax(z_{n,j} / T). With equal counts per slot
+the real `hc_head` logits) — and student q_{n,j} = softmax(z_{n,j} / T). With equal counts per slot
 the KL mean is the paper's (T²/P) Σ_k KL(p_k ‖ q_k). Defaults: γ by block size (7 for B=16, 5 for B=10, 4 for B=8;
-other B: (B−1)/2, our choice [U]), P = 2, α = 0.1, T = 1.
+other B: (B−1)/2, our choice), P = 2, α = 0.1, T = 1.
 
 Sums are over the whole (global) batch, so a sharded step computes the same number as a single-device one.
 """

@@ -1,4 +1,4 @@
-"""Regenerate the responses of a prompt set with the target itself (spec §3: drafters learn the target's own
+"""Regenerate the responses of a prompt set with the target itself (drafters learn the target's own
 distribution, so their training responses are the target's).
 
     python -m train.regenerate --target CKPT_OR_PRESET --data IN.jsonl --out OUT.jsonl
@@ -26,7 +26,17 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import yaml
+from tqdm import tqdm
+
+from hdflash_jax.checkpoint import is_checkpoint
+from hdflash_jax.decode.generate import DecodeSettings, Generator
+from hdflash_jax.tokenizer import load_tokenizer
+from train.config import build
+from train.data import JsonlSource, prompt_ids, prompt_messages
+from train.drafter_config import TargetSection
+from train.trainer import build_target
 
 
 def read_done(out: Path) -> set:
@@ -61,8 +71,6 @@ def _key(v):
 
 def load_rows(path: str, tokenizer, limit: int | None = None) -> list[tuple[object, dict, list[int]]]:
     """[(id, record, prompt ids)] for the input JSONL."""
-    from train.data import JsonlSource, prompt_ids, prompt_messages
-
     src = JsonlSource(path)
     rows, seen = [], set()
     n = len(src) if limit is None else min(limit, len(src))
@@ -94,10 +102,6 @@ def output_record(rid, rec: dict, prompt: list[int], response: list[int], tokeni
 def regenerate(target, tokenizer, rows, out: Path, *, batch_size: int, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, progress: bool = True) -> dict:
     """Generate the missing rows of `rows` into `out` (appending). Returns counts."""
-    from tqdm import tqdm
-
-    from hdflash_jax.decode.generate import DecodeSettings, Generator
-
     done = read_done(out)
     todo = sum(_key(r[0]) not in done for r in rows)
     gen = Generator(target, settings=DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -162,21 +166,16 @@ def main(argv=None) -> int:
             overrides[k] = yaml.safe_load(v)
         if args.batch_size < 1 or args.max_new_tokens < 1:
             raise ValueError("--batch-size and --max-new-tokens must be >= 1")
-        import jax
-
-        if args.cpu_devices:
+        if args.cpu_devices:  # before the first backend use (the imports above do not touch one)
             jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        from hdflash_jax.checkpoint import is_checkpoint
-        from hdflash_jax.tokenizer import load_tokenizer
-        from train.drafter import build_target
-
-        section = {"preset": args.target, "seed": args.target_seed, "overrides": overrides,
-                   "head_scale": args.head_scale, "checkpoint": None}
         if is_checkpoint(args.target):
-            section.update(checkpoint=args.target, preset=None)
+            section = TargetSection(checkpoint=args.target)
         elif Path(args.target).exists():
             raise ValueError(f"--target {args.target}: a folder that is not a params checkpoint "
                              f"(no config.json + params/)")
+        else:
+            section = build(TargetSection, {"preset": args.target, "seed": args.target_seed, "overrides": overrides,
+                                            "head_scale": args.head_scale}, "target")
         tokenizer = load_tokenizer(args.tokenizer)
         tcfg, target = build_target(section, mesh=None)
         if tokenizer.vocab_size > tcfg.vocab_size:

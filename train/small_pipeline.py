@@ -1,21 +1,21 @@
-"""The built-in small model, end to end (issue 8): one command, resumable, every stage cached.
+"""The built-in small model, end to end: one command, resumable, every stage cached.
 
     python -m train.small_pipeline [--size full|ci] [--out runs/small] [--ship models/small] [--stages all]
 
 Stages (each is the command it prints, run as a subprocess; a stage whose output exists is skipped, and an
 interrupted stage resumes where its own command resumes):
 
-  corpus      python -m train.corpus                 offline corpus, eval-overlap check (stage 1)
-  tokenizer   python -m train.tokenizer_train        byte-level BPE, chat format "role_tags", mask = last id (2)
-  target      python -m train.pretrain_target        small DeepSeek-V4 + MTP block, joint MTP loss (3)
-  regen       python -m train.regenerate             the target's own greedy answers to training prompts (4)
-  drafters    python -m train.drafter  (per variant) HyperDFlash, vanilla DFlash and the ablations, one budget (5)
+  corpus      python -m train.corpus                 offline corpus, eval-overlap check
+  tokenizer   python -m train.tokenizer_train        byte-level BPE, chat format "role_tags", mask = last id
+  target      python -m train.pretrain_target        small DeepSeek-V4 + MTP block, joint MTP loss
+  regen       python -m train.regenerate             the target's own greedy answers to training prompts
+  drafters    python -m train.drafter  (per variant) HyperDFlash, vanilla DFlash and the ablations, one budget
   ship        copy target + tokenizer + hyperdflash + dflash into --ship (what `--target small` loads)
-  eval        python -m eval.run  (greedy, T = 1, ablations) on the five suites (6)
+  eval        python -m eval.run  (greedy, T = 1, ablations) on the five suites
   report      merge the eval runs into <out>/results/results.json, results.md and the plots
 
-Sizes: `full` is the shipped model (about 2 h on 2 CPU cores: pretraining 52 min, regeneration 5, six drafters
-44, evaluation ~13); `ci` is the same pipeline at toy sizes (minutes), used by the slow test
+Sizes: `full` is the shipped model (hours on 2 CPU cores); `ci` is the same pipeline at toy sizes (minutes), used
+by the slow test
 `tests/test_small_pipeline.py::test_pipeline_ci_size`.
 
 Same budget for every drafter variant: the same regenerated data, steps, global batch, anchors per sequence,
@@ -35,11 +35,14 @@ from pathlib import Path
 
 import yaml
 
+from eval.report import summary_table
+from train.drafter_config import load_config as load_drafter_config
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", "report")
 
 # Drafter variants: name -> (DrafterConfig overrides, loss overrides, block size). Everything else is shared.
-# 'hyperdflash' and 'dflash' are the two methods of the paper; the rest are the issue's ablations, each differing
+# 'hyperdflash' and 'dflash' are the two methods of the paper; the rest are ablations, each differing
 # from one of them in one thing.
 VARIANTS: dict[str, tuple[dict, dict, int]] = {
     "hyperdflash": ({"conditioning": "final_streams", "reducer": "gated"}, {}, 8),
@@ -54,7 +57,7 @@ SHIPPED = ("hyperdflash", "dflash")
 SIZES: dict[str, dict] = {
     "full": {
         "vocab_size": 4096,
-        "pretrain": [],  # the `small` preset and TrainConfig defaults: 1,200 steps of 8 × 256 tokens
+        "pretrain": [],  # the `small` preset and PretrainConfig defaults: 1,200 steps of 8 × 256 tokens
         "regen": {"prompts": 1536, "eval_prompts": 32, "max_new_tokens": 160, "batch_size": 32},
         "drafter": {"overrides": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "inter_dim": 384},
                     "max_len": 256, "num_anchors": 32, "global_batch": 8, "steps": 400, "lr": 3e-3,
@@ -64,8 +67,9 @@ SIZES: dict[str, dict] = {
     },
     "ci": {
         "vocab_size": 512,
-        "pretrain": ["steps=30", "seq_len=64", "batch_size=4", "warmup_steps=5", "eval_every=15", "ckpt_every=15",
-                     "eval_batches=1", "lr=3e-3", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
+        "pretrain": ["train.steps=30", "train.seq_len=64", "train.batch_size=4", "optim.warmup_steps=5",
+                     "train.eval_every=15", "checkpoint.every=15", "train.eval_batches=1", "optim.lr=3e-3",
+                     "model.dim=32", "model.n_layers=3", "model.n_heads=2",
                      "model.head_dim=32", "model.rope_head_dim=8", "model.q_lora_rank=16", "model.o_lora_rank=8",
                      "model.window_size=16", "model.index_n_heads=2", "model.index_head_dim=16", "model.index_topk=2",
                      "model.n_routed_experts=4", "model.moe_inter_dim=32", "model.hc_sinkhorn_iters=4",
@@ -152,8 +156,9 @@ def drafter_config(name: str, size: dict, out: Path) -> dict:
         "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **loss_over},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
         "checkpoint": {"every": 100, "max_to_keep": 1},
-        "eval": {"every": d["steps"], "at_start": True,  # τ of the untrained drafter, then of the trained one "num_prompts": d["eval_prompts"], "batch_size": d["eval_prompts"],
-                 "max_new_tokens": d["eval_max_new_tokens"]},
+        # τ of the untrained drafter, then of the trained one
+        "eval": {"every": d["steps"], "at_start": True, "num_prompts": d["eval_prompts"],
+                 "batch_size": d["eval_prompts"], "max_new_tokens": d["eval_max_new_tokens"]},
         "log": {"every": 10, "tensorboard": False, "progress": False},
         "compilation_cache": os.environ.get("HDFLASH_JAX_CACHE", ".jax_cache"),
     }
@@ -196,8 +201,6 @@ def merge_results(out: Path, runs: dict[str, list[str]], size_name: str) -> dict
 
 
 def render_report(merged: dict) -> str:
-    from eval.report import summary_table
-
     lines = []
     for run, r in merged["runs"].items():
         lines += [f"### {run}\n", summary_table(r), ""]
@@ -222,7 +225,7 @@ def render_report(merged: dict) -> str:
 
 def plot_acceptance(merged: dict, path: Path) -> None:
     """Per-position acceptance (pooled over suites) of every method of every run, one panel per run."""
-    import matplotlib
+    import matplotlib  # here: only the report stage draws, and the backend must be chosen before pyplot's import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -255,7 +258,7 @@ def plot_acceptance(merged: dict, path: Path) -> None:
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.small_pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--out", default=None, help="run folder (default: runs/small, or runs/small-ci for --size ci)")
@@ -268,26 +271,91 @@ def main(argv=None) -> int:
     p.add_argument("--max-pretrain-minutes", type=float, default=None,
                    help="stop pretraining (with a checkpoint) after this long; rerun to resume")
     args = p.parse_args(argv)
-
-    size = SIZES[args.size]
-    out = _rel(Path(args.out or ("runs/small" if args.size == "full" else "runs/small-ci")))
-    ship = _rel(Path(args.ship)) if args.ship else (Path("models/small") if args.size == "full" else None)
-    if args.results:
-        args.results = str(_rel(Path(args.results)))
-    os.chdir(REPO)  # every path below is relative to the repository (or absolute), as in the printed commands
-    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
-    bad = [s for s in stages if s not in STAGES]
+    args.stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    bad = [s for s in args.stages if s not in STAGES]
     if bad:
         p.error(f"unknown stage(s) {bad}; one of {STAGES}")
-    variants = tuple(args.variants.split(",")) if args.variants else size["variants"]
-    for v in variants:
+    args.variants = tuple(args.variants.split(",")) if args.variants else SIZES[args.size]["variants"]
+    for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; one of {tuple(VARIANTS)}")
+    return args
+
+
+def pretrain_command(py: str, size: dict, out: Path, max_minutes: float | None) -> list[str]:
+    cmd = [py, "-m", "train.pretrain_target", "--preset", "small", "--corpus", str(out / "corpus"),
+           "--tokenizer", str(out / "tokenizer"), "--out", str(out / "target")]
+    for o in size["pretrain"]:
+        cmd += ["--override", o]
+    if max_minutes:
+        cmd += ["--max-minutes", str(max_minutes)]
+    return cmd
+
+
+def stage_regen(py: str, size: dict, out: Path, logs: Path) -> None:
+    r, regen = size["regen"], out / "regen"
+    done = regen / "done.json"
+    if done.is_file():
+        _log(f"regen: cached at {regen}")
+        return
+    write_prompts(out / "corpus", regen / "prompts.jsonl", "train", r["prompts"])
+    write_prompts(out / "corpus", regen / "eval_prompts.jsonl", "heldout", r["eval_prompts"])
+    run_cmd([py, "-m", "train.regenerate", "--target", str(out / "target" / "model"),
+             "--data", str(regen / "prompts.jsonl"), "--out", str(regen / "train.jsonl"),
+             "--tokenizer", str(out / "tokenizer"), "--max-new-tokens", str(r["max_new_tokens"]),
+             "--batch-size", str(r["batch_size"]), "--no-progress"], logs / "regen.log")
+    n = sum(1 for _ in open(regen / "train.jsonl", encoding="utf-8"))
+    done.write_text(json.dumps({"records": n}))
+
+
+def stage_drafters(py: str, size: dict, out: Path, logs: Path, variants: tuple[str, ...]) -> None:
+    for v in variants:
+        d = out / "drafters" / v
+        if (d / "drafter" / "drafter_config.json").is_file() and (d / "summary.json").is_file():
+            _log(f"drafter {v}: cached at {d}")
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = drafter_config(v, size, out)
+        load_drafter_config(data=cfg)  # a bad generated config stops here, before the subprocess
+        cfg_file = out / "drafter_configs" / f"{v}.yaml"
+        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        t0 = time.time()
+        run_cmd([py, "-m", "train.drafter", "--config", str(cfg_file)], logs / f"drafter-{v}.log")
+        s = json.loads((d / "summary.json").read_text())
+        s["train_s"] = time.time() - t0
+        (d / "summary.json").write_text(json.dumps(s, indent=1))
+
+
+def stage_report(out: Path, runs: dict[str, list[str]], size_name: str, results: str | None) -> None:
+    merged = merge_results(out, runs, size_name)
+    rdir = out / "results"
+    rdir.mkdir(parents=True, exist_ok=True)
+    merged["pipeline_command"] = f"python -m train.small_pipeline --size {size_name}"  # stages: all, cached
+    (rdir / "results.json").write_text(json.dumps(merged, indent=1))
+    (rdir / "results.md").write_text(render_report(merged))
+    plot_acceptance(merged, rdir / "acceptance_by_position.png")
+    print(render_report(merged))
+    _log(f"wrote {rdir}/results.json, results.md, acceptance_by_position.png")
+    publish = Path(results) if results else (Path("results/small") if size_name == "full" else None)
+    if publish is not None:
+        publish.mkdir(parents=True, exist_ok=True)
+        for f in ("results.json", "results.md", "acceptance_by_position.png"):
+            shutil.copy2(rdir / f, publish / f)
+        _log(f"copied the report to {publish}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    size, stages = SIZES[args.size], args.stages
+    out = _rel(Path(args.out or ("runs/small" if args.size == "full" else "runs/small-ci")))
+    ship = _rel(Path(args.ship)) if args.ship else (Path("models/small") if args.size == "full" else None)
+    results = str(_rel(Path(args.results))) if args.results else None
+    os.chdir(REPO)  # every path below is relative to the repository (or absolute), as in the printed commands
     py = sys.executable
     logs = out / "logs"
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-
     if "corpus" in stages:
         run_cmd([py, "-m", "train.corpus", "--out", str(out / "corpus")], logs / "corpus.log")
     if "tokenizer" in stages:
@@ -297,49 +365,17 @@ def main(argv=None) -> int:
         if (out / "target" / "model" / "config.json").is_file():
             _log(f"target: cached at {out / 'target' / 'model'}")
         else:
-            cmd = [py, "-m", "train.pretrain_target", "--preset", "small", "--corpus", str(out / "corpus"),
-                   "--tokenizer", str(out / "tokenizer"), "--out", str(out / "target")]
-            for o in size["pretrain"]:
-                cmd += ["--override", o]
-            if args.max_pretrain_minutes:
-                cmd += ["--max-minutes", str(args.max_pretrain_minutes)]
-            run_cmd(cmd, logs / "pretrain.log")
+            run_cmd(pretrain_command(py, size, out, args.max_pretrain_minutes), logs / "pretrain.log")
             if not (out / "target" / "model" / "config.json").is_file():
                 _log("pretraining stopped before the end (--max-pretrain-minutes); rerun to resume")
                 return 0
-    regen = out / "regen"
     if "regen" in stages:
-        r = size["regen"]
-        done = regen / "done.json"
-        if done.is_file():
-            _log(f"regen: cached at {regen}")
-        else:
-            write_prompts(out / "corpus", regen / "prompts.jsonl", "train", r["prompts"])
-            write_prompts(out / "corpus", regen / "eval_prompts.jsonl", "heldout", r["eval_prompts"])
-            run_cmd([py, "-m", "train.regenerate", "--target", str(out / "target" / "model"),
-                     "--data", str(regen / "prompts.jsonl"), "--out", str(regen / "train.jsonl"),
-                     "--tokenizer", str(out / "tokenizer"), "--max-new-tokens", str(r["max_new_tokens"]),
-                     "--batch-size", str(r["batch_size"]), "--no-progress"], logs / "regen.log")
-            n = sum(1 for _ in open(regen / "train.jsonl", encoding="utf-8"))
-            done.write_text(json.dumps({"records": n}))
+        stage_regen(py, size, out, logs)
     if "drafters" in stages:
-        for v in variants:
-            d = out / "drafters" / v
-            if (d / "drafter" / "drafter_config.json").is_file() and (d / "summary.json").is_file():
-                _log(f"drafter {v}: cached at {d}")
-                continue
-            d.mkdir(parents=True, exist_ok=True)
-            cfg_file = out / "drafter_configs" / f"{v}.yaml"
-            cfg_file.parent.mkdir(parents=True, exist_ok=True)
-            cfg_file.write_text(yaml.safe_dump(drafter_config(v, size, out), sort_keys=False))
-            t0 = time.time()
-            run_cmd([py, "-m", "train.drafter", "--config", str(cfg_file)], logs / f"drafter-{v}.log")
-            s = json.loads((d / "summary.json").read_text())
-            s["train_s"] = time.time() - t0
-            (d / "summary.json").write_text(json.dumps(s, indent=1))
+        stage_drafters(py, size, out, logs, args.variants)
     if "ship" in stages and ship is not None:
         ship_model(out, ship)
-    runs = eval_runs(size, out, variants)
+    runs = eval_runs(size, out, args.variants)
     if "eval" in stages:
         for name, a in runs.items():
             if (out / "eval" / name / "results.json").is_file():
@@ -348,21 +384,7 @@ def main(argv=None) -> int:
             run_cmd([py, "-m", "eval.run", *a, "--out", str(out / "eval" / name), "--quiet"],
                     logs / f"eval-{name}.log")
     if "report" in stages:
-        merged = merge_results(out, runs, args.size)
-        rdir = out / "results"
-        rdir.mkdir(parents=True, exist_ok=True)
-        merged["pipeline_command"] = f"python -m train.small_pipeline --size {args.size}"  # stages: all, cached
-        (rdir / "results.json").write_text(json.dumps(merged, indent=1))
-        (rdir / "results.md").write_text(render_report(merged))
-        plot_acceptance(merged, rdir / "acceptance_by_position.png")
-        print(render_report(merged))
-        _log(f"wrote {rdir}/results.json, results.md, acceptance_by_position.png")
-        publish = Path(args.results) if args.results else (Path("results/small") if args.size == "full" else None)
-        if publish is not None:
-            publish.mkdir(parents=True, exist_ok=True)
-            for f in ("results.json", "results.md", "acceptance_by_position.png"):
-                shutil.copy2(rdir / f, publish / f)
-            _log(f"copied the report to {publish}")
+        stage_report(out, runs, args.size, results)
     _log(f"pipeline finished in {time.time() - t_all:.0f}s")
     return 0
 

@@ -24,15 +24,24 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from hdflash_jax.checkpoint import is_checkpoint, save_params
+from hdflash_jax.config import get_preset
+from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.tokenizer import load_tokenizer
+from train import drafter as T
+from train import regenerate as R
+from train.drafter_config import TargetSection
+
 
 def random_prompts(n: int, seed: int, alphabet: str = "abcdefgh ", lo: int = 4, hi: int = 16) -> list[str]:
-    import numpy as np
-
     rng = np.random.RandomState(seed)
     return ["".join(rng.choice(list(alphabet), rng.randint(lo, hi + 1))) for _ in range(n)]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.smoke_tau", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/smoke_tau")
     p.add_argument("--steps", type=int, default=800)
@@ -49,50 +58,28 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=None,
                    help="a params checkpoint to use instead of the random tiny target (e.g. a pretrained small model)")
     p.add_argument("--tokenizer", default="byte", help="the target's tokenizer (byte[:N], tokenizer.json, folder)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import jax
 
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from hdflash_jax.checkpoint import is_checkpoint, save_params
-    from hdflash_jax.config import get_preset
-    from hdflash_jax.deepseek_v4.model import init_target
-    from train import drafter as T
-    from train import regenerate as R
-    from hdflash_jax.tokenizer import load_tokenizer
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+def prepare_target(args, out: Path) -> Path:
+    """The target's params checkpoint: --target, or the random tiny preset (sharpened head) saved once."""
     if args.target:
         ckpt = Path(args.target)
         if not is_checkpoint(ckpt):
             raise SystemExit(f"error: --target {ckpt}: not a params checkpoint")
-    else:
-        tcfg = get_preset("tiny")
-        ckpt = out / "target"
-        if not is_checkpoint(ckpt):
-            target = init_target(tcfg, args.seed)
-            target.head.weight[...] = target.head.weight[...] * args.head_scale
-            save_params(ckpt, target, tcfg, overwrite=True)
-    _, target = T.build_target({"checkpoint": str(ckpt), "overrides": {}}, mesh=None)
-    tok = load_tokenizer(args.tokenizer)
+        return ckpt
+    tcfg = get_preset("tiny")
+    ckpt = out / "target"
+    if not is_checkpoint(ckpt):
+        target = init_target(tcfg, args.seed)
+        target.head.weight[...] = target.head.weight[...] * args.head_scale
+        save_params(ckpt, target, tcfg, overwrite=True)
+    return ckpt
 
-    for name, n, seed in (("train", args.train_prompts, args.seed), ("eval", args.eval_prompts, args.seed + 10_000)):
-        src = out / f"{name}_prompts.jsonl"
-        if not src.exists():
-            src.write_text("".join(json.dumps({"id": i, "prompt": s}) + "\n"
-                                   for i, s in enumerate(random_prompts(n, seed))))
-    t0 = time.time()
-    rows = R.load_rows(str(out / "train_prompts.jsonl"), tok)
-    stats = R.regenerate(target, tok, rows, out / "train.jsonl", batch_size=32,
-                         max_new_tokens=args.max_new_tokens, temperature=0.0)
-    regen_s = time.time() - t0
-    print(f"regenerated {stats} in {regen_s:.1f}s", file=sys.stderr)
 
+def train_config(args, out: Path, ckpt: Path):
     max_len = 32 + args.max_new_tokens + 2
-    cfg = T.load_config(data={
+    return T.load_config(data={
         "out_dir": str(out / "run"),
         "seed": args.seed,
         "target": {"checkpoint": str(ckpt)},
@@ -108,6 +95,33 @@ def main(argv=None) -> int:
         "log": {"every": 25, "tensorboard": True, "progress": True},
         "mesh": {"data": jax.device_count()},
     })
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_devices:  # before the first backend use (the imports above do not touch one)
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    ckpt = prepare_target(args, out)
+    _, target = T.build_target(TargetSection(checkpoint=str(ckpt)), mesh=None)
+    tok = load_tokenizer(args.tokenizer)
+
+    for name, n, seed in (("train", args.train_prompts, args.seed), ("eval", args.eval_prompts, args.seed + 10_000)):
+        src = out / f"{name}_prompts.jsonl"
+        if not src.exists():
+            src.write_text("".join(json.dumps({"id": i, "prompt": s}) + "\n"
+                                   for i, s in enumerate(random_prompts(n, seed))))
+    t0 = time.time()
+    rows = R.load_rows(str(out / "train_prompts.jsonl"), tok)
+    stats = R.regenerate(target, tok, rows, out / "train.jsonl", batch_size=32,
+                         max_new_tokens=args.max_new_tokens, temperature=0.0)
+    regen_s = time.time() - t0
+    print(f"regenerated {stats} in {regen_s:.1f}s", file=sys.stderr)
+
+    cfg = train_config(args, out, ckpt)
     summary = T.run(cfg)
     before, after = summary.get("eval_start"), summary.get("eval_end")
     result = {

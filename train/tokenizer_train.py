@@ -1,4 +1,4 @@
-"""Stage 2 of the built-in small model (issue 8): a byte-level BPE tokenizer trained on the corpus.
+"""Stage 2 of the built-in small model: a byte-level BPE tokenizer trained on the corpus.
 
     python -m train.tokenizer_train --corpus runs/small/corpus --out runs/small/tokenizer [--vocab-size 4096]
 
@@ -34,6 +34,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from hdflash_jax.tokenizer import TAG_ASSISTANT as ASSISTANT
 from hdflash_jax.tokenizer import TAG_BOS as BOS
 from hdflash_jax.tokenizer import TAG_EOS as EOS
@@ -41,6 +43,7 @@ from hdflash_jax.tokenizer import TAG_MASK as MASK
 from hdflash_jax.tokenizer import TAG_PAD as PAD
 from hdflash_jax.tokenizer import TAG_USER as USER
 from hdflash_jax.tokenizer import render_role_tags
+from train.corpus import document_texts
 
 LEADING_SPECIALS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4, in this order; MASK is the last id
 CHAT_FORMAT = "<|bos|>{system}<|user|>{user}<|assistant|>{assistant}<|eos|>"
@@ -56,7 +59,6 @@ def render_document(doc: dict) -> str:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
     """A byte-level BPE `tokenizers.Tokenizer` with the fixed special-token layout (module docstring)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     n_fixed = len(LEADING_SPECIALS) + 1 + 256
     if vocab_size <= n_fixed:
@@ -111,7 +113,6 @@ def tokenizer_config(vocab_size: int) -> dict:
 
 
 def _corpus_texts(corpus_dir: Path) -> Iterator[str]:
-    from train.corpus import document_texts
 
     with open(corpus_dir / "train.jsonl", encoding="utf-8") as f:
         for line in f:
