@@ -124,6 +124,15 @@ def _move(w: np.ndarray, move: str | None, head_dim: int, inverse: bool) -> np.n
     return np.ascontiguousarray(heads[:, perm].reshape(w.shape))
 
 
+def flat_params(module) -> dict:
+    """{dotted tree path: value} of an NNX module's state (arrays, or ShapeDtypeStructs for an abstract one)."""
+    from flax import nnx
+
+    from hdflash_jax.checkpoint import dotted
+
+    return {dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module))}
+
+
 def tapped_layers(cfg: DrafterConfig) -> list[int]:
     """`target_layer_ids` as written: the tapped layers, or [L − 1] (the final pre-collapse streams)."""
     return list(cfg.layer_ids) if cfg.conditioning == "layers" else [cfg.target_n_layers - 1]
@@ -167,11 +176,10 @@ def export_tensors(cfg: DrafterConfig, flat: dict[str, np.ndarray]) -> dict[str,
 
 def to_zlab(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Converted:
     """Export a drafter checkpoint folder (hdflash_jax.drafter.checkpoint) to z-lab's format, atomically."""
-    from hdflash_jax.checkpoint import _flat_arrays
     from hdflash_jax.drafter.checkpoint import load_drafter
 
     cfg, drafter = load_drafter(src)
-    flat = {k: np.asarray(v) for k, v in _flat_arrays(drafter).items()}
+    flat = {k: np.asarray(v) for k, v in flat_params(drafter).items()}
     tensors = export_tensors(cfg, flat)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(zlab_config(cfg), indent=1))

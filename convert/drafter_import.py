@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.drafter_export import (CONFIG_FILE, EXT, FORMAT_VERSION, WEIGHTS_FILE, Converted, ExportError,
-                                    _move, name_map, tapped_layers)
+                                    _move, flat_params, name_map, tapped_layers)
 from convert.safetensors_io import load_all
 from hdflash_jax.config import DTYPES, DrafterConfig, build_target_layer_ids
 
@@ -195,10 +195,9 @@ def read_zlab(src: str | Path) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
 
 
 def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Path) -> dict[str, np.ndarray]:
-    from hdflash_jax.checkpoint import _flat_arrays
     from hdflash_jax.drafter.model import abstract_drafter
 
-    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat_arrays(abstract_drafter(cfg)).items()}
+    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat_params(abstract_drafter(cfg)).items()}
     maps = name_map(cfg)
     names = {m.there for m in maps}
     for key in sorted(tensors):
@@ -212,6 +211,8 @@ def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Pat
         if m.there not in tensors:
             raise ExportError(f"{wpath}: tensor {m.there!r} missing")
         a = tensors[m.there]
+        if not np.all(np.isfinite(a.astype(np.float32))):
+            raise ExportError(f"{wpath}: tensor {m.there!r} holds NaN or Inf")
         shape, dtype = want[m.here]
         if tuple(a.shape) != shape:
             raise ExportError(f"{wpath}: tensor {m.there!r} has shape {tuple(a.shape)}, expected "

@@ -21,7 +21,6 @@ from transformers import Qwen3Config  # noqa: E402
 
 from convert import drafter_export as ex  # noqa: E402
 from convert import drafter_import as im  # noqa: E402
-from hdflash_jax.checkpoint import _flat_arrays  # noqa: E402
 from hdflash_jax.config import DrafterConfig, get_preset  # noqa: E402
 from hdflash_jax.deepseek_v4.layers import RMSNorm  # noqa: E402
 from hdflash_jax.drafter.checkpoint import load_drafter, save_drafter  # noqa: E402
@@ -56,7 +55,7 @@ def random_drafter(cfg: DrafterConfig, seed: int = 0):
 
 
 def flat_numpy(drafter) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in _flat_arrays(drafter).items()}
+    return {k: np.asarray(v) for k, v in ex.flat_params(drafter).items()}
 
 
 def reference_model(folder: Path, cfg: DrafterConfig):
@@ -207,6 +206,7 @@ def _rename(t):
     (None, lambda t: t.update({"lm_head.weight": np.zeros((V, D), np.float32)}), "embedding/head copy"),
     (None, lambda t: t.pop("layers.1.self_attn.k_norm.weight"), "tensor 'layers.1.self_attn.k_norm.weight' missing"),
     (None, lambda t: t.update({"fc.weight": t["fc.weight"][:, :-D]}), "'fc.weight' has shape (64, 448)"),
+    (None, lambda t: t["norm.weight"].__setitem__(3, np.nan), "tensor 'norm.weight' holds NaN or Inf"),
 ])
 def test_import_errors_name_the_file_and_key(exported, tmp_path, capsys, config_edit, tensor_edit, message):
     src = _broken(exported, tmp_path, config_edit, tensor_edit)
@@ -228,3 +228,161 @@ def test_export_refuses_existing_destination(exported, tmp_path, capsys):
     (tmp_path / "x").mkdir()
     rc = ex.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "x")])
     assert rc == 2 and "destination exists" in capsys.readouterr().err
+
+
+# ---- a drafter the reference wrote itself, through eval.run --------------------------------------------------------
+
+def test_reference_written_drafter_imports_and_speculates_losslessly_in_eval_run(tmp_path, capsys):
+    """DFlashDraftModel.save_pretrained (the reference's own writer) → import → eval.run on the tiny target: greedy
+    speculative output equals AR (eval.run checks it and exits 3 otherwise)."""
+    import eval.run as ev
+
+    t = get_preset("tiny")
+    torch.manual_seed(0)
+    rcfg = Qwen3Config(hidden_size=t.dim, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_size=96, vocab_size=t.vocab_size, num_target_layers=t.n_layers,
+                       rms_norm_eps=t.norm_eps, dflash_config={"block_size": 4, "mask_token_id": t.vocab_size - 1,
+                                                              "target_layer_ids": [1, 3]})
+    model = dflash_model.DFlashDraftModel(rcfg)
+    model.fc = torch.nn.Linear(2 * t.hc_mult * t.dim, t.dim, bias=False)  # DeepSeek-V4 streams: [D, K·n·D]
+    model.save_pretrained(str(tmp_path / "ref"))
+    assert ex.main(["--to", "here", "--src", str(tmp_path / "ref"), "--dst", str(tmp_path / "imp"),
+                    "--target", "tiny"]) == 0
+    cfg, _ = load_drafter(tmp_path / "imp")
+    assert (cfg.conditioning, cfg.reducer, cfg.layer_ids, cfg.hc_mult, cfg.block_size) == (
+        "layers", "linear", (1, 3), t.hc_mult, 4)
+    out = tmp_path / "eval"
+    import jax
+
+    prev = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)  # AR and the drafter compiled alike: half the time
+    try:
+        rc = ev.main(["--target", "tiny-random", "--suite", "gsm8k", "--method", "dflash", "--drafter",
+                      f"dflash={tmp_path / 'imp'}", "--limit", "1", "--max-new-tokens", "8", "--prompt-buckets",
+                      "512", "--quiet", "--out", str(out)])
+    finally:
+        jax.config.update("jax_disable_most_optimizations", prev)
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((out / "results.json").read_text())
+    assert r["suites"]["gsm8k"]["dflash"]["greedy_match_ar"] is True
+
+
+# ---- z-lab's own decode loop with a transformers DeepSeek-V4 target -------------------------------------------------
+
+SMALL = Path(__file__).resolve().parents[1] / "models" / "small"
+
+
+def hf_from_project(target):
+    """transformers' DeepseekV4ForCausalLM holding this project's target weights (the inverse of the converter's
+    name map: hdflash_jax.keymap's transformers → official → tree, walked backwards per transformers key)."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from hdflash_jax.keymap import hf_memory_to_official, official_to_tree
+
+    flat = {k: np.asarray(v) for k, v in ex.flat_params(target).items()}
+    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**target.cfg.to_hf_dict())).eval().to(torch.float32)
+
+    def leaf(official):
+        path, expert = official_to_tree(official)
+        return flat[path] if expert is None else flat[path][expert]
+
+    state = {}
+    for name, ref in hf.state_dict().items():
+        official = hf_memory_to_official(name)
+        if official.endswith(".ffn.experts.gate_up_proj"):
+            p = official[: -len(".gate_up_proj")]
+            v = np.stack([np.concatenate([leaf(f"{p}.{e}.w1.weight"), leaf(f"{p}.{e}.w3.weight")])
+                          for e in range(ref.shape[0])])
+        elif official.endswith(".ffn.experts.down_proj"):
+            p = official[: -len(".down_proj")]
+            v = np.stack([leaf(f"{p}.{e}.w2.weight") for e in range(ref.shape[0])])
+        else:
+            v = leaf(official)
+        assert tuple(v.shape) == tuple(ref.shape), name
+        state[name] = torch.from_numpy(np.ascontiguousarray(v)).to(ref.dtype)
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+class RecomputingTarget(torch.nn.Module):
+    """transformers' DeepSeek-V4 seen the way dflash_generate expects a Qwen-style target. Two adaptations, both
+    outside the drafter: every hidden_states entry [B, T, n, D] is flattened stream-major to [B, T, n·D] (so
+    extract_context_feature concatenates layers of vec(streams)); and V4's compressed-attention caches cannot be
+    cropped the way dflash_generate rolls back (DynamicCache.crop), so each call recomputes the whole sequence from
+    the tokens committed so far (exact: the same tokens give the same logits) and puts one placeholder entry per
+    token in the cache it is handed, so that dflash_generate's crops keep the cache length = the committed length
+    (checked at every call)."""
+
+    def __init__(self, hf, cache_config):
+        super().__init__()
+        self.hf, self.config, self.seen = hf, cache_config, torch.zeros((1, 0), dtype=torch.long)
+        self.lm_head = hf.lm_head
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def get_input_embeddings(self):
+        return self.hf.get_input_embeddings()
+
+    def forward(self, input_ids, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0,
+                output_hidden_states=False):
+        start, t = int(position_ids[0, 0]), input_ids.shape[1]
+        assert past_key_values.get_seq_length() == start
+        for i in range(len(past_key_values.layers)):
+            past_key_values.update(torch.zeros(1, 1, t, 1), torch.zeros(1, 1, t, 1), i)
+        self.seen = torch.cat([self.seen[:, :start], input_ids], dim=1)
+        out = self.hf(self.seen, output_hidden_states=True)
+        logits = out.logits[:, -t:]
+        hidden = [h[:, -t:].flatten(2) if h.dim() == 4 else h[:, -t:] for h in out.hidden_states]
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, hidden_states=hidden)
+
+
+@pytest.mark.slow  # ≈ 4 min on 2 busy cores: transformers' V4 recomputed per call, greedy AR, one compile
+def test_zlab_dflash_generate_with_transformers_target_matches_this_decoder(tmp_path, monkeypatch):
+    """The built-in small model's trained DFlash drafter, exported, drives z-lab's `dflash_generate` over
+    transformers' DeepSeek-V4 holding the same target weights: the same greedy tokens as this project's
+    speculative decoder (and as greedy AR) and the same number of tokens committed at every verify step."""
+    from hdflash_jax.checkpoint import load_params
+    from hdflash_jax.decode.drafters import BlockDrafterAdapter
+    from hdflash_jax.decode.generate import DecodeSettings, Generator
+    from hdflash_jax.deepseek_v4.model import forward_full
+
+    if not (SMALL / "drafters" / "dflash").is_dir():
+        pytest.skip("models/small not built")
+    tcfg, target = load_params(SMALL / "target")
+    dcfg, drafter = load_drafter(SMALL / "drafters" / "dflash", tcfg)
+    ex.to_zlab(SMALL / "drafters" / "dflash", tmp_path / "z")
+    model = reference_model(tmp_path / "z", dcfg)
+    hf = hf_from_project(target)
+    prompt = [0, 2, *range(40, 72), 3]  # bos, then ids of the small vocabulary
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([prompt])).logits.numpy()
+    ours = np.asarray(forward_full(target, jnp.asarray([prompt])).logits)
+    assert np.max(np.abs(ours - ref_logits)) / np.max(np.abs(ref_logits)) < 1e-4
+
+    n_new = 40
+    import time
+
+    monkeypatch.setattr(dflash_model, "_cuda_time", time.perf_counter)  # its stats timer syncs CUDA; CPU here
+    t0 = time.perf_counter()
+    res = dflash_model.dflash_generate(model, RecomputingTarget(hf, model.config), torch.tensor([prompt]),
+                                       max_new_tokens=n_new, stop_token_ids=None, temperature=0.0,
+                                       return_stats=True)
+    theirs = res.output_ids[0, len(prompt):].tolist()
+    print(f"dflash_generate {time.perf_counter() - t0:.1f}s; committed per step {res.acceptance_lengths}")
+    gen = Generator(target, BlockDrafterAdapter(dcfg, dcfg.block_size - 1), drafter,
+                    settings=DecodeSettings(max_new_tokens=n_new, prompt_buckets=(64,)))
+    out = gen.generate([prompt])
+    mine = out.row_tokens(0)
+    print(f"this decoder {time.perf_counter() - t0:.1f}s")
+    with torch.no_grad():  # greedy AR with transformers, one token at a time from scratch
+        seq = list(prompt)
+        for _ in range(n_new):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert theirs == mine == seq[len(prompt):]
+    committed = [int(a) + 1 for a in out.accepted[:, 0] if a >= 0]
+    assert res.acceptance_lengths[:-1] == committed[: len(res.acceptance_lengths) - 1]
+    assert sum(committed) >= n_new - 1 and max(committed) > 1, committed  # the drafter really speculates
