@@ -154,3 +154,50 @@ def test_score_outputs_accuracy():
     samples = load_suite("gsm8k", limit=2)
     assert S.score_outputs(samples, ["#### 18", "#### 4"], allow_unisolated=True) == 0.5
     assert S.score_outputs(load_suite("mt_bench", limit=2), ["a", "b"]) is None
+
+
+# ---- honest programs pass inside the isolation -----------------------------------------
+
+# Its asserts expect tuple({12, ..., 16}) in sorted order; CPython iterates that set as 16, 12, 13, 14, 15.
+MBPP_FLAWED = {"mbpp/341"}
+
+
+def _not_passing(samples, mechanism, timeout_s):
+    bad = []
+    for s in samples:
+        m = s.meta
+        if s.suite == "humaneval":
+            src = S.build_humaneval_program(m["prompt"], m["canonical_solution"], m["test"], m["entry_point"])
+        else:
+            src = S.build_mbpp_program(m["reference_code"], m["test_setup_code"], m["test_list"])
+        if not sandbox.run_program(src, timeout_s, mechanism=mechanism).passed:
+            bad.append(s.id)
+    return bad
+
+
+def _isolating():
+    return [m for m in sandbox.MECHANISMS if sandbox.probe(m) is None]
+
+
+def test_canonical_solutions_pass_isolated_sample():
+    """Every 20th HumanEval canonical solution and every 25th MBPP reference, under each mechanism."""
+    mechs = _isolating()
+    if not mechs:
+        pytest.skip("no isolation mechanism works here")
+    samples = load_suite("humaneval")[::20] + load_suite("mbpp")[::25]
+    assert len(samples) == 9 + 20
+    for m in mechs:
+        assert _not_passing(samples, m, S.DEFAULT_TIMEOUT_S) == [], m
+
+
+@pytest.mark.slow
+def test_all_canonical_solutions_pass_isolated():
+    """All 164 HumanEval canonical solutions and the 500 MBPP references, under each mechanism (30 s each: mbpp/123
+    takes ~8 s on a loaded 2-core machine and would time out at the default 10 s; the isolation is not on trial
+    there)."""
+    mechs = _isolating()
+    if not mechs:
+        pytest.skip("no isolation mechanism works here")
+    samples = load_suite("humaneval") + load_suite("mbpp")
+    for m in mechs:
+        assert set(_not_passing(samples, m, 30.0)) == MBPP_FLAWED, m
