@@ -51,8 +51,9 @@ GATE_NOTE = ("HyperDFlash gate (hc_head_fn / hc_head_base / hc_head_scale in pla
              "loader runs it. z-lab's DFlashDraftModel, vLLM's and SGLang's DFlash drafters expect fc + "
              "hidden_norm and reject or ignore the gate tensors; speculators registers hc_head_* buffers for "
              "DeepSeek-V4 targets but only to collapse the verifier's last hidden state in its loss, not as the "
-             "drafter's conditioning. What they lack: a reducer hook c = RMSNorm(sum_j sigmoid(scale * "
-             "rms(vec H) * (fn vec H)_j + base_j) * H_j) fed by the pre-hc_head streams of the last layer.")
+             "drafter's conditioning. What they lack: a reducer hook c = RMSNorm(sum_j w_j H_j), w_j = "
+             "sigmoid(scale * (fn vec H)_j / rms(vec H) + base_j) + hc_eps (the target's hc_head, own weights), "
+             "fed by the last layer's streams before the target's hc_head (vLLM keeps them for MTP).")
 
 # (this project's name inside layers.{i}, the reference's, how the rows move: 'heads' = q/k RoPE permutation
 # within each head, 'head_vec' = the same on a per-head norm vector, None = as is)
