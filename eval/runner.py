@@ -208,10 +208,13 @@ def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compilation_cache))
     log(f"target {spec.name} ({spec.origin}); loading")
     t = time.perf_counter()
-    target = spec.load(args.seed)
-    load_s = time.perf_counter() - t
-    methods = build_methods(plan.methods, plan.drafters, target, plan.settings, mtp_k=args.mtp_k,
-                            block_size=args.block_size, seed=args.seed)
+    try:  # a checkpoint that fails to load (e.g. NaN/Inf parameters) is one line naming it, not a traceback
+        target = spec.load(args.seed)
+        load_s = time.perf_counter() - t
+        methods = build_methods(plan.methods, plan.drafters, target, plan.settings, mtp_k=args.mtp_k,
+                                block_size=args.block_size, seed=args.seed)
+    except (OSError, ValueError) as e:
+        raise BadCheckpointError(str(e)) from None
     log(f"loaded in {load_s:.1f}s; methods: " + ", ".join(f"{m.name} (B={m.block_size})" for m in methods.values()))
     try:
         cells = generate_all(plan, methods)

@@ -461,6 +461,13 @@ CASES = [
          ("{config}: expected a JSON object of config fields, got a list",), rc=2, real_process=True),
     Case("eval_drafter_config_list", "eval", _eval_drafter_list,
          ("--drafter hyperdflash: {config}: expected a JSON object of DrafterConfig fields, got a list",), rc=2),
+    Case("eval_target_nan", "eval", lambda w: _eval(w, "--target", str(w.copy(w.base.nan_ckpt, "ckpt")),
+                                                    "--method", "ar"),
+         ("{root}/ckpt/params: parameter 'layers.1.attn.wkv.weight' holds 1 " + NOT_FINITE,), rc=2),
+    Case("eval_drafter_nan", "eval",
+         lambda w: _eval(w, "--method", "hyperdflash", "--drafter",
+                         f"hyperdflash={w.copy(w.base.nan_drafter, 'drafter')}"),
+         ("{root}/drafter/params: parameter '{drafter_key}' holds 1 " + NOT_FINITE,), rc=2),
     # ---- train.drafter ----
     Case("train_config_list", "train", _train_config("- a\n- b\n"),
          ("--config {config}: expected a mapping at the top level",), rc=2),
