@@ -473,6 +473,9 @@ CASES = [
          ("--config {config}: expected a mapping at the top level",), rc=2),
     Case("train_config_missing", "train", lambda w: ["--config", str(w.root / "nope.yaml")],
          ("--config {root}/nope.yaml: file not found",), rc=2),
+    Case("train_target_nan", "train",
+         lambda w: _train_override(f"target.checkpoint={w.copy(w.base.nan_ckpt, 'ckpt')}")(w),
+         ("{root}/ckpt/params: parameter 'layers.1.attn.wkv.weight' holds 1 " + NOT_FINITE,), rc=2),
     # train-stack's typed config (their cases and messages, /tmp/notes/train-stack-badinputs.md)
     *[Case(f"train_{cid}", "train", make, (msg,), rc=2) for cid, make, msg in [
         ("lr_fast_override", _train_override("optim.lr=fast"), "optim.lr: expected a number, got 'fast'"),
