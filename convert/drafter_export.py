@@ -150,6 +150,7 @@ def zlab_config(cfg: DrafterConfig) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "max_position_embeddings": MAX_POSITIONS, "attention_bias": False, "attention_dropout": 0.0,
         "use_sliding_window": False, "tie_word_embeddings": False, "dtype": cfg.param_dtype,
+        "is_neox_style": True, "target_hidden_size": cfg.hc_mult * cfg.dim,
         "num_target_layers": cfg.target_n_layers,
         "dflash_config": {"block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id,
                           "target_layer_ids": tapped_layers(cfg)},
@@ -199,6 +200,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="destination folder (written atomically)")
     p.add_argument("--target", default=None,
                    help="--to here: a target checkpoint folder or preset to check the drafter against")
+    p.add_argument("--stream-pooling", default="flatten", choices=("flatten", "mean"),
+                   help="--to here: how the file's drafter saw a DeepSeek-V4 layer's streams: flatten (fc takes "
+                        "K·n·D inputs; speculators, this project) or mean (fc takes K·D; vLLM's DeepSeek-V4 "
+                        "aux hidden states); needs --target")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     return p
 
@@ -218,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.to == "zlab":
-            if args.target is not None:
-                raise ExportError("--target: only used with --to here")
+            if args.target is not None or args.stream_pooling != "flatten":
+                raise ExportError("--target / --stream-pooling: only used with --to here")
             res = to_zlab(args.src, args.dst, overwrite=args.overwrite)
         else:
-            res = to_here(args.src, args.dst, target_cfg=_target_cfg(args.target), overwrite=args.overwrite)
+            res = to_here(args.src, args.dst, target_cfg=_target_cfg(args.target), stream_pooling=args.stream_pooling,
+                          overwrite=args.overwrite)
     except (ExportError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -124,6 +124,11 @@ def drafter_config_from_zlab(path: Path, c: dict, tensors: dict[str, np.ndarray]
     if max(ids) >= c["num_target_layers"] or len(set(ids)) != len(ids):
         raise ExportError(f"{path}: dflash_config.target_layer_ids={ids}: 0-based layers, distinct, below "
                           f"num_target_layers={c['num_target_layers']}")
+    aux = c.get("eagle_aux_hidden_state_layer_ids")
+    if aux is not None and list(aux) != [i + 1 for i in ids]:
+        raise ExportError(f"{path}: eagle_aux_hidden_state_layer_ids={aux} (vLLM reads it first, capturing the input "
+                          f"of each layer) disagrees with dflash_config.target_layer_ids={ids} (layer outputs): "
+                          f"expected {[i + 1 for i in ids]}")
     rope = c.get("rope_parameters") or {}
     ext = c.get(EXT)
     fields = dict(
@@ -178,8 +183,15 @@ def _ext_fields(path: Path, ext: dict, ids: list[int], n_target: int) -> dict:
     return out
 
 
-def read_zlab(src: str | Path) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
-    """A z-lab DFlash folder → (DrafterConfig, {this project's dotted path: array}), every check applied."""
+def read_zlab(src: str | Path, *, target_cfg=None, stream_pooling: str = "flatten"
+              ) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
+    """A z-lab DFlash folder → (DrafterConfig, {this project's dotted path: array}), every check applied.
+
+    stream_pooling: how the drafter was fed a DeepSeek-V4 layer's hc_mult streams. 'flatten' (speculators'
+    layout, this project's): `fc` is [D, K·n·D]. 'mean' (the per-layer stream mean that vLLM's and ATOM's
+    DeepSeek-V4 auxiliary hidden states carry): `fc` is [D, K·D] and is imported as the equivalent flattened
+    compressor, each stream's block fc_k / n (needs `target_cfg` for n).
+    """
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a folder (a z-lab DFlash folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -190,11 +202,44 @@ def read_zlab(src: str | Path) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"{wpath}: not found")
     tensors = load_all(wpath if wpath.is_file() else src)
     wpath = wpath if wpath.is_file() else src
+    neox = c.get("is_neox_style", True)
+    if neox is not True and (neox is not False or EXT in c):  # this project's exports always hold rotate_half rows
+        raise ExportError(f"{cpath}: is_neox_style={neox!r}: expected true (rotate_half rows) or, for a file "
+                          "not written here, false (interleaved rows, as vLLM reads them)")
+    if stream_pooling == "mean":
+        _expand_mean_pooled(cpath, c, tensors, wpath, target_cfg)
+    elif stream_pooling != "flatten":
+        raise ExportError(f"--stream-pooling {stream_pooling!r}: one of flatten, mean")
     cfg = drafter_config_from_zlab(cpath, c, tensors, wpath)
-    return cfg, _tensors_here(cfg, tensors, wpath)
+    ths = c.get("target_hidden_size")
+    if ths is not None and stream_pooling == "flatten" and ths != cfg.hc_mult * cfg.dim:
+        raise ExportError(f"{cpath}: target_hidden_size={ths} disagrees with fc.weight (per tapped layer "
+                          f"{cfg.hc_mult}·{cfg.dim} = {cfg.hc_mult * cfg.dim} inputs)")
+    if target_cfg is not None and EXT not in c and cfg.hc_mult == 1 and target_cfg.hc_mult > 1:
+        raise ExportError(f"{wpath}: 'fc.weight' takes {cfg.dim} inputs per tapped layer but the target has "
+                          f"hc_mult={target_cfg.hc_mult} streams: a drafter trained on the stream mean (vLLM's "
+                          "DeepSeek-V4 auxiliary hidden states) imports with --stream-pooling mean; one trained on "
+                          f"flattened streams has {target_cfg.hc_mult * cfg.dim} inputs per layer")
+    return cfg, _tensors_here(cfg, tensors, wpath, permute=neox)
 
 
-def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Path) -> dict[str, np.ndarray]:
+def _expand_mean_pooled(cpath: Path, c: dict, tensors: dict, wpath: Path, target_cfg) -> None:
+    """fc [D, K·D] on stream means → the same map on flattened streams: [D, K, n, D] with fc_k / n per stream."""
+    if target_cfg is None:
+        raise ExportError(f"{cpath}: --stream-pooling mean needs --target (the number of streams)")
+    if EXT in c:
+        raise ExportError(f"{cpath}: written by this project (flattened streams); --stream-pooling mean does not apply")
+    fc = tensors.get("fc.weight")
+    d = c.get("hidden_size")
+    if fc is None or fc.ndim != 2 or fc.shape[0] != d or fc.shape[1] % d:
+        raise ExportError(f"{wpath}: 'fc.weight' missing or not [hidden_size, K·hidden_size]")
+    n, k = target_cfg.hc_mult, fc.shape[1] // d
+    per_stream = fc.astype(np.float32).reshape(d, k, 1, d) / np.float32(n)
+    tensors["fc.weight"] = np.broadcast_to(per_stream, (d, k, n, d)).reshape(d, k * n * d).astype(fc.dtype)
+
+
+def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Path, *, permute: bool = True
+                  ) -> dict[str, np.ndarray]:
     from hdflash_jax.drafter.model import abstract_drafter
 
     want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat_params(abstract_drafter(cfg)).items()}
@@ -217,15 +262,17 @@ def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Pat
         if tuple(a.shape) != shape:
             raise ExportError(f"{wpath}: tensor {m.there!r} has shape {tuple(a.shape)}, expected "
                               f"{list(shape)} for {CONFIG_FILE}")
-        out[m.here] = _move(_as_dtype(wpath, m.there, a, dtype), m.move, cfg.head_dim, inverse=True)
+        out[m.here] = _move(_as_dtype(wpath, m.there, a, dtype), m.move if permute else None, cfg.head_dim,
+                            inverse=True)
     return out
 
 
-def to_here(src: str | Path, dst: str | Path, *, target_cfg=None, overwrite: bool = False) -> Converted:
+def to_here(src: str | Path, dst: str | Path, *, target_cfg=None, stream_pooling: str = "flatten",
+            overwrite: bool = False) -> Converted:
     """Import a z-lab DFlash folder as a drafter checkpoint (`eval.run --drafter NAME=DST`), atomically."""
     from hdflash_jax.drafter.checkpoint import save_drafter
 
-    cfg, flat = read_zlab(src)
+    cfg, flat = read_zlab(src, target_cfg=target_cfg, stream_pooling=stream_pooling)
     if target_cfg is not None:
         cfg.check_target(target_cfg, where=f"{Path(src) / CONFIG_FILE}")
     path = save_drafter(dst, flat, cfg, overwrite=overwrite)

@@ -71,7 +71,7 @@ def reference_model(folder: Path, cfg: DrafterConfig):
     return model
 
 
-def compare_draft_logits(drafter, model, cfg: DrafterConfig, steps=(7, 3, 1, 4), seed=0) -> float:
+def compare_draft_logits(drafter, model, cfg: DrafterConfig, steps=(7, 3, 1, 4), seed=0, ref_features=None) -> float:
     """Several decode steps the way dflash_generate drives the reference: step s appends the features of the n_s
     newly committed positions and drafts B−1 slots after the anchor at `start`; the reference's draft cache is
     cropped to `start` after each call, as dflash_generate does. Returns the worst relative logit error."""
@@ -94,7 +94,8 @@ def compare_draft_logits(drafter, model, cfg: DrafterConfig, steps=(7, 3, 1, 4),
         start += n
         ids = torch.tensor([[anchor] + [cfg.mask_token_id] * (bs - 1)])
         with torch.no_grad():
-            hidden = model(target_hidden=torch.from_numpy(feats.reshape(1, n, -1)),
+            ref_in = feats.reshape(1, n, -1) if ref_features is None else ref_features(feats)
+            hidden = model(target_hidden=torch.from_numpy(np.ascontiguousarray(ref_in)),
                            noise_embedding=torch.from_numpy(embed)[ids],
                            position_ids=torch.arange(start - n, start + bs)[None],
                            past_key_values=ref_cache, use_cache=True)[:, 1 - bs:, :]
@@ -206,6 +207,9 @@ def _rename(t):
     (lambda c: c[ex.EXT].update(rope="interleaved"), None, "hdflash.rope='interleaved'"),
     (lambda c: c.update(architectures=["DFlash2DraftModel"]), None, "DFlash2"),
     (lambda c: c.update(attention_bias=True), None, "attention_bias"),
+    (lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 3]), None, "eagle_aux_hidden_state_layer_ids=[1, 3]"),
+    (lambda c: c.update(target_hidden_size=D), None, "target_hidden_size=64 disagrees with fc.weight"),
+    (lambda c: c.update(is_neox_style=False), None, "is_neox_style=False: expected true"),
     (None, _rename, "model.safetensors: unexpected tensor 'fc.weights'"),
     (None, lambda t: t.update({"lm_head.weight": np.zeros((V, D), np.float32)}), "embedding/head copy"),
     (None, lambda t: t.pop("layers.1.self_attn.k_norm.weight"), "tensor 'layers.1.self_attn.k_norm.weight' missing"),
@@ -390,3 +394,52 @@ def test_zlab_dflash_generate_with_transformers_target_matches_this_decoder(tmp_
     committed = [int(a) + 1 for a in out.accepted[:, 0] if a >= 0]
     assert res.acceptance_lengths[:-1] == committed[: len(res.acceptance_lengths) - 1]
     assert sum(committed) >= n_new - 1 and max(committed) > 1, committed  # the drafter really speculates
+
+
+def test_interleaved_rope_file_imports_without_permutation(exported, tmp_path):
+    """A file that says is_neox_style: false (vLLM's flag for interleaved RoPE) holds q/k rows in this project's
+    order: un-permuted back by hand, it imports to the very parameters the export came from."""
+    def interleave(t):
+        for key in list(t):
+            if key.endswith(("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight")):
+                inv = np.argsort(ex.rope_permutation(16))
+                w = t[key]
+                t[key] = np.ascontiguousarray(w[inv] if w.ndim == 1 else w.reshape(-1, 16, w.shape[1])[:, inv].reshape(
+                    w.shape))
+
+    def plain(c):
+        del c[ex.EXT]
+        c["is_neox_style"] = False
+
+    src = _broken(exported, tmp_path, plain, interleave)
+    _, a = im.read_zlab(exported)
+    cfg, b = im.read_zlab(src)
+    assert cfg.conditioning == "layers" and cfg.hc_mult == 4
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_mean_pooled_reference_drafter_imports_exactly(tmp_path, capsys):
+    """z-lab's class as is (fc [D, K·D]) for a 4-stream target: the layout of a drafter fed per-layer stream means
+    (vLLM's DeepSeek-V4 aux hidden states). Without --stream-pooling the import refuses and says why; with
+    `mean` the imported drafter on flattened streams drafts what the reference drafts on their means."""
+    t = get_preset("tiny")
+    torch.manual_seed(1)
+    rcfg = Qwen3Config(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_size=96, vocab_size=V, num_target_layers=6,
+                       dflash_config={"block_size": 4, "mask_token_id": V - 1, "target_layer_ids": [1, 3]})
+    model = dflash_model.DFlashDraftModel(rcfg).eval().to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "ref"))
+    tiny_v = t.replace(vocab_size=V)  # the tiny target's streams and depth, this test's vocabulary
+    with pytest.raises(im.ExportError, match="--stream-pooling mean"):
+        im.read_zlab(tmp_path / "ref", target_cfg=tiny_v)
+    with pytest.raises(im.ExportError, match="needs --target"):
+        im.read_zlab(tmp_path / "ref", stream_pooling="mean")
+    res = im.to_here(tmp_path / "ref", tmp_path / "imp", target_cfg=tiny_v, stream_pooling="mean")
+    cfg, drafter = load_drafter(res.dst, tiny_v)
+    assert cfg.hc_mult == t.hc_mult == 4
+    err = compare_draft_logits(drafter, model, cfg, ref_features=lambda f: f.mean(axis=3).reshape(1, f.shape[1], -1))
+    assert err <= 1e-5, err
