@@ -20,7 +20,7 @@ import torch
 
 from hdflash_jax.config import DrafterConfig, get_preset
 from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayTokens, ReplayDrafter
-from hdflash_jax.decode.generate import DecodeSettings, Generator
+from hdflash_jax.decode.generate import DecodeSettings, Generator, plan_decode
 from hdflash_jax.drafter.model import init_drafter_from_target
 from hdflash_jax.deepseek_v4.model import init_target
 
@@ -35,6 +35,58 @@ def _timed(fn, repeats):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return out, best, max(first_s - best, 0.0)
+
+
+def _row(res, wall, compile_s, n_tokens, ar) -> dict:
+    return dict(tok_s=n_tokens / wall, tau=res.stats.tau, wall_s=wall, compile_s=compile_s,
+                same_as_ar=bool((res.tokens == ar.tokens).all()))
+
+
+def _speculative(cfg, target, prompts, ar, settings, args) -> dict:
+    """name -> (drafter, modules): MTP, the two untrained block drafters and the replay ceiling."""
+    k = args.block_size - 1
+    # the replay reference: each prompt, then AR's continuation, as long as the decoder's cache for K drafts
+    ref = np.zeros((args.batch, plan_decode(settings, k, cfg.max_seq_len, [len(p) for p in prompts]).max_len),
+                   np.int32)
+    for r, p in enumerate(prompts):
+        ref[r, : len(p)] = p
+        ref[r, len(p): len(p) + args.new_tokens] = ar.tokens[r]
+    small = dict(n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=128, block_size=args.block_size)
+    hyper = DrafterConfig.for_target(cfg, **small)
+    vanilla = DrafterConfig.for_target(cfg, conditioning="layers", reducer="linear", **small)
+    return {
+        f"mtp (k={args.mtp_k})": (MTPDrafter(args.mtp_k), None),
+        "hyperdflash (untrained)": (BlockDrafterAdapter(hyper, k), init_drafter_from_target(target, hyper)),
+        "dflash (untrained)": (BlockDrafterAdapter(vanilla, k), init_drafter_from_target(target, vanilla)),
+        "replay ceiling": (ReplayDrafter(k), ReplayTokens(ref)),
+    }
+
+
+def _transformers_row(cfg, prompts, settings, args, n_tokens) -> dict:
+    """transformers' eager greedy `generate` on the same weights, checked against this project's AR."""
+    from tests.hf_reference import make_hf_model, load_hf_into
+
+    hcfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.layer_ratios)
+    hf = make_hf_model(hcfg, seed=0)
+    t2 = init_target(hcfg)
+    load_hf_into(t2, hf)  # the same weights in both
+    ours = Generator(t2, settings=settings).generate(prompts)
+    with torch.no_grad():
+        toks = torch.as_tensor(np.asarray(prompts))
+        t = time.perf_counter()
+        out = hf.generate(toks, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          do_sample=False, pad_token_id=0)
+        hf_s = time.perf_counter() - t
+    same = bool((out[:, args.prompt_len:].numpy() == ours.tokens).all())
+    return dict(tok_s=n_tokens / hf_s, tau=1.0, wall_s=hf_s, compile_s=0.0, same_as_ar=same)
+
+
+def _print(rows: dict) -> None:
+    print(f"{'method':32s} {'tok/s':>9s} {'tau':>6s} {'speedup':>8s} {'compile s':>10s} {'== AR':>6s}")
+    for name, r in rows.items():
+        print(f"{name:32s} {r['tok_s']:9.1f} {r['tau']:6.2f} {r['speedup_vs_ar']:7.2f}x {r['compile_s']:10.1f} "
+              f"{str(r['same_as_ar']):>6s}")
+    print(f"while_loop vs python loop (AR): {rows['ar (python loop)']['wall_s'] / rows['ar']['wall_s']:.2f}x")
 
 
 def main(argv=None):
@@ -59,60 +111,19 @@ def main(argv=None):
 
     ar_gen = Generator(target, settings=settings)
     ar, ar_s, ar_compile = _timed(lambda: ar_gen.generate(prompts), args.repeats)
-    rows["ar"] = dict(tok_s=n_tokens / ar_s, tau=1.0, wall_s=ar_s, compile_s=ar_compile, same_as_ar=True)
-    host, host_s, host_compile = _timed(lambda: ar_gen.generate_host_loop(prompts), args.repeats)
-    rows["ar (python loop)"] = dict(tok_s=n_tokens / host_s, tau=1.0, wall_s=host_s, compile_s=host_compile,
-                                    same_as_ar=bool((host.tokens == ar.tokens).all()))
-
-    ref = np.zeros((args.batch, args.prompt_len + args.new_tokens + args.block_size + 1), np.int32)
-    for r, p in enumerate(prompts):
-        ref[r, : len(p)] = p
-        ref[r, len(p): len(p) + args.new_tokens] = ar.tokens[r]
-    k = args.block_size - 1
-    small = dict(n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=128, block_size=args.block_size)
-    hyper = DrafterConfig.for_target(cfg, **small)
-    vanilla = DrafterConfig.for_target(cfg, conditioning="layers", reducer="linear", **small)
-    methods = {
-        f"mtp (k={args.mtp_k})": (MTPDrafter(args.mtp_k), None),
-        "hyperdflash (untrained)": (BlockDrafterAdapter(hyper, k), init_drafter_from_target(target, hyper)),
-        "dflash (untrained)": (BlockDrafterAdapter(vanilla, k), init_drafter_from_target(target, vanilla)),
-        "replay ceiling": (ReplayDrafter(k), ReplayTokens(ref)),
-    }
-    for name, (drafter, modules) in methods.items():
+    rows["ar"] = _row(ar, ar_s, ar_compile, n_tokens, ar)
+    rows["ar (python loop)"] = _row(*_timed(lambda: ar_gen.generate_host_loop(prompts), args.repeats), n_tokens, ar)
+    for name, (drafter, modules) in _speculative(cfg, target, prompts, ar, settings, args).items():
         g = Generator(target, drafter, modules, settings=settings)
-        res, wall, comp = _timed(lambda: g.generate(prompts), args.repeats)
-        rows[name] = dict(tok_s=n_tokens / wall, tau=res.stats.tau, wall_s=wall, compile_s=comp,
-                          same_as_ar=bool((res.tokens == ar.tokens).all()))
+        rows[name] = _row(*_timed(lambda: g.generate(prompts), args.repeats), n_tokens, ar)
         if name == "replay ceiling":
-            h, h_wall, h_comp = _timed(lambda: g.generate_host_loop(prompts), args.repeats)
-            rows["replay ceiling (python loop)"] = dict(tok_s=n_tokens / h_wall, tau=h.stats.tau, wall_s=h_wall,
-                                                        compile_s=h_comp,
-                                                        same_as_ar=bool((h.tokens == ar.tokens).all()))
-
+            rows["replay ceiling (python loop)"] = _row(*_timed(lambda: g.generate_host_loop(prompts), args.repeats),
+                                                        n_tokens, ar)
     if not args.skip_transformers:
-        from tests.hf_reference import make_hf_model, load_hf_into
-
-        hcfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.layer_ratios)
-        hf = make_hf_model(hcfg, seed=0)
-        t2 = init_target(hcfg)
-        load_hf_into(t2, hf)  # the same weights in both
-        ours = Generator(t2, settings=settings).generate(prompts)
-        with torch.no_grad():
-            toks = torch.as_tensor(np.asarray(prompts))
-            t = time.perf_counter()
-            out = hf.generate(toks, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              do_sample=False, pad_token_id=0)
-            hf_s = time.perf_counter() - t
-        same = bool((out[:, args.prompt_len:].numpy() == ours.tokens).all())
-        rows["transformers generate (eager)"] = dict(tok_s=n_tokens / hf_s, tau=1.0, wall_s=hf_s, compile_s=0.0,
-                                                     same_as_ar=same)
-
-    print(f"{'method':32s} {'tok/s':>9s} {'tau':>6s} {'speedup':>8s} {'compile s':>10s} {'== AR':>6s}")
-    for name, r in rows.items():
+        rows["transformers generate (eager)"] = _transformers_row(cfg, prompts, settings, args, n_tokens)
+    for r in rows.values():
         r["speedup_vs_ar"] = rows["ar"]["wall_s"] / r["wall_s"]
-        print(f"{name:32s} {r['tok_s']:9.1f} {r['tau']:6.2f} {r['speedup_vs_ar']:7.2f}x {r['compile_s']:10.1f} "
-              f"{str(r['same_as_ar']):>6s}")
-    print(f"while_loop vs python loop (AR): {rows['ar (python loop)']['wall_s'] / rows['ar']['wall_s']:.2f}x")
+    _print(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(jax.devices()[0]), "rows": rows}, f, indent=2)
