@@ -307,7 +307,7 @@ def hf_from_project(target):
         else:
             v = leaf(official)
         assert tuple(v.shape) == tuple(ref.shape), name
-        state[name] = torch.from_numpy(np.ascontiguousarray(v)).to(ref.dtype)
+        state[name] = torch.from_numpy(np.array(v)).to(ref.dtype)  # a writable copy
     hf.load_state_dict(state, strict=True)
     return hf
 
