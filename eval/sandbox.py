@@ -18,7 +18,8 @@ inside Linux namespaces (`isolation()` picks the first mechanism that works here
 - 'none': the bare process only. Running model code this way needs `allow_unisolated=True`;
   without it `run_program` raises UnisolatedError (the message is printed once, loudly).
 
-Resource limits (set before exec, inherited by everything inside):
+Resource limits (set by util-linux `prlimit` before it execs the sandbox, else by a preexec_fn;
+inherited by everything inside):
 - RLIMIT_AS (address space, default 1 GiB): runaway allocations fail with MemoryError;
 - RLIMIT_CPU (ceil(timeout)+1 s): a CPU-bound child dies even if the parent is stuck;
 - RLIMIT_CORE = 0: no core files; RLIMIT_FSIZE (default 16 MiB): no disk filling;
@@ -189,7 +190,8 @@ def _task_count(uid: int) -> int | None:
 
 
 def _limits(timeout_s: float, memory_bytes: int, file_bytes: int, max_new_procs: int | None, nproc_uid: int | None):
-    """The (resource, soft, hard) triples to set in the child.
+    """The (resource, soft, hard) triples to set in the child, within this process's hard limits
+    (an unprivileged child cannot raise them).
 
     The CPU hard limit is one second above the soft one, so the child first gets SIGXCPU
     (reported as 'timeout') rather than an anonymous SIGKILL.
@@ -206,15 +208,30 @@ def _limits(timeout_s: float, memory_bytes: int, file_bytes: int, max_new_procs:
         if current is not None:
             n = current + max_new_procs
             limits.append((resource.RLIMIT_NPROC, n, n))
-    return limits
+    clamped = []
+    for res, soft, hard in limits:
+        _, old_hard = resource.getrlimit(res)
+        if old_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, old_hard), min(hard, old_hard)
+        clamped.append((res, soft, hard))
+    return clamped
+
+
+_PRLIMIT_NAMES = {resource.RLIMIT_AS: "as", resource.RLIMIT_CPU: "cpu", resource.RLIMIT_CORE: "core",
+                  resource.RLIMIT_FSIZE: "fsize", resource.RLIMIT_NPROC: "nproc"}
+
+
+def _prlimit_argv(limits) -> list[str]:
+    """util-linux prlimit setting `limits` before it execs the rest of the command line."""
+    def value(v):
+        return "unlimited" if v == resource.RLIM_INFINITY else str(v)
+
+    return [shutil.which("prlimit")] + [f"--{_PRLIMIT_NAMES[r]}={value(s)}:{value(h)}" for r, s, h in limits] + ["--"]
 
 
 def _make_preexec(limits):
     def preexec():  # runs in the child between fork and exec: keep it minimal
         for res, soft, hard in limits:
-            _, old_hard = resource.getrlimit(res)
-            if old_hard != resource.RLIM_INFINITY:  # an unprivileged child cannot raise it
-                soft, hard = min(soft, old_hard), min(hard, old_hard)
             try:
                 resource.setrlimit(res, (soft, hard))
             except (ValueError, OSError):
@@ -286,9 +303,16 @@ def _execute(source: str, timeout_s: float, mechanism: str, limits_args: tuple) 
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        # prlimit sets the limits and execs, so no Python runs between fork and exec (a preexec_fn forks the
+        # whole, possibly multithreaded, evaluator: JAX warns that it may deadlock); preexec_fn is the fallback.
+        preexec = None
+        if shutil.which("prlimit"):
+            argv = _prlimit_argv(limits) + argv
+        else:
+            preexec = _make_preexec(limits)
         with open(work / "stdout.txt", "wb") as out, open(work / "stderr.txt", "wb") as err:
             proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, preexec_fn=_make_preexec(limits), close_fds=True)
+                                    start_new_session=True, preexec_fn=preexec, close_fds=True)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
