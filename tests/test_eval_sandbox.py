@@ -202,12 +202,14 @@ def test_all_canonical_solutions_pass_isolated():
         assert set(_not_passing(samples, m, 30.0)) == MBPP_FLAWED, m
 
 
-def test_limits_hold_without_prlimit_too(monkeypatch):
-    """Where util-linux prlimit is missing, a preexec_fn sets the same limits."""
-    which = sandbox.shutil.which
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "prlimit" else which(name))
+@pytest.mark.parametrize("prlimit", [True, False])
+def test_limits_are_set_with_and_without_prlimit(monkeypatch, prlimit):
+    """util-linux prlimit sets the limits before exec; where it is missing, a preexec_fn sets the same."""
+    if not prlimit:
+        which = sandbox.shutil.which
+        monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "prlimit" else which(name))
+    src = "import resource, sys\nprint(resource.getrlimit(resource.RLIMIT_FSIZE), file=sys.stderr)\n"
+    r = run_program(src, 5, file_bytes=12345)
+    assert r.passed and "(12345, 12345)" in r.stderr_tail
     r = run_program("x = bytearray(4 << 30)\n", 5)
     assert not r.passed and "MemoryError" in r.stderr_tail
-    r = run_program("import resource\nprint(resource.getrlimit(resource.RLIMIT_FSIZE), file=__import__('sys').stderr)\n",
-                    5, file_bytes=12345)
-    assert r.passed and "(12345, 12345)" in r.stderr_tail
