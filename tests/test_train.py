@@ -386,7 +386,7 @@ def test_two_processes_match_one_process(work, reference_run):
     traj = [(k, ref[k], multi[k]) for k in (1, 2, 3)]
     print("loss trajectory (step, 1 process, 2 processes):", traj)
     for _, a, b in traj:
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), traj
+        assert a == b, traj  # bit for bit, as the README says: the same reduction order on one and two processes
     assert ref[3] < ref[1]  # it trains
 
 
