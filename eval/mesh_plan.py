@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -49,6 +50,12 @@ class PlanResult:
     bytes_accessed: float
     compile_s: float
     hlo_chars: int
+    loop_dot_flops: float  # matmul FLOPs with loop bodies counted per iteration (cost_analysis counts them once)
+    active_flops: float  # 2 · active parameters · tokens / devices: what a perfectly split matmul program costs
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.loop_dot_flops / self.active_flops if self.active_flops else float("nan")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +76,7 @@ def _parse(argv):
                     help="TargetConfig field override, e.g. attention_impl=dense (repeatable)")
     ap.add_argument("--json", help="write one object per program to this file")
     ap.add_argument("--fits", choices=sorted(ACCELERATORS), help="check the per-device bytes against this chip")
+    ap.add_argument("--hlo", help="write the compiled HLO text of the (last) program here")
     return ap.parse_args(argv)
 
 
@@ -143,7 +151,7 @@ def _program(name, cfg, args, mesh, graph, state):
         cache = _abstract(cache, _cache_shardings(mesh, cache))
 
         def run(state, tokens, cache):
-            out = nnx.merge(graph, state)(tokens, cache)
+            out = nnx.merge(graph, state)(tokens, cache, last_logits=name == "prefill")
             return out.logits[:, -1], out.cache
 
         return run, (state, tokens, cache), (2,)
@@ -160,6 +168,88 @@ def _program(name, cfg, args, mesh, graph, state):
         key = jax.eval_shape(lambda: jax.random.key(0))
         return (lambda st, p, n, k: fn(st, None, p, n, k)), (state, tokens, lengths, key), ()
     raise SystemExit(f"--program {name}: not yet (planned: {', '.join(NOT_YET)} after the target programs)")
+
+
+_COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"^\w+\[([0-9,]*)\]")
+_CALLS = re.compile(r"(?:calls|body|to_apply|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def loop_dot_flops(hlo: str) -> tuple[float, int]:
+    """Matmul FLOPs of a compiled HLO module with every while-loop body counted once per iteration (XLA's
+    cost_analysis counts a loop body once). Returns (flops, loops whose trip count XLA did not know: counted once).
+    Each dot costs 2 · |output| · |contracted lhs dims|."""
+    comps: dict[str, tuple[float, list]] = {}
+    shapes: dict[str, list[int]] = {}
+    name, dots, calls, unknown = None, 0.0, [], 0
+    entry = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m:
+            name, dots, calls = m.group(1), 0.0, []
+            if line.startswith("ENTRY"):
+                entry = name
+            continue
+        if line.startswith("}") and name:
+            comps[name] = (dots, calls)
+            name = None
+            continue
+        m = _INSTR.match(line)
+        if not m or name is None:
+            continue
+        var, typ, op, rest = m.groups()
+        arr = _ARRAY.match(typ)
+        shapes[var] = [int(d) for d in arr.group(1).split(",") if d] if arr else []
+        if op == "dot":
+            lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+            contract = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest).group(1)
+            k = 1
+            for i in (int(c) for c in contract.split(",") if c):
+                k *= shapes.get(lhs, [1] * (i + 1))[i]
+            out = 1
+            for d in shapes[var]:
+                out *= d
+            dots += 2.0 * out * k
+        trips = 1
+        if op == "while":
+            t = _TRIP.search(rest)
+            trips = int(t.group(1)) if t else 1
+            unknown += t is None
+        for group in _CALLS.findall(rest):
+            for callee in group.replace("%", "").split(","):
+                if callee.strip():
+                    calls.append((callee.strip(), trips))
+
+    memo: dict[str, float] = {}
+
+    def total(c: str) -> float:
+        if c not in memo:
+            d, cs = comps.get(c, (0.0, []))
+            memo[c] = d + sum(n * total(callee) for callee, n in cs)
+        return memo[c]
+
+    return (total(entry) if entry else 0.0), unknown
+
+
+
+def active_params(cfg, state) -> int:
+    """Parameters one token's forward multiplies by: all but the embedding (a lookup) and the routed experts it
+    does not use (k of E per MoE layer)."""
+    import numpy as np
+    from flax import nnx
+
+    total = routed = 0
+    for path, var in nnx.to_flat_state(state):
+        size = int(np.prod(var.shape))
+        keys = tuple(str(k) for k in path)
+        if keys[0] == "embed":
+            continue
+        total += size
+        if "experts" in keys and "shared_experts" not in keys:
+            routed += size
+    return total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts
 
 
 def _device_count(spec: str) -> int:
@@ -186,6 +276,7 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=KeyGen(0)))
     graph, state = nnx.split(model)
+    n_active = active_params(cfg, nnx.state(model, nnx.Param))
     shardings = state_shardings(state, mesh)
     state = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)), state,
                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -195,6 +286,13 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         lowered = jax.jit(fn, donate_argnums=donate).lower(*abstract_args)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo)
+    loop_flops, unknown_trips = loop_dot_flops(hlo)
+    if unknown_trips:
+        print(f"  note: {unknown_trips} loop(s) without a known trip count, counted once", file=sys.stderr)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -204,7 +302,8 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         output_bytes=int(mem.output_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
-        hlo_chars=len(compiled.as_text()))
+        hlo_chars=len(hlo), loop_dot_flops=loop_flops,
+        active_flops=2.0 * n_active * args.batch * args.seq / mesh.size if name != "generate" else 0.0)
 
 
 def _gib(x) -> str:
@@ -218,6 +317,11 @@ def report(r: PlanResult, fits: str | None) -> str:
              f"temp {_gib(r.temp_bytes)}, alias {_gib(r.alias_bytes)}",
              f"  flops {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g}, compile {r.compile_s:.1f} s, "
              f"HLO {r.hlo_chars:,} chars"]
+    lines.append(f"  matmul flops with loop bodies x trip count {r.loop_dot_flops:.4g} (cost_analysis counts a loop "
+                 f"body once)")
+    if r.active_flops:
+        lines.append(f"  2 x active params x tokens / devices = {r.active_flops:.4g} flops (matmul flops / that = "
+                     f"{r.flops_ratio:.2f}x)")
     if fits:
         hbm, bw = ACCELERATORS[fits]
         need = r.argument_bytes + r.output_bytes + r.temp_bytes - r.alias_bytes

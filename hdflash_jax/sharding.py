@@ -94,3 +94,27 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     axes = tuple(a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1)
     lead = axes if len(axes) > 1 else (axes[0] if axes else None)
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+# activations [B, T, ...]: rows over the data-parallel axes, positions over the expert axis (at batch 1 the expert
+# axis would otherwise hold a full copy of every token's streams; the MoE gathers tokens for its experts anyway)
+SEQUENCE_AXES = ("expert",)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Shard an activation [B, T, ...] over the current mesh's batch and sequence axes where they divide it;
+    unchanged outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = dict(mesh.shape)
+
+    def fit(axes, dim):
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
+        n = int(np.prod([sizes[a] for a in axes])) if axes else 1
+        if not axes or dim % n:
+            return None
+        return axes if len(axes) > 1 else axes[0]
+
+    spec = P(fit(RULES["batch"], x.shape[0]), fit(SEQUENCE_AXES, x.shape[1]), *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -10,6 +10,7 @@ the same code) and returns the updated cache; see `cache.py` for the layout and 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,167 @@ class Indexer(nnx.Module):
         return idx, idx < limit[..., None]
 
 
+class AttentionInputs(NamedTuple):
+    """What the attention core reads: queries and this call's keys, the committed ring, compressed entries, and
+    the inputs the CSA indexer needs per query."""
+    q: jax.Array  # [B, T, H, d], rope applied
+    kv: jax.Array  # [B, T, d]: this call's keys (= values)
+    ring_kv: jax.Array  # [B, R, d]: committed window keys
+    ring_pos: jax.Array  # [B, R]: their positions, -2**30 where not committed
+    positions: jax.Array  # [B, T]
+    comp: jax.Array | None  # [B, N, d] compressed entries (CSA/HCA), None for SWA
+    x: jax.Array  # [B, T, D] (indexer weights)
+    q_lat: jax.Array  # [B, T, q_lora] (indexer queries)
+    cos: jax.Array
+    sin: jax.Array
+
+
+def _window_mask(q_pos, k_pos, window: int):
+    rel = q_pos[:, :, None] - k_pos[:, None, :]
+    return (rel >= 0) & (rel < window)  # [B, Tq, S]
+
+
+def _sink_softmax(scores, sink):
+    """Softmax over the last axis with a per-head sink [H] that only adds to the denominator."""
+    sink = sink[None, :, None, None]
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    p = jnp.exp(scores - top)
+    return p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
+def dense_core(a: AttentionInputs, sink, window: int, ratio: int, select):
+    """Reference: one score matrix over [ring | all new keys | compressed] per query. Memory O(T·(R + T + N))."""
+    q, d = a.q, a.q.shape[-1]
+    keys = jnp.concatenate([a.ring_kv, a.kv], axis=1)
+    key_pos = jnp.concatenate([a.ring_pos, a.positions], axis=1)
+    scores = jnp.einsum("bthd,bsd->bhts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(_window_mask(a.positions, key_pos, window)[:, None], scores, NEG_INF)
+    if ratio and select is not None:
+        sel, valid = select(a.x, a.q_lat, a.positions, a.cos, a.sin)
+        comp_keys = jnp.take_along_axis(a.comp[:, None], sel[..., None], axis=2).astype(q.dtype)  # [B, T, k, d]
+        c_scores = jnp.einsum("bthd,btkd->bhtk", q, comp_keys, preferred_element_type=jnp.float32)
+        c_scores = jnp.where(valid[:, None], c_scores, NEG_INF)
+    elif ratio:
+        causal = jnp.arange(a.comp.shape[1])[None, None, :] < ((a.positions + 1) // ratio)[..., None]
+        c_scores = jnp.einsum("bthd,bsd->bhts", q, a.comp.astype(q.dtype), preferred_element_type=jnp.float32)
+        c_scores = jnp.where(causal[:, None], c_scores, NEG_INF)
+    if ratio:
+        scores = jnp.concatenate([scores, c_scores], axis=-1)
+    p = _sink_softmax(scores * (1.0 / math.sqrt(d)), sink).astype(q.dtype)
+    n_win = keys.shape[1]
+    out = jnp.einsum("bhts,bsd->bthd", p[..., :n_win], keys)
+    if ratio and select is not None:
+        out = out + jnp.einsum("bhtk,btkd->bthd", p[..., n_win:], comp_keys)
+    elif ratio:
+        out = out + jnp.einsum("bhts,bsd->bthd", p[..., n_win:], a.comp.astype(q.dtype))
+    return out
+
+
+# ---- chunked: an online softmax over the keys each query chunk may see -------------------------------------
+
+class _Partial(NamedTuple):
+    """Softmax pieces over one key set: running max m [B, H, C], sum l [B, H, C], unnormalised out o [B, C, H, d]."""
+    m: jax.Array
+    l: jax.Array
+    o: jax.Array
+
+
+def _partial(scores, mask, values, spec: str) -> _Partial:
+    scores = jnp.where(mask, scores, NEG_INF)
+    m = jnp.max(scores, axis=-1)
+    p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
+    o = jnp.einsum(spec, p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return _Partial(m, jnp.sum(p, axis=-1), o)
+
+
+def _rescale(o, factor):
+    return o * jnp.swapaxes(factor, 1, 2)[..., None]  # factor [B, H, C] -> [B, C, H, 1]
+
+
+def _merge(a: _Partial, b: _Partial) -> _Partial:
+    m = jnp.maximum(a.m, b.m)
+    fa, fb = jnp.exp(a.m - m), jnp.exp(b.m - m)
+    return _Partial(m, a.l * fa + b.l * fb, _rescale(a.o, fa) + _rescale(b.o, fb))
+
+
+def _finish(part: _Partial, sink):
+    """Normalise, the sink in the denominator: o / (l + e^sink), all in the running-max frame."""
+    s = jnp.broadcast_to(sink[None, :, None], part.m.shape)
+    m = jnp.maximum(part.m, s)
+    f = jnp.exp(part.m - m)
+    denom = part.l * f + jnp.exp(s - m)
+    return _rescale(part.o, f / denom)
+
+
+def _hca_blocks(q, q_pos, comp, ratio: int, block: int, scale: float) -> _Partial:
+    """All causal compressed entries (w < (p + 1) // m), `block` entries at a time."""
+    b, n, d = comp.shape
+    limit = (q_pos + 1) // ratio  # [B, C]
+
+    def one(ent, ent_idx):
+        s = jnp.einsum("bthd,bsd->bhts", q, ent, preferred_element_type=jnp.float32) * scale
+        mask = (ent_idx[None, None, :] < limit[..., None])[:, None]
+        return _partial(s, mask, ent, "bhts,bsd->bthd")
+
+    if n <= block:
+        return one(comp.astype(q.dtype), jnp.arange(n))
+    n_blocks = -(-n // block)
+    padded = jnp.pad(comp.astype(q.dtype), ((0, 0), (0, n_blocks * block - n), (0, 0)))
+
+    def step(acc, i):
+        ent = jax.lax.dynamic_slice_in_dim(padded, i * block, block, axis=1)
+        return _merge(acc, one(ent, i * block + jnp.arange(block))), None
+
+    c, h = q.shape[1], q.shape[2]
+    init = _Partial(jnp.full((b, h, c), NEG_INF, jnp.float32), jnp.zeros((b, h, c), jnp.float32),
+                    jnp.zeros((b, c, h, d), jnp.float32))
+    acc, _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+    return acc
+
+
+def chunked_core(a: AttentionInputs, sink, window: int, ratio: int, select, chunk: int):
+    """Queries in chunks of `chunk`; each chunk sees the ring, the band of new keys its window reaches, and its
+    compressed entries (all causal ones for HCA, blocked; its top-k for CSA, gathered per chunk). Memory per
+    chunk O(chunk · (R + chunk + W + block or k)); equal to `dense_core` up to summation order."""
+    b, t, h, d = a.q.shape
+    c = min(chunk, t)
+    n_chunks = -(-t // c)
+    t_pad = n_chunks * c
+    band = min(t_pad, c + window - 1)
+
+    def pad(x, value=0):
+        return jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+    scale = 1.0 / math.sqrt(d)
+    q = pad(a.q)
+    kv, positions = pad(a.kv), pad(a.positions, 2**29)  # padded keys lie in every real query's future
+    x, q_lat, cos, sin = pad(a.x), pad(a.q_lat), pad(a.cos), pad(a.sin)
+
+    def one(i):
+        def rows(arr):
+            return jax.lax.dynamic_slice_in_dim(arr, i * c, c, axis=1)
+
+        q_i, pos_i = rows(q), rows(positions)
+        off = jnp.clip(i * c - (window - 1), 0, t_pad - band)
+        keys = jnp.concatenate([a.ring_kv, jax.lax.dynamic_slice_in_dim(kv, off, band, axis=1)], axis=1)
+        key_pos = jnp.concatenate([a.ring_pos, jax.lax.dynamic_slice_in_dim(positions, off, band, axis=1)], axis=1)
+        s = jnp.einsum("bthd,bsd->bhts", q_i, keys, preferred_element_type=jnp.float32) * scale
+        part = _partial(s, _window_mask(pos_i, key_pos, window)[:, None], keys, "bhts,bsd->bthd")
+        if ratio and select is not None:
+            sel, valid = select(rows(x), rows(q_lat), pos_i, rows(cos), rows(sin))
+            comp_keys = jnp.take_along_axis(a.comp[:, None], sel[..., None], axis=2).astype(q.dtype)
+            s = jnp.einsum("bthd,btkd->bhtk", q_i, comp_keys, preferred_element_type=jnp.float32) * scale
+            part = _merge(part, _partial(s, valid[:, None], comp_keys, "bhtk,btkd->bthd"))
+        elif ratio:
+            part = _merge(part, _hca_blocks(q_i, pos_i, a.comp, ratio, chunk, scale))
+        return _finish(part, sink).astype(a.q.dtype)
+
+    if n_chunks == 1:
+        return one(0)[:, :t]
+    out = jax.lax.map(one, jnp.arange(n_chunks))  # [n_chunks, B, c, H, d]
+    return jnp.moveaxis(out, 0, 1).reshape(b, t_pad, h, d)[:, :t]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TargetConfig, ratio: int, *, dtype, rngs: nnx.Rngs):
         self.cfg, self.ratio = cfg, ratio
@@ -137,19 +299,13 @@ class Attention(nnx.Module):
 
         # Sliding window: committed ring entries (positions < start) followed by this call's own keys.
         ring_pos = jnp.where((cache["win_pos"] >= 0) & (cache["win_pos"] < start[:, None]), cache["win_pos"], -2**30)
-        keys = jnp.concatenate([cache["win_kv"].astype(kv.dtype), kv], axis=1)
-        key_pos = jnp.concatenate([ring_pos, positions], axis=1)
-        rel = positions[:, :, None] - key_pos[:, None, :]
-        win_mask = (rel >= 0) & (rel < cfg.window_size)  # [B, T, R + T]
-        scores = jnp.einsum("bthd,bsd->bhts", q, keys, preferred_element_type=jnp.float32)
-        scores = jnp.where(win_mask[:, None], scores, NEG_INF)
+        ring_kv = cache["win_kv"].astype(kv.dtype)
         new_cache = dict(cache)
         win_kv, win_pos = ring_merge(cache["win_kv"], cache["win_pos"], kv, start, n_new)
         new_cache.update(win_kv=win_kv, win_pos=win_pos)
 
-        values = [keys]
+        comp, select = None, None
         if self.ratio:
-            m = self.ratio
             comp, tok_kv, tok_gate = self.compressor(x, start, n_new, cache["tok_kv"], cache["tok_gate"],
                                                      cache["tok_pos"], cache["comp"], inv_freq)
             new_cache.update(comp=comp, tok_kv=tok_kv, tok_gate=tok_gate)
@@ -158,34 +314,19 @@ class Attention(nnx.Module):
                     x, start, n_new, cache["idx_tok_kv"], cache["idx_tok_gate"], cache["tok_pos"],
                     cache["idx_comp"], inv_freq)
                 new_cache.update(idx_comp=idx_comp, idx_tok_kv=idx_kv, idx_tok_gate=idx_gate)
-                sel, valid = self.indexer.select(x, q_lat, positions, idx_comp, cos, sin)
-                comp_keys = jnp.take_along_axis(comp[:, None], sel[..., None], axis=2)  # [B, T, k, d]
-                c_scores = jnp.einsum("bthd,btkd->bhtk", q, comp_keys.astype(q.dtype),
-                                      preferred_element_type=jnp.float32)
-                c_scores = jnp.where(valid[:, None], c_scores, NEG_INF)
-                values.append(comp_keys)
-            else:
-                causal = jnp.arange(comp.shape[1])[None, None, :] < ((positions + 1) // m)[..., None]
-                c_scores = jnp.einsum("bthd,bsd->bhts", q, comp.astype(q.dtype), preferred_element_type=jnp.float32)
-                c_scores = jnp.where(causal[:, None], c_scores, NEG_INF)
-                values.append(comp)
-            new_cache["tok_pos"] = ring_positions(cache["tok_pos"], start, n_new)
-            scores = jnp.concatenate([scores, c_scores], axis=-1)
+                indexer = self.indexer
 
-        scores = scores * (1.0 / math.sqrt(d))
-        # Softmax with a per-head sink that only adds to the denominator.
-        sink = self.attn_sink[...].astype(jnp.float32)[None, :, None, None]
-        top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
-        p = jnp.exp(scores - top)
-        denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - top)
-        p = (p / denom).astype(q.dtype)
-        n_win = keys.shape[1]
-        out = jnp.einsum("bhts,bsd->bthd", p[..., :n_win], keys)
-        if self.ratio:
-            if self.indexer is not None:
-                out = out + jnp.einsum("bhtk,btkd->bthd", p[..., n_win:], values[1].astype(q.dtype))
-            else:
-                out = out + jnp.einsum("bhts,bsd->bthd", p[..., n_win:], values[1].astype(q.dtype))
+                def select(xc, q_lat_c, pos_c, cos_c, sin_c):
+                    return indexer.select(xc, q_lat_c, pos_c, idx_comp, cos_c, sin_c)
+            new_cache["tok_pos"] = ring_positions(cache["tok_pos"], start, n_new)
+
+        core = AttentionInputs(q=q, kv=kv, ring_kv=ring_kv, ring_pos=ring_pos, positions=positions, comp=comp,
+                               x=x, q_lat=q_lat, cos=cos, sin=sin)
+        sink = self.attn_sink[...].astype(jnp.float32)
+        if cfg.attention_impl == "dense":
+            out = dense_core(core, sink, cfg.window_size, self.ratio, select)
+        else:
+            out = chunked_core(core, sink, cfg.window_size, self.ratio, select, cfg.attention_chunk)
         out = apply_rope(out, cos, sin, inverse=True)  # K = V carried rope; undo it at the query position
 
         g = cfg.o_groups

@@ -19,6 +19,7 @@ from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.layers import KeyGen, Linear, RMSNorm, param
 from hdflash_jax.deepseek_v4.mhc import HyperConnection, HyperHead, hc_post, hc_pre
 from hdflash_jax.deepseek_v4.moe import MoE
+from hdflash_jax.sharding import constrain_tokens
 
 
 class TargetOutput(NamedTuple):
@@ -26,12 +27,13 @@ class TargetOutput(NamedTuple):
     streams: jax.Array  # [B, T, n, D]: the last layer's output, before hc_head
     layer_streams: tuple  # streams after each requested layer (0-based layer l = output of decoder layer l)
     cache: dict
+    moe_dropped: jax.Array | None = None  # [] int32: expert assignments that found no slot (moe_capacity > 0)
 
 
 class Block(nnx.Module):
     """One mHC block: H ← hc_post(Attn(norm(hc_pre(H))), H); H ← hc_post(MoE(norm(hc_pre(H))), H)."""
 
-    def __init__(self, cfg: TargetConfig, ratio: int, hashed: bool, *, rngs: nnx.Rngs, moe_dispatch="dense"):
+    def __init__(self, cfg: TargetConfig, ratio: int, hashed: bool, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
@@ -39,7 +41,7 @@ class Block(nnx.Module):
         self.hc_attn = HyperConnection(cfg.hc_mult, cfg.dim, rngs=rngs)
         self.hc_ffn = HyperConnection(cfg.hc_mult, cfg.dim, rngs=rngs)
         self.attn = Attention(cfg, ratio, dtype=dt, rngs=rngs)
-        self.ffn = MoE(cfg, hashed, rngs=rngs, dispatch=moe_dispatch)
+        self.ffn = MoE(cfg, hashed, rngs=rngs)
 
     def _pre(self, hc: HyperConnection, streams):
         cfg = self.cfg
@@ -47,12 +49,13 @@ class Block(nnx.Module):
                       hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters)
 
     def __call__(self, streams, token_ids, positions, start, n_new, cache):
+        """Returns (streams, cache, dropped expert assignments)."""
         x, post, comb = self._pre(self.hc_attn, streams)
         a, cache = self.attn(self.attn_norm(x), positions, start, n_new, cache)
         streams = hc_post(a, streams, post, comb)
         x, post, comb = self._pre(self.hc_ffn, streams)
-        f = self.ffn(self.ffn_norm(x), token_ids)
-        return hc_post(f, streams, post, comb), cache
+        f, dropped = self.ffn.with_drops(self.ffn_norm(x), token_ids)
+        return hc_post(f, streams, post, comb), cache, dropped
 
 
 class MTPBlock(nnx.Module):
@@ -62,7 +65,7 @@ class MTPBlock(nnx.Module):
     It returns its own pre-collapse streams, so drafting k tokens chains it on its own output.
     """
 
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, moe_dispatch="dense"):
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.e_proj = Linear(cfg.dim, cfg.dim, ("embed_out", "embed"), dtype=dt, rngs=rngs)
@@ -71,7 +74,7 @@ class MTPBlock(nnx.Module):
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
         self.hc_head = HyperHead(cfg.hc_mult, cfg.dim, rngs=rngs)
-        self.block = Block(cfg, 0, False, rngs=rngs, moe_dispatch=moe_dispatch)
+        self.block = Block(cfg, 0, False, rngs=rngs)
 
     def __call__(self, streams, next_embed, next_ids, positions, start, n_new, cache):
         e = self.e_proj(self.enorm(next_embed))
@@ -80,18 +83,20 @@ class MTPBlock(nnx.Module):
 
 
 class DeepseekV4(nnx.Module):
-    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, moe_dispatch: str = "dense"):
+    def __init__(self, cfg: TargetConfig, *, rngs: nnx.Rngs, moe_dispatch: str | None = None):
+        if moe_dispatch is not None:  # kept for callers that choose per model; the config field is the default
+            cfg = cfg.replace(moe_dispatch=moe_dispatch)
         dt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt)
         self.layers = nnx.List([
-            Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs, moe_dispatch=moe_dispatch)
+            Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs)
             for i, r in enumerate(cfg.layer_ratios)
         ])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("vocab", "embed"), dtype=dt, rngs=rngs)
         self.hc_head = HyperHead(cfg.hc_mult, cfg.dim, rngs=rngs)
-        self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs, moe_dispatch=moe_dispatch) for _ in range(cfg.n_mtp_layers)])
+        self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs) for _ in range(cfg.n_mtp_layers)])
 
     # -- pieces shared with the drafters ---------------------------------------------------------------------
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -110,8 +115,12 @@ class DeepseekV4(nnx.Module):
         return self.hc_head(streams, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def __call__(self, tokens, cache: dict, n_new=None, return_layers: tuple[int, ...] = ()) -> TargetOutput:
-        """Extend `cache` by tokens [B, T] (n_new[b] of them real, default all) at positions length[b] + t."""
+    def __call__(self, tokens, cache: dict, n_new=None, return_layers: tuple[int, ...] = (),
+                 last_logits: bool = False) -> TargetOutput:
+        """Extend `cache` by tokens [B, T] (n_new[b] of them real, default all) at positions length[b] + t.
+
+        `last_logits`: logits [B, 1, V] of each row's last real token only (a long prefill needs no more, and the
+        head over every position is a [T, V] fp32 array)."""
         cfg = self.cfg
         b, t = tokens.shape
         start = cache["length"]
@@ -120,14 +129,19 @@ class DeepseekV4(nnx.Module):
         h = self.embed_tokens(tokens)
         streams = jnp.broadcast_to(h[:, :, None, :], (b, t, cfg.hc_mult, cfg.dim))
         new_layers, kept = [], []
+        dropped = jnp.zeros((), jnp.int32)
         for i, layer in enumerate(self.layers):
-            streams, c = layer(streams, tokens, positions, start, n_new, cache["layers"][i])
+            streams, c, d = layer(constrain_tokens(streams), tokens, positions, start, n_new, cache["layers"][i])
             new_layers.append(c)
+            dropped = dropped + d
             if i in return_layers:
                 kept.append(streams)
-        logits = self.lm_head(self.collapse(streams))
+        last = streams
+        if last_logits:
+            last = jnp.take_along_axis(streams, jnp.maximum(n_new - 1, 0)[:, None, None, None], axis=1)
+        logits = self.lm_head(self.collapse(last))
         new_cache = {**cache, "length": start + n_new, "layers": new_layers}
-        return TargetOutput(logits, streams, tuple(kept), new_cache)
+        return TargetOutput(logits, streams, tuple(kept), new_cache, dropped)
 
     def mtp_step(self, streams, next_tokens, cache: dict, n_new=None, depth: int = 0):
         """Run MTP layer `depth` on target (or its own) streams [B, T, n, D] and the tokens one ahead [B, T].
@@ -141,8 +155,8 @@ class DeepseekV4(nnx.Module):
         n_new = jnp.full((b,), t, jnp.int32) if n_new is None else jnp.asarray(n_new, jnp.int32)
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         block = self.mtp[depth]
-        out, c = block(streams, self.embed_tokens(next_tokens), next_tokens, positions, start, n_new,
-                       mc["layers"][depth])
+        out, c, _ = block(streams, self.embed_tokens(next_tokens), next_tokens, positions, start, n_new,
+                          mc["layers"][depth])
         layers = list(mc["layers"])
         layers[depth] = c
         logits = self.lm_head(block.hc_head(out, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps))
@@ -156,7 +170,7 @@ def forward_full(model: DeepseekV4, tokens, return_layers: tuple[int, ...] = ())
     return model(tokens, cache, return_layers=return_layers)
 
 
-def init_target(cfg: TargetConfig, seed: int = 0, moe_dispatch: str = "dense") -> DeepseekV4:
+def init_target(cfg: TargetConfig, seed: int = 0, moe_dispatch: str | None = None) -> DeepseekV4:
     """Random weights, transformers' init scheme (normal 0.02; hc base 0, scale 1; sinks and ape 0)."""
     with nnx.use_eager_sharding(False):
         return DeepseekV4(cfg, rngs=KeyGen(seed), moe_dispatch=moe_dispatch)
