@@ -207,11 +207,16 @@ def test_sampling_lossless_past_the_first_block_batched_prompts_t07_top_p08(samp
     assert (p_ok > 1e-4).all(), p_ok  # 30 tests: a per-test 1e-4 keeps the family's false alarms under 0.3 %
 
 
+@pytest.fixture(scope="module")
+def ar_samples_2x(sampling_target):
+    """AR at twice the samples: the slow tests, whose negative controls need the power."""
+    return gen.Generator(sampling_target, settings=SETTINGS).generate(_batch(2 * PER_PROMPT), seed=111).tokens
+
+
 @pytest.mark.slow
-def test_sampling_end_to_end_rejects_a_biased_rule(sampling_target, monkeypatch):
+def test_sampling_end_to_end_rejects_a_biased_rule(sampling_target, ar_samples_2x, monkeypatch):
     """The same comparison at twice the samples, and a biased residual that it rejects."""
-    n = 2 * PER_PROMPT
-    ar = gen.Generator(sampling_target, settings=SETTINGS).generate(_batch(n), seed=101).tokens
+    n, ar = 2 * PER_PROMPT, ar_samples_2x
     drafter, modules, res = _replay_run(sampling_target, n, seed=300)
     p_ok = _two_sample_pvalues(ar, res.tokens)
     monkeypatch.setattr(gen, "accept_sampled", _biased_residual)
@@ -223,10 +228,11 @@ def test_sampling_end_to_end_rejects_a_biased_rule(sampling_target, monkeypatch)
 
 
 def _sampled_drafter_check(sampling_target, ar_samples, drafter, modules, monkeypatch, name):
-    res = gen.Generator(sampling_target, drafter, modules, settings=SETTINGS).generate(_batch(), seed=404)
+    batch = _batch(2 * PER_PROMPT)
+    res = gen.Generator(sampling_target, drafter, modules, settings=SETTINGS).generate(batch, seed=404)
     p_ok = _two_sample_pvalues(ar_samples, res.tokens)
     monkeypatch.setattr(gen, "accept_sampled", _point_mass_residual)
-    bad = gen.Generator(sampling_target, drafter, modules, settings=SETTINGS).generate(_batch(), seed=404)
+    bad = gen.Generator(sampling_target, drafter, modules, settings=SETTINGS).generate(batch, seed=404)
     p_bad = _two_sample_pvalues(ar_samples, bad.tokens)
     print(f"\n{name} sampled drafts: hist {list(res.stats.accepted_hist)}; real rule min p {p_ok.min():.3g}; "
           f"point-mass residual: min p {p_bad.min():.3g}")
@@ -235,7 +241,7 @@ def _sampled_drafter_check(sampling_target, ar_samples, drafter, modules, monkey
 
 
 @pytest.mark.slow
-def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples, monkeypatch):
+def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypatch):
     from hdflash_jax.config import DrafterConfig
     from hdflash_jax.decode.drafters import BlockDrafterAdapter
     from hdflash_jax.drafter.model import init_drafter_from_target
@@ -244,13 +250,13 @@ def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples, monkeypatch
                                     block_size=K + 1, conditioning="layers", reducer="linear",
                                     target_layer_ids=(0, 1, 2))
     drafter = BlockDrafterAdapter(dcfg, K, sampled=True, temperature=0.7)
-    _sampled_drafter_check(sampling_target, ar_samples, drafter, init_drafter_from_target(sampling_target, dcfg),
+    _sampled_drafter_check(sampling_target, ar_samples_2x, drafter, init_drafter_from_target(sampling_target, dcfg),
                            monkeypatch, "DFlash")
 
 
 @pytest.mark.slow
-def test_mtp_sampled_drafts_lossless(sampling_target, ar_samples, monkeypatch):
+def test_mtp_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypatch):
     from hdflash_jax.decode.drafters import MTPDrafter
 
-    _sampled_drafter_check(sampling_target, ar_samples, MTPDrafter(K, sampled=True, temperature=0.7), None,
+    _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7), None,
                            monkeypatch, "MTP")
