@@ -343,7 +343,9 @@ def test_pipeline_ci_size(tmp_path):
                 assert all(m["greedy_match_ar"] for k, m in methods.items() if k != "ar"), suite
     for name in ("hyperdflash", "dflash"):
         t = res["drafter_training"][name]
-        assert t["tau_end"] > t["tau_start"], (name, t)  # trained beats untrained on held-out prompts
+        # trained beats untrained on held-out prompts by a margin (README: 1.52 / 1.24 vs 1.00); a drafter that
+        # learned nothing stays at ~1.00 (the old check, tau_end > tau_start, passed at 1.000 -> 1.001)
+        assert t["tau_start"] < 1.05 and t["tau_end"] > 1.1, (name, t)
     assert (out / "results" / "acceptance_by_position.png").stat().st_size > 1000
     # cached: a rerun does no work
     r2 = subprocess.run([sys.executable, "-m", "train.small_pipeline", "--size", "ci", "--out", str(out)], cwd=REPO,
