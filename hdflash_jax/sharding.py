@@ -118,3 +118,27 @@ def constrain_tokens(x: jax.Array) -> jax.Array:
 
     spec = P(fit(RULES["batch"], x.shape[0]), fit(SEQUENCE_AXES, x.shape[1]), *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _sequence_axes_size() -> tuple[tuple[str, ...], int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in SEQUENCE_AXES if sizes.get(a, 1) > 1)
+    return axes, int(np.prod([sizes[a] for a in axes])) if axes else 1
+
+
+def sequence_groups(n: int) -> int:
+    """How many groups of `n` sequence chunks run side by side: the sequence axes' size if it divides n, else 1."""
+    _, size = _sequence_axes_size()
+    return size if size > 1 and n % size == 0 else 1
+
+
+def constrain_groups(x: jax.Array) -> jax.Array:
+    """Shard the leading (chunk group) dimension over the sequence axes."""
+    axes, size = _sequence_axes_size()
+    if size == 1 or x.shape[0] % size:
+        return x
+    lead = axes if len(axes) > 1 else axes[0]
+    return jax.lax.with_sharding_constraint(x, P(lead, *([None] * (x.ndim - 1))))

@@ -102,3 +102,25 @@ def test_cache_path_after_rollback_chunked_equals_dense(extends):
             assert np.abs(x - y).max() <= 1e-5 * max(1.0, np.abs(y).max())
         else:
             assert (x == y).all()
+
+
+def test_chunk_groups_on_a_mesh_equal_dense(extends):
+    """On a mesh with an expert axis, chunk groups run side by side over it (sequence sharding): same logits."""
+    from hdflash_jax.sharding import batch_sharding, make_mesh, shard_state
+
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, BASE.vocab_size, (2, 48)))
+    block = jnp.asarray(np.random.RandomState(4).randint(0, BASE.vocab_size, (2, 7)))
+    n_new = jnp.asarray([48, 37], jnp.int32)
+    cfg, state, extend = extends["dense"]
+    ref, cache = extend(state, tokens, init_cache(cfg, 2, MAX_LEN, MAX_BLOCK), n_new)
+    ref_block, _ = extend(state, block, cache, jnp.full((2,), 7, jnp.int32))
+    cfg, state, extend = extends["chunked"]
+    mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    with jax.set_mesh(mesh):
+        sharded = shard_state(state, mesh)
+        got, cache = extend(sharded, jax.device_put(tokens, batch_sharding(mesh, 2)),
+                            init_cache(cfg, 2, MAX_LEN, MAX_BLOCK), n_new)
+        got_block, _ = extend(sharded, jax.device_put(block, batch_sharding(mesh, 2)), cache,
+                              jnp.full((2,), 7, jnp.int32))
+    assert _rel(got[0], ref[0]) <= 1e-5 and _rel(got[1, :37], ref[1, :37]) <= 1e-5
+    assert _rel(got_block, ref_block) <= 1e-5

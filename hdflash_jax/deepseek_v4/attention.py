@@ -19,6 +19,7 @@ from flax import nnx
 
 from hdflash_jax.config import TargetConfig, yarn_inv_freq
 from hdflash_jax.deepseek_v4.cache import ring_merge, ring_positions
+from hdflash_jax.sharding import constrain_groups, sequence_groups
 from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, apply_rope, param, rms_norm, rope_angles
 
 NEG_INF = -1e30  # finite, so fully masked rows never make NaN; every query sees at least itself
@@ -265,7 +266,12 @@ def chunked_core(a: AttentionInputs, sink, window: int, ratio: int, select, chun
 
     if n_chunks == 1:
         return one(0)[:, :t]
-    out = jax.lax.map(one, jnp.arange(n_chunks))  # [n_chunks, B, c, H, d]
+    groups = sequence_groups(n_chunks)
+    if groups > 1:  # chunk groups side by side over the sequence axis of the mesh, each group's chunks in turn
+        ids = constrain_groups(jnp.arange(n_chunks).reshape(groups, n_chunks // groups))
+        out = constrain_groups(jax.vmap(lambda row: jax.lax.map(one, row))(ids)).reshape(n_chunks, b, c, h, d)
+    else:
+        out = jax.lax.map(one, jnp.arange(n_chunks))  # [n_chunks, B, c, H, d]
     return jnp.moveaxis(out, 0, 1).reshape(b, t_pad, h, d)[:, :t]
 
 
