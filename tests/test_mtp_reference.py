@@ -156,9 +156,6 @@ def test_mtp_block_streams_match_reference(case):
     assert err <= TOL, err
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG: DeepseekV4.mtp_step (hdflash_jax/deepseek_v4/model.py) "
-                   "applies the target's final norm (self.lm_head -> self.norm); DeepSeek's MTPBlock applies its own "
-                   "mtp.0.norm, which MTPBlock.norm loads but nothing uses")
 def test_mtp_logits_match_reference(case):
     logits, _, ref_logits, _ = case
     err = _rel(logits, ref_logits)

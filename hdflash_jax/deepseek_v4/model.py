@@ -159,7 +159,9 @@ class DeepseekV4(nnx.Module):
                           mc["layers"][depth])
         layers = list(mc["layers"])
         layers[depth] = c
-        logits = self.lm_head(block.hc_head(out, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps))
+        # The MTP layer has its own final norm (`mtp.<i>.norm`) and shares only the head with the trunk.
+        collapsed = block.hc_head(out, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
+        logits = self.head_logits(block.norm(collapsed))
         return logits, out, {**cache, "mtp": {"length": start + n_new, "layers": layers}}
 
 
