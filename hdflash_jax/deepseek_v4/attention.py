@@ -1,4 +1,4 @@
-"""DeepSeek-V4 attention (spec §4): single-KV-head MQA over a sliding window plus compressed entries, with sinks.
+"""DeepSeek-V4 attention: single-KV-head MQA over a sliding window plus compressed entries, with sinks.
 
 Layer kinds by compress ratio m: 0 = sliding window only (SWA); 4 = compressed sparse attention (CSA: overlapping
 compressor + lightning indexer top-k); other m = heavily compressed attention (HCA: all causal entries).
@@ -26,7 +26,7 @@ NEG_INF = -1e30  # finite, so fully masked rows never make NaN; every query sees
 
 
 class Compressor(nnx.Module):
-    """Gated softmax pooling of m tokens into one entry (c = 2 overlapping halves when m == 4), spec §4.3."""
+    """Gated softmax pooling of m tokens into one entry (c = 2 overlapping halves when m == 4)."""
 
     def __init__(self, dim: int, head_dim: int, ratio: int, eps: float, *, dtype, rngs: nnx.Rngs):
         c = 2 if ratio == 4 else 1
@@ -84,7 +84,7 @@ class Compressor(nnx.Module):
 
 
 class Indexer(nnx.Module):
-    """Lightning indexer (spec §4.4): scores compressed entries per query, keeps the causal top-k."""
+    """Lightning indexer: scores compressed entries per query, keeps the causal top-k."""
 
     def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk

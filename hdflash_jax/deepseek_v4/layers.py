@@ -76,7 +76,7 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = False) -> jax.Array:
-    """Rotate the trailing rope dims of x, pairs (2i, 2i+1) as complex numbers (spec §4.2).
+    """Rotate the trailing rope dims of x, pairs (2i, 2i+1) as complex numbers (DeepSeek-V4's interleaved RoPE).
 
     x: [..., S, (H,) d]; cos/sin: [..., S, r/2], broadcast over a head axis when x has one more dim.
     """

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC), spec §3: hc_pre, Sinkhorn–Knopp, hc_post, hc_head.
+"""Manifold-constrained hyper-connections (mHC): hc_pre, Sinkhorn–Knopp, hc_post, hc_head.
 
 All mixing math runs in fp32. Streams H have shape [..., n, D] (n = hc_mult).
 """

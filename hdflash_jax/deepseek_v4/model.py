@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 target (spec §2–§6): embedding → n streams → mHC blocks → hc_head → norm → head, plus MTP.
+"""The DeepSeek-V4 target: embedding → n streams → mHC blocks → hc_head → norm → head, plus MTP.
 
 `DeepseekV4.__call__` extends a cache by a block of tokens per row and returns the logits, the final pre-collapse
 streams [B, T, n, D] (what HyperDFlash and MTP condition on), the streams after any requested layers (vanilla
@@ -59,7 +59,7 @@ class Block(nnx.Module):
 
 
 class MTPBlock(nnx.Module):
-    """DeepSeek's native next-next-token module (spec §6). Shares the target's embedding and head.
+    """DeepSeek's native next-next-token module. Shares the target's embedding and head.
 
     Position i takes the target's streams at i and the token at i + 1, and predicts the token at i + 2.
     It returns its own pre-collapse streams, so drafting k tokens chains it on its own output.

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 MoE (spec §5): every layer, sqrt-softplus scores, hash routing on the first layers, shared expert.
+"""DeepSeek-V4 MoE: every layer, sqrt-softplus scores, hash routing on the first layers, shared expert.
 
 Experts are stacked ([E, I, D] / [E, D, I]) so an `expert` mesh axis shards them. Three dispatch strategies
 compute the same function (`TargetConfig.moe_dispatch`):
