@@ -406,6 +406,49 @@ def test_greedy_mismatch_is_loud(e2e, capsys, monkeypatch, tmp_path):
     assert "--allow-mismatch: exit 0" in capsys.readouterr().err
 
 
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+
+
+def _sampled_run(argv: list[str], out: Path) -> tuple[dict, list[dict]]:
+    assert ev.main([*argv, "--out", str(out)]) == EXIT_OK
+    return _results(out), _records(out)
+
+
+def _check_sampled(runs, greedy_recs: list[dict], methods: tuple[str, ...], block_sizes: tuple[int, ...]) -> None:
+    """Two sampled runs with the same seed against a greedy run of the same target and prompts: the outputs and
+    acceptance are identical run to run, τ and r_j are the histogram's, no greedy check, and every method's
+    texts differ from the greedy ones somewhere (T > 0 reached the decoder)."""
+    (r, recs), (r2, recs2) = runs
+    assert r["config"]["temperature"] == 0.8 and r["config"]["top_p"] == 0.9 and r["config"]["greedy"] is False
+    assert "greedy_mismatches" not in r and recs == recs2
+    cells, cells2 = r["suites"]["gsm8k"], r2["suites"]["gsm8k"]
+    assert list(cells) == list(methods) and [cells[m]["block_size"] for m in methods] == list(block_sizes)
+    greedy = {(x["id"], x["method"]): x["turns"] for x in greedy_recs if x["suite"] == "gsm8k"}
+    for m, bs in zip(methods, block_sizes):
+        c = cells[m]
+        assert c["greedy_match_ar"] is None
+        assert (c["accepted_hist"], c["steps"], c["tokens"]) == (cells2[m]["accepted_hist"], cells2[m]["steps"],
+                                                                 cells2[m]["tokens"])
+        h = np.array(c["accepted_hist"]) if bs > 1 else np.array([c["steps"]])
+        assert h.sum() == c["steps"] > 0
+        assert c["tau"] == pytest.approx(float((h * np.arange(1, bs + 1)).sum() / h.sum()), abs=1e-12)
+        assert c["accept_rate_by_pos"] == pytest.approx([h[j:].sum() / h.sum() for j in range(1, bs)], abs=1e-12)
+        mine = [x for x in recs if x["method"] == m]
+        assert c["tokens"] == sum(t["tokens"] for x in mine for t in x["turns"])
+        assert any(x["turns"] != greedy[(x["id"], "ar")] for x in mine), m
+
+
+def test_sampled_run_is_seeded_consistent_and_not_greedy(e2e, drafter_ckpt, tmp_path):
+    """AR + HyperDFlash at T = 0.8, top-p 0.9 on the end-to-end run's target, prompts and shapes, twice."""
+    _, greedy_out, _ = e2e
+    path, _ = drafter_ckpt
+    argv = ["--suite", "gsm8k", "--method", "hyperdflash", "--drafter", f"hyperdflash={path}", "--limit", "3",
+            "--temperature", "0.8", "--top-p", "0.9", *E2E]
+    runs = [_sampled_run(argv, tmp_path / f"s{i}") for i in (0, 1)]
+    _check_sampled(runs, _records(greedy_out), ("ar", "hyperdflash"), (1, 4))
+
+
 @pytest.mark.slow
 def test_end_to_end_all_methods(tmp_path, fast_compile):
     """All four methods (MTP and both untrained block drafters of tiny-random), code suites scored in the sandbox,
@@ -422,11 +465,12 @@ def test_end_to_end_all_methods(tmp_path, fast_compile):
         assert [cells[m]["block_size"] for m in cells] == [1, 3, 3, 3]
         if suite in ("humaneval", "mbpp"):
             assert cells["ar"]["score"] == 0.0
-    out2 = tmp_path / "sampled"
-    rc = ev.main(["--suite", "gsm8k", "--method", "hyperdflash", "--limit", "2", "--temperature", "0.8",
-                  "--top-p", "0.9", "--out", str(out2), *E2E])
-    assert rc == 0
-    assert all(c["greedy_match_ar"] is None for c in _results(out2)["suites"]["gsm8k"].values())
+    # sampled, every speculative method: seeded (a second run is identical), consistent, and not greedy
+    sampled = ["--suite", "gsm8k", "--method", "ar,mtp,dflash,hyperdflash", "--limit", "2", "--mtp-k", "2",
+               "--temperature", "0.8", "--top-p", "0.9", "--target", "tiny-random", "--max-new-tokens", "8",
+               "--batch-size", "2", "--prompt-buckets", "1024", "--block-size", "3", "--quiet"]
+    runs = [_sampled_run(sampled, tmp_path / f"sampled{i}") for i in (0, 1)]
+    _check_sampled(runs, _records(out), ("ar", "mtp", "dflash", "hyperdflash"), (1, 3, 3, 3))
 
 
 def test_target_with_non_finite_logits_fails_in_one_line(monkeypatch, capsys, tmp_path, fast_compile):
