@@ -17,6 +17,7 @@ import numpy as np
 
 from hdflash_jax.config import PRESETS, DrafterConfig, get_preset
 from hdflash_jax.drafter.model import abstract_drafter, count_params
+from hdflash_jax.fileio import atomic_write_text
 
 DESIGNS = {
     "hyperdflash": dict(conditioning="final_streams", reducer="gated"),
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
           f"{rows['final_streams+linear']['reducer_core_params'] / h['reducer_core_params']:.0f}x; "
           f"vanilla DFlash fc taps {v['target_layer_ids']}")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"target": args.target, "designs": rows}, f, indent=2)
-        import os
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps({"target": args.target, "designs": rows}, indent=2))
     return 0
 
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from eval.results import Results, as_results, jsonable
+from hdflash_jax.fileio import atomic_dir
 from hdflash_jax.decode.stats import AcceptanceStats
 
 METHOD_ORDER = ("ar", "mtp", "mtp3", "mtp7", "dflash", "hyperdflash")
@@ -198,30 +196,11 @@ def write_results(out_dir, results: Results | Mapping, overwrite: bool = False) 
         raise FileExistsError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} exists and is not empty (pass overwrite=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # an empty existing folder is replaced without asking
         (tmp / "results.json").write_text(
             json.dumps(jsonable(results.to_json()), indent=2, allow_nan=False) + "\n", encoding="utf-8"
         )
         (tmp / "results.md").write_text(render_markdown(results), encoding="utf-8")
         _plot_acceptance(results, tmp / "acceptance_by_position.png")
         _plot_hist(results, tmp / "accepted_length_hist.png")
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)  # put the previous report back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -32,6 +32,7 @@ import yaml
 from tqdm import tqdm
 
 from hdflash_jax.drafter.checkpoint import save_drafter
+from hdflash_jax.fileio import atomic_write_text
 from train.checkpointing import Checkpointer
 from train.config import ConfigError, to_dict
 from train.data import make_iterator
@@ -61,10 +62,8 @@ def _write_run_files(cfg: DrafterRunConfig, trainer: Trainer, out_dir: Path) -> 
     cfg_file = out_dir / "config.yaml"
     if cfg_file.exists() and yaml.safe_load(cfg_file.read_text()) != resolved:
         log(f"note: {cfg_file} differs from this run's config and is replaced")
-    tmp = cfg_file.with_name("config.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tmp.rename(cfg_file)
-    (out_dir / "drafter_config.json").write_text(json.dumps(trainer.dcfg.to_dict(), indent=1))
+    atomic_write_text(cfg_file, yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(out_dir / "drafter_config.json", json.dumps(trainer.dcfg.to_dict(), indent=1))
 
 
 def _make_evaluator(cfg: DrafterRunConfig, trainer: Trainer, target_params, state) -> Evaluator | None:

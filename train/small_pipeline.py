@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from eval.report import summary_table
+from hdflash_jax.fileio import atomic_dir, atomic_write_text
 from train.drafter_config import load_config as load_drafter_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,11 +134,7 @@ def _interleaved(rows: list[dict], limit: int) -> list[dict]:
 
 def write_prompts(corpus: Path, dst: Path, split: str, n: int) -> Path:
     rows = _interleaved(_user_prompts(corpus / f"{split}.jsonl"), n)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.rename(dst)
-    return dst
+    return atomic_write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ---- stage 5: drafter configs ----------------------------------------------------------------------------------
@@ -391,23 +388,20 @@ def main(argv=None) -> int:
 
 def ship_model(out: Path, ship: Path) -> None:
     """models/small: target/ (params checkpoint), tokenizer/, drafters/{hyperdflash,dflash}/, manifest.json."""
-    tmp = ship.with_name(ship.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(out / "target" / "model", tmp / "target")
-    (tmp / "tokenizer").mkdir(parents=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(out / "tokenizer" / f, tmp / "tokenizer" / f)
-    for v in SHIPPED:
-        shutil.copytree(out / "drafters" / v / "drafter", tmp / "drafters" / v)
-    n_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-    (tmp / "manifest.json").write_text(json.dumps({
-        "built_by": "python -m train.small_pipeline --size full",
-        "bytes": n_bytes,
-        "target_run_config": json.loads((out / "target" / "run_config.json").read_text()),
-        "drafters": {v: json.loads((out / "drafters" / v / "summary.json").read_text()) for v in SHIPPED},
-    }, indent=1))
-    shutil.rmtree(ship, ignore_errors=True)
-    tmp.rename(ship)
+    with atomic_dir(ship, overwrite=True) as tmp:
+        shutil.copytree(out / "target" / "model", tmp / "target")
+        (tmp / "tokenizer").mkdir(parents=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(out / "tokenizer" / f, tmp / "tokenizer" / f)
+        for v in SHIPPED:
+            shutil.copytree(out / "drafters" / v / "drafter", tmp / "drafters" / v)
+        n_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        (tmp / "manifest.json").write_text(json.dumps({
+            "built_by": "python -m train.small_pipeline --size full",
+            "bytes": n_bytes,
+            "target_run_config": json.loads((out / "target" / "run_config.json").read_text()),
+            "drafters": {v: json.loads((out / "drafters" / v / "summary.json").read_text()) for v in SHIPPED},
+        }, indent=1))
     _log(f"shipped the small model to {ship} ({n_bytes / 2 ** 20:.1f} MiB)")
 
 
