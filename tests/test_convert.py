@@ -61,9 +61,15 @@ def ref_e4m3(q: np.ndarray) -> np.ndarray:
     return np.where((exp == 15) & (man == 7), np.nan, sign * mag)
 
 
+def ref_scale(s: np.ndarray) -> np.ndarray:
+    """FP8 block scales as float64: ue8m0 bytes decoded from their bit layout; fp32 / bf16 scales as they are."""
+    s = np.asarray(s)
+    return ref_e8m0(s) if s.dtype.itemsize == 1 else s.astype(np.float64)
+
+
 def ref_fp8(q, s) -> np.ndarray:
     o, i = q.shape
-    return (ref_e4m3(q) * np.kron(ref_e8m0(s), np.ones((128, 128)))[:o, :i]).astype(np.float32)
+    return (ref_e4m3(q) * np.kron(ref_scale(s), np.ones((128, 128)))[:o, :i]).astype(np.float32)
 
 
 def ref_fp4(p, s) -> np.ndarray:
@@ -172,11 +178,12 @@ def run_main(args, capsys) -> tuple[int, str]:
     return rc, cap.out + cap.err
 
 
-def load_official_into_hf(hf_model, official: dict[str, np.ndarray]) -> None:
-    """Set a transformers model's weights from official-named arrays (experts restacked)."""
+def load_official_into_hf(hf_model, official: dict[str, np.ndarray], to_official=hf_memory_to_official) -> None:
+    """Set a transformers module's weights from official-named arrays (experts restacked); `to_official` names
+    each of the module's state-dict keys in the official layout."""
     sd = {}
     for name, cur in hf_model.state_dict().items():
-        off = hf_memory_to_official(name)
+        off = to_official(name)
         if off.endswith(".ffn.experts.gate_up_proj"):
             p = off[: -len(".gate_up_proj")]
             v = np.stack([np.concatenate([official[f"{p}.{e}.w1.weight"], official[f"{p}.{e}.w3.weight"]])

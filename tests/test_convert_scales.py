@@ -1,6 +1,7 @@
 """FP8 checkpoints whose block scales are float32 or bf16 (DeepSeek's base checkpoints), converted end to end by
-the CLI: every converted parameter equals this file's dequantization of the stored bytes (e4m3 decoded from its
-bit layout by tests/test_convert.py's reference decoder, times the float scale), bit for bit, after a strict restore."""
+the CLI: every converted parameter equals tests/test_convert.py's reference dequantization of the stored bytes
+(`dequantize_reference`: e4m3 decoded from its bit layout, times the float scale), bit for bit, after a strict
+restore."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from convert.safetensors_io import write_safetensors
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.keymap import official_to_tree
-from test_convert import FP4_RE, FP8_RE, model_leaves, random_tree, ref_e4m3, ref_fp4, run_main, tree_to_official_flat
+from test_convert import (FP4_RE, FP8_RE, dequantize_reference, model_leaves, random_tree, ref_e4m3, run_main,
+                          tree_to_official_flat)
 
 CFG = get_preset("tiny", n_layers=2, n_hash_layers=1, compress_ratios=(0, 4, 0))
 
@@ -31,23 +33,6 @@ def _stored(scale_dtype) -> dict[str, np.ndarray]:
             out[name], out[name[: -len("weight")] + "scale"] = quantize_fp4(w)
         else:
             out[name] = w
-    return out
-
-
-def _expected(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, v in stored.items():
-        if name.endswith(".scale"):
-            continue
-        scale = stored.get(name[: -len("weight")] + "scale")
-        if scale is not None and v.dtype == np.int8:
-            out[name] = ref_fp4(v, scale)
-        elif scale is not None:
-            o, i = v.shape
-            full = np.kron(scale.astype(np.float32), np.ones((128, 128), np.float32))[:o, :i]
-            out[name] = ref_e4m3(v).astype(np.float32) * full
-        else:
-            out[name] = v
     return out
 
 
@@ -69,10 +54,10 @@ def test_fp8_with_float_scales_converts_end_to_end(scale_dtype, tmp_path, capsys
     assert report["dequantized"]["fp8"] == n_fp8
     _, model = load_params(tmp_path / "dst")
     got = model_leaves(model)
-    for name, want in _expected(stored).items():
+    for name, want in dequantize_reference(stored).items():
         path, row = official_to_tree(name)
         leaf = got[path] if row is None else got[path][row]
         np.testing.assert_array_equal(leaf, want, err_msg=name)
     # the scales really mattered: without them the weights would be the raw e4m3 values
     name = next(k for k in stored if FP8_RE.search(k))
-    assert not np.allclose(ref_e4m3(stored[name]), _expected(stored)[name])
+    assert not np.allclose(ref_e4m3(stored[name]), dequantize_reference(stored)[name])

@@ -27,6 +27,7 @@ from hdflash_jax.checkpoint import abstract_leaves, load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.keymap import hf_memory_to_official, tree_to_official
+from test_convert import load_official_into_hf
 
 # one SWA + MoE main layer (its weights only have to exist) and the MTP layer; 12 positions > window 8
 CFG = get_preset("tiny").replace(n_layers=1, compress_ratios=(0, 0), n_hash_layers=0)
@@ -67,26 +68,14 @@ def _hc_head(x: torch.Tensor, fn, base, scale, norm_eps: float, hc_eps: float) -
     return (weights[..., None] * x).sum(dim=2)
 
 
-def _hf_block(off: dict[str, torch.Tensor]):
+def _hf_block(off: dict[str, np.ndarray]):
     """transformers' decoder layer 0 (SWA + bias-routed MoE) with the MTP block's official weights."""
     from transformers import DeepseekV4Config, DeepseekV4Model
 
     hf = DeepseekV4Model(DeepseekV4Config(**CFG.to_hf_dict())).eval().to(torch.float32)
-    layer = hf.layers[0]
-    sd = {}
-    for name, cur in layer.state_dict().items():
-        key = "mtp.0." + hf_memory_to_official("model.layers.0." + name)[len("layers.0."):]
-        if key.endswith(".ffn.experts.gate_up_proj"):
-            p = key[: -len(".gate_up_proj")]
-            v = torch.stack([torch.cat([off[f"{p}.{e}.w1.weight"], off[f"{p}.{e}.w3.weight"]])
-                             for e in range(cur.shape[0])])
-        elif key.endswith(".ffn.experts.down_proj"):
-            p = key[: -len(".down_proj")]
-            v = torch.stack([off[f"{p}.{e}.w2.weight"] for e in range(cur.shape[0])])
-        else:
-            v = off[key]
-        sd[name] = v.to(cur.dtype)
-    layer.load_state_dict(sd, strict=True)
+    load_official_into_hf(
+        hf.layers[0], off,
+        to_official=lambda name: "mtp.0." + hf_memory_to_official("model.layers.0." + name)[len("layers.0."):])
     return hf
 
 
@@ -96,7 +85,7 @@ def reference_mtp(off: dict[str, np.ndarray], streams: np.ndarray, next_ids: np.
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in off.items()}
     eps = CFG.norm_eps
-    hf = _hf_block(t)
+    hf = _hf_block(off)
     ids = torch.as_tensor(next_ids)
     h = torch.as_tensor(streams)
     with torch.no_grad():
