@@ -17,6 +17,7 @@ import numpy as np
 from convert.drafter_export import (CONFIG_FILE, EXT, FORMAT_VERSION, WEIGHTS_FILE, Converted, ExportError,
                                     _move, flat_params, name_map, tapped_layers)
 from convert.safetensors_io import load_all
+from hdflash_jax.checkpoint import count_nonfinite
 from hdflash_jax.config import DTYPES, DrafterConfig, build_target_layer_ids
 
 _NEUTRAL = (("input_embedding_scale", 1.0), ("output_multiplier", 1.0))
@@ -256,7 +257,7 @@ def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Pat
         if m.there not in tensors:
             raise ExportError(f"{wpath}: tensor {m.there!r} missing")
         a = tensors[m.there]
-        if not np.all(np.isfinite(a.astype(np.float32))):
+        if count_nonfinite(a):  # in chunks: no full fp32 copy of a large tensor
             raise ExportError(f"{wpath}: tensor {m.there!r} holds NaN or Inf")
         shape, dtype = want[m.here]
         if tuple(a.shape) != shape:
