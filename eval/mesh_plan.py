@@ -8,7 +8,7 @@ accelerator, whether it fits and the bandwidth floor (bytes accessed / HBM bandw
 Nothing is allocated: parameters, caches and inputs are `jax.ShapeDtypeStruct`s with their `NamedSharding`s, the
 program is `jax.jit(...).lower(...).compile()`d, and the figures come from `memory_analysis()` and
 `cost_analysis()`. The CPU backend upcasts bf16 in some ops, so temp bytes here overstate a TPU/GPU somewhat.
-Programs: `prefill` (a prompt of --seq tokens into an empty cache of --context slots), `verify` (a block of --seq
+Programs (built in `plan_target.py`, `plan_draft.py`, `plan_train.py`): `prefill` (a prompt of --seq tokens into an empty cache of --context slots), `verify` (a block of --seq
 tokens onto a cache holding --context tokens), `generate` (prefill + the autoregressive while_loop, --seq prompt,
 --context - --seq new tokens). `--layers N` keeps the first N layers of the preset (no MTP).
 """
@@ -30,7 +30,6 @@ ACCELERATORS = {
     "h200": (141 * 2**30, 4.8e12),
 }
 PROGRAMS = ("prefill", "verify", "generate", "draft", "train")
-NOT_YET = ("draft", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +71,9 @@ def _parse(argv):
     ap.add_argument("--seq", type=int, default=32768, help="tokens of the call (prompt, or verify block)")
     ap.add_argument("--context", type=int, default=None, help="cache slots (prefill/generate) or tokens already "
                                                               "cached (verify); default --seq (+ seq for verify)")
+    ap.add_argument("--anchors", type=int, default=512, help="train: anchors (blocks) per sequence")
+    ap.add_argument("--drafter", default=None, help="draft/train: a drafter preset (e.g. v4-flash-hyperdflash) "
+                                                    "or a drafter_config.json; default: the builder's")
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                     help="TargetConfig field override, e.g. attention_impl=dense (repeatable)")
     ap.add_argument("--json", help="write one object per program to this file")
@@ -105,69 +107,6 @@ def _config(args):
         return cfg.replace(**changes)
     except ValueError as e:
         raise SystemExit(f"--override: {e}") from None
-
-
-def _abstract(tree, shardings):
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _cache_shardings(mesh, cache):
-    """Rows over the data-parallel axes when they divide the batch; everything else replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from hdflash_jax.sharding import batch_sharding
-
-    def one(x):
-        s = batch_sharding(mesh, x.ndim)
-        lead = s.spec[0]
-        size = 1
-        for a in (lead if isinstance(lead, tuple) else (lead,) if lead else ()):
-            size *= mesh.shape[a]
-        return s if x.shape[0] % size == 0 else NamedSharding(mesh, P())
-
-    return jax.tree.map(one, cache)
-
-
-def _program(name, cfg, args, mesh, graph, state):
-    """(function, abstract arguments, donated argument numbers) of one program."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from hdflash_jax.deepseek_v4.cache import init_cache
-    from hdflash_jax.sharding import batch_sharding
-
-    b, s = args.batch, args.seq
-    tok_sh = batch_sharding(mesh, 2) if b % _batch_ways(mesh) == 0 else None
-    tokens = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=tok_sh)
-    if name in ("prefill", "verify"):
-        max_len = args.context or (s if name == "prefill" else 2 * s)
-        if name == "verify":
-            max_len = max_len + s if args.context else max_len
-        cache = jax.eval_shape(lambda: init_cache(cfg, b, max_len, max_block=s if name == "verify" else 1))
-        cache = _abstract(cache, _cache_shardings(mesh, cache))
-
-        def run(state, tokens, cache):
-            out = nnx.merge(graph, state)(tokens, cache, last_logits=name == "prefill")
-            return out.logits[:, -1], out.cache
-
-        return run, (state, tokens, cache), (2,)
-    if name == "generate":
-        import functools
-
-        from hdflash_jax.decode.drafters import NoDrafter
-        from hdflash_jax.decode.generate import DecodeSettings, _generate
-
-        new = max((args.context or 2 * s) - s, 1)
-        settings = DecodeSettings(max_new_tokens=new, prompt_buckets=(s,))
-        fn = functools.partial(_generate, graph, None, NoDrafter(), settings, s + new + 1)
-        lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        return (lambda st, p, n, k: fn(st, None, p, n, k)), (state, tokens, lengths, key), ()
-    raise SystemExit(f"--program {name}: not yet (planned: {', '.join(NOT_YET)} after the target programs)")
 
 
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
@@ -261,26 +200,22 @@ def _device_count(spec: str) -> int:
     return n
 
 
-def _batch_ways(mesh) -> int:
-    return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+def _builder(name: str):
+    """The module that builds program `name` (one module per kind of program)."""
+    if name in ("prefill", "verify", "generate"):
+        from eval import plan_target as m
+    elif name == "draft":
+        from eval import plan_draft as m
+    else:
+        from eval import plan_train as m
+    return m.build
 
 
 def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
     import jax
-    from flax import nnx
 
-    from hdflash_jax.deepseek_v4.layers import KeyGen
-    from hdflash_jax.deepseek_v4.model import DeepseekV4
-    from hdflash_jax.sharding import state_shardings
-
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=KeyGen(0)))
-    graph, state = nnx.split(model)
-    n_active = active_params(cfg, nnx.state(model, nnx.Param))
-    shardings = state_shardings(state, mesh)
-    state = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)), state,
-                         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    fn, abstract_args, donate = _program(name, cfg, args, mesh, graph, state)
+    prog = _builder(name)(name, cfg, args, mesh)
+    fn, abstract_args, donate = prog.fn, prog.args, prog.donate
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = jax.jit(fn, donate_argnums=donate).lower(*abstract_args)
@@ -303,7 +238,7 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
         hlo_chars=len(hlo), loop_dot_flops=loop_flops,
-        active_flops=2.0 * n_active * args.batch * args.seq / mesh.size if name != "generate" else 0.0)
+        active_flops=prog.active_flops)
 
 
 def _gib(x) -> str:
@@ -337,8 +272,6 @@ def main(argv=None):
     for name in names:
         if name not in PROGRAMS:
             raise SystemExit(f"--program: unknown {name!r}; one of {PROGRAMS}")
-        if name in NOT_YET:
-            raise SystemExit(f"--program {name}: not yet (the target programs prefill, verify, generate are planned)")
     n_dev = _device_count(args.mesh)
     if "jax" in sys.modules:
         import jax

@@ -18,8 +18,9 @@ from hdflash_jax.deepseek_v4.cache import set_committed_length
 from hdflash_jax.drafter import model as dm
 from hdflash_jax.drafter.model import (
     block_token_ids, count_params, draft, draft_block, init_draft_cache, init_drafter, init_drafter_from_target,
-    make_draft_fn, train_forward, training_mask,
+    make_draft_fn,
 )
+from hdflash_jax.drafter.training import train_forward, training_mask
 from hdflash_jax.drafter.reducer import features_from_target, make_reducer, target_return_layers
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -248,7 +249,7 @@ def test_draft_is_one_pass_compiled_once(setup, monkeypatch):
     cfg, d, io, feats, tokens = setup
     counts = {"trace": 0, "layer": 0, "head": 0}
     layer_call = dm.DraftLayer.__call__
-    head_fn = dm._frozen_head
+    head_fn = dm.frozen_head
 
     def counting_layer(self, *a, **k):
         counts["layer"] += 1
@@ -259,7 +260,7 @@ def test_draft_is_one_pass_compiled_once(setup, monkeypatch):
         return lambda x: (counts.__setitem__("head", counts["head"] + 1), f(x))[1]
 
     monkeypatch.setattr(dm.DraftLayer, "__call__", counting_layer)
-    monkeypatch.setattr(dm, "_frozen_head", counting_head)
+    monkeypatch.setattr(dm, "frozen_head", counting_head)
     graphdef, state = nnx.split(d)
     inner = make_draft_fn(graphdef, jit=False)
 

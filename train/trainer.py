@@ -25,9 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import DrafterConfig, get_drafter_preset, get_preset
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
-from hdflash_jax.drafter.model import (
-    block_token_ids, init_drafter, init_drafter_from_target, target_io, train_forward,
-)
+from hdflash_jax.drafter.model import block_token_ids, init_drafter, init_drafter_from_target, target_io
+from hdflash_jax.drafter.training import train_forward
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.sharding import batch_sharding, make_mesh, parse_mesh
 from hdflash_jax.tokenizer import load_tokenizer

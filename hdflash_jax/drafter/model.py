@@ -11,7 +11,7 @@ with the target's frozen embedding; its B queries see every committed context ke
 Two paths share every layer:
 * inference: `draft(...)` appends the new context K/V to a position-indexed draft cache, then runs the block;
   the block's own K/V never enter the cache, and a rollback is `deepseek_v4.cache.set_committed_length(cache, length)`;
-* training: `train_forward(...)` runs N blocks of B slots per sequence in one pass under `training_mask` (block n,
+* training (`drafter/training.py`): `train_forward(...)` runs N blocks of B slots per sequence in one pass under `training_mask` (block n,
   anchor a_n, sees context keys k < a_n and its own block's keys, nothing else).
 
 The target's embedding and head are passed into the calls (the target module itself, or the two arrays) and are
@@ -87,21 +87,30 @@ class DraftLayer(nnx.Module):
         """KV injection: the conditioning vectors c [b, T, D] (already normed; no input norm here)."""
         return self._kv(c.astype(jnp.dtype(self.cfg.dtype)), positions)
 
-    def __call__(self, h, positions, ctx_k, ctx_v, mask):
-        """h [b, Tq, D] at positions [b, Tq]; ctx_k/v [b, S, KV, hd] put before the block; mask [b, Tq, S+Tq]."""
+    def __call__(self, h, positions, attend: Callable):
+        """h [b, Tq, D] at positions [b, Tq]. `attend(q, k, v)` gets the block's own q [b, Tq, H, hd] and
+        k/v [b, Tq, KV, hd] (normed, RoPE'd) and returns [b, Tq, H, hd]: it puts the injected context keys before
+        the block's and applies the path's mask (inference: `cache_attend`; training: `drafter.training`)."""
         cfg = self.cfg
         b, t, _ = h.shape
         x = self.input_norm(h)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta))
         q = apply_rope(self.q_norm(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)), cos, sin)
         k, v = self._kv(x, positions)
-        keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
-        a = masked_attention(q, keys, values, mask, cfg.head_dim ** -0.5)
+        a = attend(q, k, v)
         h = h + self.wo(a.reshape(b, t, cfg.n_heads * cfg.head_dim)).astype(h.dtype)
         x = self.post_attn_norm(h)
         f = self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
         return h + f.astype(h.dtype)
+
+
+def concat_attend(ctx_k, ctx_v, mask, scale: float) -> Callable:
+    """attend(q, k, v) over [context keys; block keys] under a dense mask [b, Tq, S + Tq] (the reference path)."""
+    def attend(q, k, v):
+        keys = jnp.concatenate([ctx_k.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([ctx_v.astype(v.dtype), v], axis=1)
+        return masked_attention(q, keys, values, mask, scale)
+    return attend
 
 
 class BlockDrafter(nnx.Module):
@@ -125,11 +134,12 @@ class BlockDrafter(nnx.Module):
         c = self.condition(ctx_feats)
         return [layer.context_kv(c, positions) for layer in self.layers]
 
-    def hidden(self, h, positions, ctx_kv, mask) -> jax.Array:
-        """Run the layers over block inputs h [b, Tq, D]; returns the final-normed hidden [b, Tq, D]."""
+    def hidden(self, h, positions, attends: list[Callable]) -> jax.Array:
+        """Run the layers over block inputs h [b, Tq, D], layer i attending with attends[i]; returns the
+        final-normed hidden [b, Tq, D]."""
         h = h.astype(jnp.dtype(self.cfg.dtype))
-        for layer, (k, v) in zip(self.layers, ctx_kv):
-            h = layer(h, positions, k, v, mask)
+        for layer, attend in zip(self.layers, attends):
+            h = layer(h, positions, attend)
         return self.norm(h)
 
 
@@ -140,14 +150,14 @@ def _target_fns(target, dtype) -> tuple[Callable, Callable]:
     if hasattr(target, "embed_tokens") and hasattr(target, "head_logits"):
         return (lambda ids: jax.lax.stop_gradient(target.embed_tokens(ids)).astype(dtype)), target.head_logits
     embed, head = target
-    return _frozen_embed(embed, dtype), _frozen_head(head)
+    return frozen_embed(embed, dtype), frozen_head(head)
 
 
-def _frozen_embed(embed, dtype):
+def frozen_embed(embed, dtype):
     return lambda ids: jax.lax.stop_gradient(embed)[ids].astype(dtype)
 
 
-def _frozen_head(head):
+def frozen_head(head):
     def f(normed):
         w = jax.lax.stop_gradient(head)
         return jnp.einsum("...d,vd->...v", normed.astype(w.dtype), w, preferred_element_type=jnp.float32)
@@ -218,8 +228,9 @@ def draft_block(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, bl
     mask = jnp.concatenate([jnp.broadcast_to(ctx_ok[:, None, :], (b, bs, max_len)),
                             jnp.ones((b, bs, bs), bool)], axis=-1)
     h = embed(block_token_ids(anchor_tokens, bs, cfg.mask_token_id))
-    ctx_kv = [(lc["k"], lc["v"]) for lc in cache["layers"]]
-    logits = head(drafter.hidden(h, positions, ctx_kv, mask)[:, 1:])
+    scale = cfg.head_dim ** -0.5
+    attends = [concat_attend(lc["k"], lc["v"], mask, scale) for lc in cache["layers"]]
+    logits = head(drafter.hidden(h, positions, attends)[:, 1:])
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
 
 
@@ -251,48 +262,6 @@ def make_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
         return draft(drafter, (target_embed, target_head), ctx_feats_new, n_ctx_new, anchor_tokens, cache,
                      block_size=block_size)
     return jax.jit(fn) if jit else fn
-
-
-# ---- training: many blocks per sequence in one pass ----------------------------------------------------------
-
-def training_mask(anchors, ctx_len: int, block_size: int, keep=None) -> jax.Array:
-    """bool [b, N·B, S + N·B]: query (n, j) sees context key k iff k < a_n, and block key (m, i) iff m == n.
-
-    A dropped block (keep[b, n] False) sees nothing (its attention outputs 0; give it no loss).
-    """
-    anchors = jnp.asarray(anchors, jnp.int32)
-    b, n = anchors.shape
-    keep = jnp.ones((b, n), bool) if keep is None else jnp.asarray(keep, bool)
-    q_block = jnp.repeat(jnp.arange(n), block_size)  # [N·B]
-    a_q = anchors[:, q_block]  # [b, N·B]
-    keep_q = keep[:, q_block]
-    ctx = jnp.arange(ctx_len)[None, None, :] < a_q[:, :, None]  # [b, N·B, S]
-    blk = q_block[None, :, None] == q_block[None, None, :]  # [1, N·B, N·B]
-    blk = jnp.broadcast_to(blk, (b, n * block_size, n * block_size))
-    return jnp.concatenate([ctx, blk], axis=-1) & keep_q[:, :, None]
-
-
-def train_forward(drafter: BlockDrafter, target_embed, target_head, ctx_feats, anchors, block_tokens, keep=None):
-    """Logits [b, N, B, V] (fp32) for N blocks per sequence, one pass.
-
-    ctx_feats [b, S, *feature_shape]: the target's features of every position (context at absolute positions
-    0..S−1); anchors [b, N] (block n = slots at positions a_n..a_n+B−1, seeing context k < a_n);
-    block_tokens [b, N, B] (normally `block_token_ids(tokens[a_n], B, mask_token_id)`); keep [b, N] bool.
-    target_embed / target_head [V, D] are frozen (stop_gradient). Slot 0 is the anchor (no loss); slot j >= 1
-    predicts x_{a_n + j}.
-    """
-    cfg = drafter.cfg
-    b, s = ctx_feats.shape[:2]
-    _, n, bs = block_tokens.shape
-    chex.assert_shape(anchors, (b, n))
-    embed, head = _frozen_embed(target_embed, jnp.dtype(cfg.dtype)), _frozen_head(target_head)
-    ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-    ctx_kv = drafter.context_kv(ctx_feats, ctx_pos)
-    q_pos = (jnp.asarray(anchors, jnp.int32)[:, :, None] + jnp.arange(bs, dtype=jnp.int32)).reshape(b, n * bs)
-    h = embed(block_tokens.reshape(b, n * bs))
-    mask = training_mask(anchors, s, bs, keep)
-    logits = head(drafter.hidden(h, q_pos, ctx_kv, mask))
-    return logits.reshape(b, n, bs, -1)
 
 
 # ---- construction --------------------------------------------------------------------------------------------
