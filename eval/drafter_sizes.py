@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         try:
             cfg = DrafterConfig.for_target(tcfg, **design, **kw)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            hint = "" if args.n_layers else " (vanilla DFlash taps one target layer per draft layer: pass --n-layers N)"
+            print(f"error: {e}{hint}", file=sys.stderr)
             return 2
         rows[name] = sizes(cfg)
     print(f"drafter sizes at {args.target} dims (D={tcfg.dim}, n={tcfg.hc_mult}, L={tcfg.n_layers}); "
