@@ -126,3 +126,50 @@ def test_long_inputs_run_in_token_chunks(monkeypatch):
     out, dropped = _run(_moe(CFG.replace(moe_dispatch="expert_parallel"), True), x, ids, mesh)
     assert int(dropped) == 0
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def _skewed(cfg, seed=6):
+    """Every token routed to experts 0 and 1 (a score-correction bias only chooses; weights stay the scores'):
+    each of them receives every token, far past the main pass's ceil(1.25 · N · k / E) slots."""
+    moe = _moe(cfg, hashed=False, seed=seed)
+    bias = np.zeros(cfg.n_routed_experts, np.float32)
+    bias[:2] = 100.0
+    moe.gate.bias[...] = jnp.asarray(bias)
+    return moe
+
+
+@pytest.mark.parametrize("shape", [None, {"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}])
+def test_exact_default_runs_the_overflow_and_equals_dense(shape):
+    """No capacity (the default): the assignments past the main pass run in overflow blocks, nothing dropped,
+    equal to the dense dispatch; the same routing with a capacity drops (so the overflow path really ran)."""
+    from hdflash_jax.deepseek_v4.moe import _slots
+
+    rng = np.random.RandomState(7)
+    x = jnp.asarray(rng.randn(4, 12, CFG.dim).astype(np.float32))
+    ids = jnp.asarray(rng.randint(0, CFG.vocab_size, (4, 12)))
+    ep_cfg = CFG.replace(moe_dispatch="expert_parallel")
+    assert _slots(ep_cfg, 48) * 3 < 48  # an expert with every token needs 3 overflow blocks
+    mesh = None if shape is None else make_mesh(shape)
+    ref, _ = _run(_skewed(CFG.replace(moe_dispatch="dense")), x, ids)
+    out, dropped = _run(_skewed(ep_cfg), x, ids, mesh)
+    assert int(dropped) == 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    capped, capped_dropped = _run(_skewed(ep_cfg.replace(moe_capacity=1.25)), x, ids, mesh)
+    assert int(capped_dropped) > 0
+    assert float(np.abs(np.asarray(capped) - np.asarray(ref)).max()) > 1e-2 * float(np.abs(ref).max())
+
+
+def test_overflow_with_token_chunks_over_the_sequence_axis(monkeypatch):
+    """Skewed routing, chunks of 16 gathered tokens (2 per expert-axis device) over 48 tokens, several overflow
+    passes per chunk (one block per pass): still equal to dense."""
+    from hdflash_jax.deepseek_v4 import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "TOKEN_CHUNK", 16)
+    monkeypatch.setattr(moe_module, "OVERFLOW_GROUP", 1)
+    rng = np.random.RandomState(8)
+    x = jnp.asarray(rng.randn(2, 24, CFG.dim).astype(np.float32))
+    ids = jnp.asarray(rng.randint(0, CFG.vocab_size, (2, 24)))
+    ref, _ = _run(_skewed(CFG.replace(moe_dispatch="dense")), x, ids)
+    out, dropped = _run(_skewed(CFG.replace(moe_dispatch="expert_parallel")), x, ids, make_mesh({"expert": 8}))
+    assert int(dropped) == 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
