@@ -2,8 +2,9 @@
 
 A params checkpoint is a folder:
     config.json   TargetConfig.to_dict() (official field names; `TargetConfig.from_json_file` reads it)
-    params/       an orbax (v1 layout) PyTree checkpoint: nested dicts keyed by the dotted tree path of
-                  `DeepseekV4`'s NNX state (`layers` → `0` → `attn` → `wq_a` → `weight`), see `hdflash_jax.keymap`
+    params/       an orbax (v1 layout) PyTree checkpoint: nested dicts keyed by the dotted tree path of the
+                  unrolled `DeepseekV4`'s NNX state (`layers` → `0` → `attn` → `wq_a` → `weight`), see
+                  `hdflash_jax.keymap`; layers that run under scan are stacked on load and unstacked on save
     report.json   (converter output only) what was read, dequantized and written
 
 Everything is written under `<path>.tmp-<pid>` and renamed into place at the end, so an interrupted save leaves
@@ -42,12 +43,15 @@ def _ocp():
 
 # ---- the model's tree ---------------------------------------------------------------------------------------
 
-def abstract_model(cfg: TargetConfig):
-    """`DeepseekV4` with ShapeDtypeStruct leaves (no memory, no mesh needed)."""
+def abstract_model(cfg: TargetConfig, scanned: bool = False):
+    """`DeepseekV4` with ShapeDtypeStruct leaves (no memory, no mesh needed). By default the unrolled (canonical)
+    tree, the one every params folder holds whatever `cfg.scan_layers` says; `scanned`: the tree `cfg` builds."""
+    from hdflash_jax.deepseek_v4.layers import KeyGen
     from hdflash_jax.deepseek_v4.model import DeepseekV4
 
+    model_cfg = cfg if scanned else cfg.replace(scan_layers=False)
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: DeepseekV4(model_cfg, rngs=KeyGen(0)))
 
 
 def dotted(path: tuple) -> str:
@@ -83,12 +87,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _flat_arrays(state) -> dict[str, Any]:
+    """{canonical dotted path: array}: scanned layers are written per layer, as the unrolled model names them."""
+    from hdflash_jax.keymap import unstack_tree
+
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
     if isinstance(state, nnx.State):
-        return {dotted(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+        return unstack_tree({dotted(p): v.get_value() for p, v in nnx.to_flat_state(state)})
     if isinstance(state, dict):
-        return flatten(state)
+        return unstack_tree(flatten(state))
     raise TypeError(f"save_params: expected an NNX module/state or a dict, got {type(state).__name__}")
 
 
@@ -203,6 +210,10 @@ def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, 
         raise FileNotFoundError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/)")
     graphdef, state = restore_strict(params, abstract_model(cfg), "a model",
                                      lambda key, var: _sharding_for(key, var, mesh, shardings))
+    from hdflash_jax.deepseek_v4.scan import layer_plan
+
+    if layer_plan(cfg).n_units:
+        graphdef, state = stack_layers(state, abstract_model(cfg, scanned=True))
     if not as_model:
         return cfg, state
     return cfg, nnx.merge(graphdef, state)
@@ -240,6 +251,33 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
     check_finite(restored, params)
     for p, var in flat:
         var.set_value(restored[dotted(p)])
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def stack_layers(canonical_state, abstract_scanned):
+    """A restored canonical (unrolled) state → (graphdef, state) of the scanned model, one leaf at a time (the
+    per-layer arrays of a leaf are freed once stacked). Stacked leaves keep the per-layer sharding, unsharded
+    along the unit axis."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from hdflash_jax.keymap import canonical_names, stacking_of
+
+    canonical = {dotted(p): v.get_value() for p, v in nnx.to_flat_state(canonical_state)}
+    graphdef, state = nnx.split(abstract_scanned)
+    flat = list(nnx.to_flat_state(state))
+    stacking = stacking_of({dotted(p): tuple(v.shape) for p, v in flat})
+    for p, var in flat:
+        key = dotted(p)
+        parts = [canonical.pop(n) for n in canonical_names(key, stacking)]
+        if not key.startswith("scan."):
+            var.set_value(parts[0])
+            continue
+        sh = parts[0].sharding
+        if isinstance(sh, NamedSharding):
+            sh = NamedSharding(sh.mesh, P(None, *sh.spec))
+        var.set_value(jax.device_put(jnp.stack(parts), sh))
+        del parts
     return graphdef, nnx.from_flat_state(flat)
 
 

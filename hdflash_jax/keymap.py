@@ -8,6 +8,10 @@ Three names for one tensor:
 * tree — the path of the leaf in `DeepseekV4`'s NNX state, written with dots (`layers.3.attn.wq_a.weight`).
   Official names map 1:1 except: `embed.weight` → `embed`, `hc_X_fn` → `hc_X.fn`, the MTP block's own layer
   keys gain `block.`, and routed experts are stacked: `ffn.experts.E.w1.weight` → row E of `ffn.experts.w1`.
+* canonical tree — the tree of the unrolled model (`layers.<i>.…` for every decoder layer). A model whose layers
+  run under scan stores unit position j of every unit in one leaf `scan.<j>.…` with a leading unit axis and the
+  layers after the last unit in `tail.<k>.…`; `canonical_names` / `stack_canonical` / `unstack_tree` convert.
+  Names on disk (official, transformers, our orbax) are always the canonical ones.
 """
 
 from __future__ import annotations
@@ -113,16 +117,83 @@ def tree_paths(state) -> dict[str, tuple]:
     return {".".join(str(k) for k in path): path for path, _ in nnx.to_flat_state(state)}
 
 
+# ---- stacked (scanned) layers ↔ canonical per-layer paths --------------------------------------------------
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_STACKED = re.compile(r"^(scan|tail)\.(\d+)\.(.*)$")
+
+
+def stacking_of(shapes: dict[str, tuple]) -> tuple[int, int, int]:
+    """(prefix layers, unit period, units) of a tree, read off its leaf paths and the scanned leaves' lead axis."""
+    prefix = len({m.group(1) for m in map(_LAYER.match, shapes) if m})
+    scanned = {k: v for k, v in shapes.items() if k.startswith("scan.")}
+    period = len({_STACKED.match(k).group(2) for k in scanned})
+    n_units = next(iter(scanned.values()))[0] if scanned else 0
+    return prefix, period, n_units
+
+
+def canonical_names(path: str, stacking: tuple[int, int, int]) -> list[str]:
+    """The canonical path(s) of one tree leaf: one per unit (in unit order) for a scanned leaf, else [path]."""
+    m = _STACKED.match(path)
+    if not m:
+        return [path]
+    prefix, period, n_units = stacking
+    kind, k, rest = m.group(1), int(m.group(2)), m.group(3)
+    if kind == "tail":
+        return [f"layers.{prefix + period * n_units + k}.{rest}"]
+    return [f"layers.{prefix + u * period + k}.{rest}" for u in range(n_units)]
+
+
+def canonical_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """{tree path: shape} → {canonical path: shape} (a scanned leaf's shape loses its unit axis)."""
+    st = stacking_of(shapes)
+    out = {}
+    for path, shape in shapes.items():
+        names = canonical_names(path, st)
+        for name in names:
+            out[name] = tuple(shape[1:]) if path.startswith("scan.") else tuple(shape)
+    return out
+
+
+def stack_canonical(canonical: dict, shapes: dict[str, tuple], stack=np.stack) -> dict:
+    """{canonical path: array} → {tree path: array} for the tree with leaf shapes `shapes` (scanned leaves stacked)."""
+    st = stacking_of(shapes)
+    out = {}
+    for path in shapes:
+        names = canonical_names(path, st)
+        out[path] = stack([canonical[n] for n in names]) if path.startswith("scan.") else canonical[names[0]]
+    return out
+
+
+def unstack_tree(flat: dict) -> dict:
+    """{tree path: array} of any tree → {canonical path: array} (scanned leaves sliced per unit)."""
+    st = stacking_of({k: tuple(v.shape) for k, v in flat.items()})
+    out = {}
+    for path, value in flat.items():
+        names = canonical_names(path, st)
+        if path.startswith("scan."):
+            out.update((n, value[u]) for u, n in enumerate(names))
+        else:
+            out[names[0]] = value
+    return out
+
+
 def assemble_tree(flat_official: dict[str, np.ndarray], abstract_state, *, allow_unused: bool = False,
                   source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """Official-named tensors → {tree path: array} for every leaf of `abstract_state`, strictly.
+    """Official-named tensors → {tree path: array} for every leaf of `abstract_state`, strictly (scanned layers
+    stacked from their per-layer tensors).
 
     Raises KeyError/ValueError naming the key for a missing tensor, an unexpected one (unless allow_unused) or a
     shape that disagrees with the model.
     """
     from flax import nnx
 
-    leaves = {".".join(str(k) for k in path): v for path, v in nnx.to_flat_state(abstract_state)}
+    shapes = {".".join(str(k) for k in path): tuple(v.shape) for path, v in nnx.to_flat_state(abstract_state)}
+    out = _assemble_canonical(flat_official, canonical_shapes(shapes), allow_unused, source)
+    return stack_canonical(out, shapes)
+
+
+def _assemble_canonical(flat_official, leaves: dict[str, tuple], allow_unused: bool, source: str):
+    """Official tensors → {canonical path: array} for the canonical leaves {path: shape}."""
     grouped: dict[str, dict[int | None, np.ndarray]] = {}
     for name, value in flat_official.items():
         path, expert = official_to_tree(name)
@@ -132,8 +203,7 @@ def assemble_tree(flat_official: dict[str, np.ndarray], abstract_state, *, allow
             raise KeyError(f"{source}: unexpected tensor {name!r} (no parameter {path!r} in this model)")
         grouped.setdefault(path, {})[expert] = value
     out = {}
-    for path, leaf in leaves.items():
-        shape = tuple(leaf.shape)
+    for path, shape in leaves.items():
         parts = grouped.get(path)
         if parts is None:
             raise KeyError(f"{source}: missing tensor {tree_to_official(path, shape[0] if 'experts' in path else None)[0]!r}"

@@ -1,7 +1,9 @@
 """Decode caches built for speculative verification and exact rollback.
 
 A cache is a plain pytree: `{"length": [B] int32, "layers": [per-layer dict], "mtp": {"length", "layers"}}` (the
-MTP layers keep their own length: their drafted positions are rolled back apart from the target's).
+MTP layers keep their own length: their drafted positions are rolled back apart from the target's). When layers
+run under scan (`hdflash_jax.deepseek_v4.scan`), "layers" holds the unrolled prefix only, "scan" one dict per unit
+position with a leading unit axis, and "tail" the layers after the last unit.
 `length[b]` is the number of committed tokens of row b. Everything else is position-indexed, so a rollback is
 `cache["length"] = new_length` (see `set_committed_length`) and nothing else:
 
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from hdflash_jax.config import TargetConfig
+from hdflash_jax.deepseek_v4.scan import layer_plan
 
 
 def window_slots(cfg: TargetConfig, max_block: int) -> int:
@@ -61,12 +64,23 @@ def init_cache(cfg: TargetConfig, batch: int, max_len: int, max_block: int = 16,
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     dtype = dtype or jnp.dtype(cfg.dtype)
-    return {
+    plan = layer_plan(cfg)
+    ratios = cfg.layer_ratios
+
+    def layer(r):
+        return init_layer_cache(cfg, r, batch, max_len, max_block, dtype)
+
+    cache = {
         "length": jnp.zeros((batch,), jnp.int32),
-        "layers": [init_layer_cache(cfg, r, batch, max_len, max_block, dtype) for r in cfg.layer_ratios],
+        "layers": [layer(r) for r in ratios[:plan.prefix]],
         "mtp": {"length": jnp.zeros((batch,), jnp.int32),
-                "layers": [init_layer_cache(cfg, 0, batch, max_len, max_block, dtype) for _ in range(cfg.n_mtp_layers)]},
+                "layers": [layer(0) for _ in range(cfg.n_mtp_layers)]},
     }
+    if plan.n_units:  # per unit position: that layer kind's cache with a leading unit axis
+        stacked = [jax.tree.map(lambda x: jnp.broadcast_to(x, (plan.n_units,) + x.shape),
+                                layer(ratios[plan.layer(0, j)])) for j in range(plan.period)]
+        cache.update(scan=stacked, tail=[layer(r) for r in ratios[plan.tail_start:]])
+    return cache
 
 
 def set_committed_length(cache: dict, length: jax.Array) -> dict:

@@ -19,6 +19,7 @@ from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.layers import KeyGen, Linear, RMSNorm, param
 from hdflash_jax.deepseek_v4.mhc import HyperConnection, HyperHead, hc_post, hc_pre
 from hdflash_jax.deepseek_v4.moe import MoE
+from hdflash_jax.deepseek_v4.scan import layer_plan, run_units, stack_modules, unstack_module
 from hdflash_jax.sharding import constrain_tokens
 
 
@@ -89,10 +90,13 @@ class DeepseekV4(nnx.Module):
         dt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt)
-        self.layers = nnx.List([
-            Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs)
-            for i, r in enumerate(cfg.layer_ratios)
-        ])
+        # built in canonical order whatever the plan, so a seed gives the same weights scanned or unrolled
+        blocks = [Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs) for i, r in enumerate(cfg.layer_ratios)]
+        plan = layer_plan(cfg)
+        self.layers = nnx.List(blocks[:plan.prefix])  # the unrolled prefix (all layers when nothing is scanned)
+        self.scan = nnx.List([  # one stacked Block per unit position, leading axis = unit
+            stack_modules([blocks[plan.layer(u, j)] for u in range(plan.n_units)]) for j in range(plan.period)])
+        self.tail = nnx.List(blocks[plan.tail_start:])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dt)
         self.head = Linear(cfg.dim, cfg.vocab_size, ("vocab", "embed"), dtype=dt, rngs=rngs)
         self.hc_head = HyperHead(cfg.hc_mult, cfg.dim, rngs=rngs)
@@ -128,20 +132,49 @@ class DeepseekV4(nnx.Module):
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         h = self.embed_tokens(tokens)
         streams = jnp.broadcast_to(h[:, :, None, :], (b, t, cfg.hc_mult, cfg.dim))
-        new_layers, kept = [], []
-        dropped = jnp.zeros((), jnp.int32)
-        for i, layer in enumerate(self.layers):
-            streams, c, d = layer(constrain_tokens(streams), tokens, positions, start, n_new, cache["layers"][i])
-            new_layers.append(c)
+        plan = layer_plan(cfg)
+        kept: dict[int, jax.Array] = {}
+        streams, new_layers, dropped = self._unrolled(self.layers, 0, streams, tokens, positions, start, n_new,
+                                                      cache["layers"], return_layers, kept)
+        new_scan, new_tail = [], []
+        if plan.n_units:
+            taps = tuple(sorted(i for i in set(return_layers) if plan.prefix <= i < plan.tail_start))
+            streams, new_scan, d, tapped = run_units(self.scan, plan, streams, tokens, positions, start, n_new,
+                                                     cache["scan"], taps)
             dropped = dropped + d
-            if i in return_layers:
-                kept.append(streams)
+            kept.update(zip(taps, tapped))
+            streams, new_tail, d = self._unrolled(self.tail, plan.tail_start, streams, tokens, positions, start,
+                                                  n_new, cache["tail"], return_layers, kept)
+            dropped = dropped + d
         last = streams
         if last_logits:
             last = jnp.take_along_axis(streams, jnp.maximum(n_new - 1, 0)[:, None, None, None], axis=1)
         logits = self.lm_head(self.collapse(last))
         new_cache = {**cache, "length": start + n_new, "layers": new_layers}
-        return TargetOutput(logits, streams, tuple(kept), new_cache, dropped)
+        if plan.n_units:
+            new_cache.update(scan=new_scan, tail=new_tail)
+        layer_streams = tuple(kept[i] for i in sorted(set(return_layers)) if i in kept)
+        return TargetOutput(logits, streams, layer_streams, new_cache, dropped)
+
+    @staticmethod
+    def _unrolled(blocks, first, streams, tokens, positions, start, n_new, caches, return_layers, kept):
+        """Run `blocks` (canonical layers first, first + 1, ...) one after another; taps go into `kept`."""
+        new, dropped = [], jnp.zeros((), jnp.int32)
+        for k, block in enumerate(blocks):
+            streams, c, d = block(constrain_tokens(streams), tokens, positions, start, n_new, caches[k])
+            new.append(c)
+            dropped = dropped + d
+            if first + k in return_layers:
+                kept[first + k] = streams
+        return streams, new, dropped
+
+    def block(self, layer: int) -> Block:
+        """Decoder layer `layer` (canonical numbering) as a Block; a scanned layer comes back as an unstacked
+        copy (for tests and tools: writing to it does not change the model)."""
+        kind, k, unit = layer_plan(self.cfg).locate(layer)
+        if kind == "scan":
+            return unstack_module(self.scan[k], unit)
+        return (self.layers if kind == "layers" else self.tail)[k]
 
     def mtp_step(self, streams, next_tokens, cache: dict, n_new=None, depth: int = 0):
         """Run MTP layer `depth` on target (or its own) streams [B, T, n, D] and the tokens one ahead [B, T].
