@@ -1,0 +1,52 @@
+"""DSpark behind the decoder's `Drafter` protocol: one parallel block pass, then the Markov head drafts sequentially.
+
+The drafter's state is its context ring (keys of committed positions only; `observe` appends what a verify step
+committed), so rollback needs nothing: rejected positions never enter it. `propose` drafts B tokens for a block of
+B slots [anchor, noise...] (verify width B + 1), greedy or sampled: with sampling, draft j is drawn from
+softmax((base_j + Markov bias(d_{j-1})) / T) and that distribution goes to the rejection sampler, which makes the
+output exactly the target's distribution (each draft's proposal is conditioned on the drafts before it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from hdflash_jax.config import TargetConfig
+from hdflash_jax.decode.drafters import _choose
+from hdflash_jax.dspark.config import DSparkConfig
+from hdflash_jax.dspark.model import draft_hidden, extend_dspark_cache, init_dspark_cache, markov_draft
+
+
+@dataclasses.dataclass(frozen=True)
+class DSparkDrafterAdapter:
+    cfg: DSparkConfig
+    num_drafts: int  # = the block's slots B (slot j drafts the token j + 1 after the anchor)
+    sampled: bool = False
+    temperature: float = 1.0
+
+    @property
+    def return_layers(self) -> tuple[int, ...]:
+        return self.cfg.target_layer_ids
+
+    def check_target(self, tcfg: TargetConfig) -> None:
+        self.cfg.check_target(tcfg)
+        if self.num_drafts < 1:
+            raise ValueError(f"a DSpark block needs at least one slot, got {self.num_drafts}")
+
+    def init_state(self, target, modules, batch, max_len):
+        return {"cache": init_dspark_cache(modules, batch)}
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        feats = modules.pool(out.layer_streams)
+        return {"cache": extend_dspark_cache(modules, feats, n_valid, state["cache"])}
+
+    def propose(self, target, modules, state, anchor, position, key):
+        x = draft_hidden(modules, target.embed_tokens, anchor, state["cache"], self.num_drafts)
+        base = modules.base_logits(target.head_logits, x)
+        keys = jax.random.split(key, self.num_drafts)
+        tokens, _, probs = markov_draft(modules, base, anchor,
+                                        lambda l, k: _choose(l, k, self.sampled, self.temperature), keys)
+        return tokens.astype(jnp.int32), probs, state
