@@ -66,6 +66,7 @@ class TargetConfig:
     attention_chunk: int = 256  # queries per chunk (and compressed entries per HCA block)
     moe_dispatch: str = "auto"  # "dense" | "ragged" | "expert_parallel"; "auto": dense up to 16 experts, else EP
     moe_capacity: float = 0.0  # expert_parallel: slots per expert = ceil(capacity·tokens·k/E); 0 = never drop
+    scan_layers: bool = True  # repeating units of compress_ratios run under one scan (False: unrolled reference)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -277,6 +278,7 @@ def get_preset(name: str, **overrides) -> TargetConfig:
 
 CONDITIONINGS = ("final_streams", "layers")
 REDUCERS = ("gated", "linear")
+DRAFT_CACHES = ("cond", "kv", "cond_fp8")
 
 
 def build_target_layer_ids(n_target_layers: int, k: int) -> tuple[int, ...]:
@@ -326,6 +328,12 @@ class DrafterConfig:
     target_layer_ids: tuple[int, ...] | None = None  # 'layers' only; None → build_target_layer_ids(L, n_layers)
     reducer: str = "gated"
     post_norm: bool = True  # RMSNorm after the gated reducer, initialised from the target's final norm
+    # -- inference draft cache ----------------------------------------------------------------------------
+    # what the cache keeps per context position: 'cond' (c [D] once, K/V recomputed per step; exact), 'kv' (every
+    # layer's K/V; exact, 2.5x the bytes at V4-Flash width, no recompute), 'cond_fp8' (c in fp8 + a per-position
+    # scale; lossy, half of 'cond')
+    draft_cache: str = "cond"
+    draft_chunk: int = 256  # context positions per step of the draft step's online-softmax loop
     # -- from the target (for_target fills these) --------------------------------------------------------
     dim: int = 4096
     hc_mult: int = 4
@@ -396,6 +404,10 @@ class DrafterConfig:
                                         f"got {ids}")
             if len(set(ids)) != len(ids):
                 bad("target_layer_ids", f"repeated layer in {ids}")
+        if self.draft_cache not in DRAFT_CACHES:
+            bad("draft_cache", f"unknown {self.draft_cache!r}; one of {DRAFT_CACHES}")
+        if self.draft_chunk < 1:
+            bad("draft_chunk", f"must be >= 1, got {self.draft_chunk}")
         if self.post_norm and self.reducer != "gated":
             bad("post_norm", "applies to the gated reducer only (the linear compressor always ends in its RMSNorm)")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.hc_norm_eps <= 0 or self.hc_eps < 0:

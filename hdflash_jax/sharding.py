@@ -29,6 +29,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "hc": (),
     "hc_in": ("fsdp",),
+    "layers": (),  # the stacked axis of scanned layers: never sharded (the scan slices it)
+    # the draft cache: the drafter has no experts, so its rows take the expert axis too
+    "draft_batch": ("data", "fsdp", "expert"),
+    "draft_embed": ("tensor",),
+    "draft_kv": ("tensor",),
 }
 
 
@@ -83,10 +88,42 @@ def state_shardings(state, mesh: Mesh):
 
 
 def shard_state(state, mesh: Mesh):
-    """Place an NNX state onto the mesh by the logical rules."""
+    """Place an NNX state onto the mesh by the logical rules (multi-process safe: see `place`)."""
     shardings = state_shardings(state, mesh)
-    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
+    return jax.tree.map(lambda v, s: v.replace(place(v.get_value(), s)), state, shardings,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(x, sharding):
+    """A host (or single-device) array as a global array of `sharding`; already there: unchanged. With several
+    processes every process must pass the same value (same seed / same file); each puts only its own shards."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    a = np.asarray(x)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
+def to_host(tree):
+    """Numpy copies of global arrays, gathered from every process when some shards live elsewhere."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def mesh_of(module) -> Mesh | None:
+    """The mesh a module's parameters live on (a `NamedSharding` over more than one device), else None."""
+    for x in jax.tree.leaves(nnx.state(module)):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -94,6 +131,45 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     axes = tuple(a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1)
     lead = axes if len(axes) > 1 else (axes[0] if axes else None)
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def row_axes(mesh: Mesh, batch: int) -> tuple[str, ...]:
+    """The mesh axes that shard `batch` rows of decode state (caches, tokens, outputs): the batch rule's axes
+    present in the mesh, each kept while the product still divides `batch` (rows that do not split stay whole)."""
+    axes, size = [], 1
+    for a in RULES["batch"]:
+        n = mesh.shape.get(a, 1)
+        if n > 1 and batch % (size * n) == 0:
+            axes.append(a)
+            size *= n
+    return tuple(axes)
+
+
+def rows_sharding(mesh: Mesh, batch: int, ndim: int, dim: int = 0) -> NamedSharding:
+    """Dimension `dim` (of `ndim`) holds `batch` rows: shard it by `row_axes`, everything else replicated."""
+    axes = row_axes(mesh, batch)
+    spec = [None] * ndim
+    if axes:
+        spec[dim] = axes if len(axes) > 1 else axes[0]
+    return NamedSharding(mesh, P(*spec))
+
+
+def row_shardings(mesh: Mesh, make, batch: int):
+    """Shardings of the pytree `make(batch)` (e.g. an empty decode cache) with rows over `row_axes`: a leaf's
+    row dimension is the one that changes when the batch does (found from abstract shapes at `batch` and
+    `batch + 1`, so stacked layer axes or any layout need no rule of their own); leaves without one (scalars, a
+    PRNG key) are replicated. Heads are not sharded: the target's cache holds one shared latent K/V per position
+    (no head axis), so rows are the only axis that splits it without a gather in every attention call."""
+    at = jax.eval_shape(lambda: make(batch))
+    more = jax.eval_shape(lambda: make(batch + 1))
+
+    def one(a, b):
+        dims = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if len(dims) == 1 and a.shape[dims[0]] == batch:
+            return rows_sharding(mesh, batch, len(a.shape), dims[0])
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, at, more)
 
 
 # activations [B, T, ...]: rows over the data-parallel axes, positions over the expert axis (at batch 1 the expert
