@@ -1,7 +1,8 @@
 """Methods of an evaluation: their names, the expansion of `--method`, and one `Generator` per method.
 
 Names: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times, so `mtp3,mtp7`
-compare depths in one run), and the block drafters by name (a target's own or `--drafter NAME=CKPT`).
+compare depths in one run), and the block drafters by name (a target's own or `--drafter NAME=CKPT`): HyperDFlash /
+DFlash (`DrafterConfig`) and DSpark (`DSparkConfig`: `dspark`, `dspark-gated`, a converted checkpoint's `dspark`).
 """
 
 from __future__ import annotations
@@ -60,23 +61,46 @@ def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSou
     return out, ar_added
 
 
+def is_dspark(src: DrafterSource) -> bool:
+    from hdflash_jax.dspark.config import DSparkConfig
+
+    return isinstance(src.config, DSparkConfig)
+
+
+def dspark_checkpoint_source(method: str, path, target_cfg=None, trained: bool = True) -> DrafterSource:
+    """A DSpark drafter checkpoint folder (dspark_config.json + params/) as the drafter of `method`."""
+    from eval.targets import DrafterSource
+    from hdflash_jax.dspark.checkpoint import load_dspark, load_dspark_config
+
+    cfg = load_dspark_config(path)
+    if target_cfg is not None:
+        cfg.check_target(target_cfg, where=f"DSpark drafter {path}")
+    return DrafterSource(method, str(path), cfg, lambda target, seed: load_dspark(path, target.cfg)[1],
+                         trained=trained)
+
+
 def warn_on_design(methods: list[str], sources: dict[str, DrafterSource]) -> None:
     """A drafter named hyperdflash / dflash whose config is the other design is allowed, but said."""
     for m in methods:
         expect, src = EXPECTED_DESIGN.get(m), sources.get(m)
-        if expect and src is not None and (src.config.conditioning, src.config.reducer) != expect:
+        if expect and src is not None and is_dspark(src):
+            log(f"warning: method {m!r} runs a DSpark drafter")
+        elif expect and src is not None and (src.config.conditioning, src.config.reducer) != expect:
             log(f"warning: method {m!r} runs a drafter with conditioning/reducer "
                 f"{(src.config.conditioning, src.config.reducer)}, not {expect}")
 
 
 def num_drafts(method: str, sources: dict[str, DrafterSource], mtp_k: int, block_size: int | None) -> int:
     """K of a method before any model exists: 0 for AR, the chain depth of MTP, block size − 1 of a drafter
-    (--block-size, else the drafter's training block size)."""
+    (--block-size, else the drafter's training block size). --block-size is the verify width for every method;
+    a DSpark block of B slots drafts B tokens, so its own default is B drafts."""
     if method == "ar":
         return 0
     depth = mtp_depth(method, mtp_k)
     if depth is not None:
         return depth
+    if block_size is None and is_dspark(sources[method]):
+        return sources[method].config.block_size
     return (block_size or sources[method].config.block_size) - 1
 
 
@@ -95,7 +119,8 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
                   block_size: int | None, seed: int) -> dict[str, Method]:
     """One `Generator` per method over the loaded target (block drafters' weights are loaded here)."""
     from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter
-    from hdflash_jax.decode.generate import Generator
+    from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
+    from hdflash_jax.decode.generate import Generator, mesh_of
 
     sampled = settings.temperature > 0
     temp = settings.temperature if sampled else 1.0
@@ -110,6 +135,8 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
         else:
             src = sources[m]
             modules, origin = src.load(target, seed), src.origin
-            drafter = BlockDrafterAdapter(src.config, k, sampled=sampled, temperature=temp)
-        out[m] = Method(m, Generator(target, drafter, modules, settings=settings), drafter.num_drafts + 1, origin)
+            adapter = DSparkDrafterAdapter if is_dspark(src) else BlockDrafterAdapter
+            drafter = adapter(src.config, k, sampled=sampled, temperature=temp)
+        out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
+                        drafter.num_drafts + 1, origin)
     return out
