@@ -413,3 +413,12 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
         cmd = SP.pretrain_command("python", size, tmp_path, None)
         assert cmd.count("--override") == len(size["pretrain"])
     assert (pcfg.train.steps, pcfg.model["compress_ratios"], pcfg.optim.warmup_steps) == (30, (0, 4, 8, 0), 5)
+    # the seed study: same config but the seed (init, RNG, data order) and the run folder <variant>-s<seed>
+    size = SP.SIZES["full"]
+    base, seeded = SP.drafter_config("dflash", size, tmp_path), SP.drafter_config("dflash", size, tmp_path, 2)
+    assert seeded["seed"] == seeded["data"]["shuffle_seed"] == 2 and seeded["out_dir"].endswith("dflash-s2")
+    assert {k: v for k, v in seeded.items() if k not in ("seed", "out_dir", "data")} == \
+        {k: v for k, v in base.items() if k not in ("seed", "out_dir", "data")}
+    load_config(data=seeded)
+    runs = SP.eval_runs(size, tmp_path, ("hyperdflash", "dflash"), (1, 2))
+    assert "hyperdflash-s1,hyperdflash-s2,dflash-s1,dflash-s2" in runs["seeds"]

@@ -139,16 +139,25 @@ def write_prompts(corpus: Path, dst: Path, split: str, n: int) -> Path:
 
 # ---- stage 5: drafter configs ----------------------------------------------------------------------------------
 
-def drafter_config(name: str, size: dict, out: Path) -> dict:
+def seeded_name(variant: str, seed: int | None) -> str:
+    """The drafter folder / eval method of a variant: `<variant>` (the shipped seed 0), `<variant>-s<seed>` for the
+    seed study (eval.report groups `-s<seed>` methods of one variant into its training-seed intervals)."""
+    return variant if seed is None else f"{variant}-s{seed}"
+
+
+def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) -> dict:
+    """The training config of variant `name`; `seed` (None: the shipped run, seed 0) seeds the drafter's init, the
+    RNG and the data order, and names the run `<name>-s<seed>`."""
     over, loss_over, block = VARIANTS[name]
     d = size["drafter"]
     return {
-        "out_dir": str(out / "drafters" / name),
-        "seed": 0,
+        "out_dir": str(out / "drafters" / seeded_name(name, seed)),
+        "seed": 0 if seed is None else seed,
         "target": {"checkpoint": str(out / "target" / "model")},
         "drafter": {"preset": None, "overrides": {**d["overrides"], **over}, "init_from_target": True},
         "data": {"train": str(out / "regen" / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
-                 "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"]},
+                 "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"],
+                 "shuffle_seed": 0 if seed is None else seed},
         "train": {"global_batch": d["global_batch"], "steps": d["steps"], "block_size": block},
         "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **loss_over},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
@@ -163,8 +172,9 @@ def drafter_config(name: str, size: dict, out: Path) -> dict:
 
 # ---- stage 6: evaluation runs ----------------------------------------------------------------------------------
 
-def eval_runs(size: dict, out: Path, variants: tuple[str, ...]) -> dict[str, list[str]]:
-    """name -> eval.run arguments. Main comparison greedy and at T = 1; ablations greedy."""
+def eval_runs(size: dict, out: Path, variants: tuple[str, ...], seeds: tuple[int, ...] = ()) -> dict[str, list[str]]:
+    """name -> eval.run arguments. Main comparison greedy and at T = 1; ablations greedy; with `seeds`, a greedy
+    run of every variant's `-s<seed>` drafters (the training-seed intervals)."""
     e = size["eval"]
     common = ["--target", str(out / "target" / "model"), "--tokenizer", str(out / "tokenizer"), "--suite", "all",
               "--limit", str(e["limit"]), "--max-new-tokens", str(e["max_new_tokens"]),
@@ -176,6 +186,9 @@ def eval_runs(size: dict, out: Path, variants: tuple[str, ...]) -> dict[str, lis
     if ablations:
         runs["ablations"] = (common + ["--method", ",".join(["hyperdflash", *ablations])] + drafter("hyperdflash")
                              + [a for v in ablations for a in drafter(v)])
+    if seeds:
+        names = [seeded_name(v, s) for v in variants for s in seeds]
+        runs["seeds"] = common + ["--method", ",".join(names)] + [a for n in names for a in drafter(n)]
     return runs
 
 
@@ -265,6 +278,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also copy the report here (default: results/small for --size full; none for ci)")
     p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default: all)")
     p.add_argument("--variants", default=None, help="drafter variants to train (default: the size's)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of training seeds: also train every variant once per seed (<variant>-s<seed>) "
+                        "and evaluate them together (the seed study; default: none)")
     p.add_argument("--max-pretrain-minutes", type=float, default=None,
                    help="stop pretraining (with a checkpoint) after this long; rerun to resume")
     args = p.parse_args(argv)
@@ -273,6 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown stage(s) {bad}; one of {STAGES}")
     args.variants = tuple(args.variants.split(",")) if args.variants else SIZES[args.size]["variants"]
+    args.seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; one of {tuple(VARIANTS)}")
@@ -305,20 +322,22 @@ def stage_regen(py: str, size: dict, out: Path, logs: Path) -> None:
     done.write_text(json.dumps({"records": n}))
 
 
-def stage_drafters(py: str, size: dict, out: Path, logs: Path, variants: tuple[str, ...]) -> None:
-    for v in variants:
-        d = out / "drafters" / v
+def stage_drafters(py: str, size: dict, out: Path, logs: Path, variants: tuple[str, ...],
+                   seeds: tuple[int, ...] = ()) -> None:
+    for v, seed in [(v, None) for v in variants] + [(v, s) for s in seeds for v in variants]:
+        name = seeded_name(v, seed)
+        d = out / "drafters" / name
         if (d / "drafter" / "drafter_config.json").is_file() and (d / "summary.json").is_file():
-            _log(f"drafter {v}: cached at {d}")
+            _log(f"drafter {name}: cached at {d}")
             continue
         d.mkdir(parents=True, exist_ok=True)
-        cfg = drafter_config(v, size, out)
+        cfg = drafter_config(v, size, out, seed)
         load_drafter_config(data=cfg)  # a bad generated config stops here, before the subprocess
-        cfg_file = out / "drafter_configs" / f"{v}.yaml"
+        cfg_file = out / "drafter_configs" / f"{name}.yaml"
         cfg_file.parent.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.time()
-        run_cmd([py, "-m", "train.drafter", "--config", str(cfg_file)], logs / f"drafter-{v}.log")
+        run_cmd([py, "-m", "train.drafter", "--config", str(cfg_file)], logs / f"drafter-{name}.log")
         s = json.loads((d / "summary.json").read_text())
         s["train_s"] = time.time() - t0
         (d / "summary.json").write_text(json.dumps(s, indent=1))
@@ -369,10 +388,10 @@ def main(argv=None) -> int:
     if "regen" in stages:
         stage_regen(py, size, out, logs)
     if "drafters" in stages:
-        stage_drafters(py, size, out, logs, args.variants)
+        stage_drafters(py, size, out, logs, args.variants, args.seeds)
     if "ship" in stages and ship is not None:
         ship_model(out, ship)
-    runs = eval_runs(size, out, args.variants)
+    runs = eval_runs(size, out, args.variants, args.seeds)
     if "eval" in stages:
         for name, a in runs.items():
             if (out / "eval" / name / "results.json").is_file():
