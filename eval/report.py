@@ -22,7 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from eval.results import Results, as_results, jsonable
+from eval.bootstrap import rate_ratio, ratio, seed_ci, suite_mean_ci
+from eval.results import SEED_SUFFIX, CellResult, Results, SeedGroup, as_results, jsonable
 from hdflash_jax.fileio import atomic_dir
 from hdflash_jax.decode.stats import AcceptanceStats
 
@@ -51,8 +52,51 @@ def pooled_stats(results: Results, method: str) -> AcceptanceStats | None:
     return st if st.block_size > 1 and st.steps > 0 else None
 
 
+def _with_ci(x, ci, spec: str, unit: str = "") -> str:
+    text = _fmt(x, spec)
+    if text == DASH:
+        return text
+    return f"{text}{unit}" if ci is None else f"{text}{unit} [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
+
+
+def _per_prompt(c: CellResult, ar: CellResult, cols: str) -> np.ndarray | None:
+    """[prompts, k] figures of `c` paired by id with AR's: "tau" → (accepted, steps); "speedup" → (AR wall,
+    wall); "decode" → (AR decode s, AR tokens after the first, decode s, tokens after the first)."""
+    if not c.per_prompt:
+        return None
+    base = {p.id: p for p in ar.per_prompt}
+    if cols == "tau":
+        return np.array([[p.accepted_tokens, p.steps] for p in c.per_prompt], np.float64)
+    pairs = [(base[p.id], p) for p in c.per_prompt if p.id in base]
+    if not pairs:
+        return None
+    if cols == "speedup":
+        return np.array([[b.wall_s, p.wall_s] for b, p in pairs], np.float64)
+    return np.array([[b.decode_s, max(b.tokens - 1, 0), p.decode_s, max(p.tokens - 1, 0)] for b, p in pairs])
+
+
+def avg_interval(results: Results, method: str, cols: str):
+    """Mean over suites of a method's τ / speedup / decode speedup with its stratified bootstrap interval, or
+    None when a suite lacks per-prompt figures."""
+    mats = []
+    for cells in results.suites.values():
+        if method not in cells:
+            continue
+        m = _per_prompt(cells[method], cells.get("ar", cells[method]), cols)
+        if m is None:
+            return None
+        mats.append(m)
+    if not mats:
+        return None
+    try:
+        return suite_mean_ci(mats, rate_ratio if cols == "decode" else ratio)
+    except ValueError:
+        return None
+
+
 def summary_table(results: Results | Mapping) -> str:
-    """Markdown: rows = methods, columns = suites + avg, cells `speedup× / τ`."""
+    """Markdown: rows = methods, columns = suites + avg, cells `speedup× / τ` (with 95% intervals when the
+    results hold per-prompt figures)."""
     results = as_results(results)
     suites = list(results.suites)
     lines = [
@@ -66,11 +110,84 @@ def summary_table(results: Results | Mapping) -> str:
             if c is None:
                 cells.append(DASH)
                 continue
-            cells.append(f"{_fmt(c.speedup, '.2f')}× / {_fmt(c.tau, '.2f')}")
+            cells.append(f"{_with_ci(c.speedup, c.speedup_ci, '.2f', '×')} / {_with_ci(c.tau, c.tau_ci, '.2f')}")
             sp.append(c.speedup)
             ta.append(c.tau)
-        avg = f"{np.mean(sp):.2f}× / {np.mean(ta):.2f}" if sp else DASH
+        if sp:
+            isp, ita = avg_interval(results, m, "speedup"), avg_interval(results, m, "tau")
+            avg = (f"{_with_ci(np.mean(sp), isp and isp.bounds, '.2f', '×')} / "
+                   f"{_with_ci(np.mean(ta), ita and ita.bounds, '.2f')}")
+        else:
+            avg = DASH
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def wall_clock_table(results: Results | Mapping, ceiling: str = "replay") -> str:
+    """Markdown: per method over the suites (avg): end-to-end speedup, decode speedup (seconds per output token
+    after the first, prefill excluded), τ, and how much of τ becomes wall clock (decode speedup / τ), beside the
+    `ceiling` method's when it ran (a free, always-right drafter: what the verify step alone allows)."""
+    results = as_results(results)
+    lines = ["| method | speedup (end to end) | decode speedup | τ | decode speedup / τ | prefill share of AR wall |",
+             "|---|---|---|---|---|---|"]
+    for m in ordered_methods(results):
+        cs = [cells[m] for cells in results.suites.values() if m in cells]
+        ars = [cells["ar"] for cells in results.suites.values() if m in cells and "ar" in cells]
+        if not cs or any(c.decode_speedup is None for c in cs):
+            continue
+        isp, idec, ita = (avg_interval(results, m, k) for k in ("speedup", "decode", "tau"))
+        sp, dec, ta = (float(np.mean([getattr(c, k) for c in cs])) for k in ("speedup", "decode_speedup", "tau"))
+        share = (sum(a.prefill_s for a in ars if a.prefill_s is not None) / sum(a.wall_s for a in ars)) if ars else None
+        lines.append(f"| {m}{' (ceiling)' if m == ceiling else ''} | {_with_ci(sp, isp and isp.bounds, '.2f', '×')} | "
+                     f"{_with_ci(dec, idec and idec.bounds, '.2f', '×')} | {_with_ci(ta, ita and ita.bounds, '.2f')} | "
+                     f"{_fmt(dec / ta, '.2f')} | {_fmt(share, '.0%')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def seed_groups(suites: Mapping[str, Mapping[str, CellResult]]) -> dict[str, dict[str, SeedGroup]]:
+    """Methods named `<variant>-s<seed>` (two or more seeds of a variant) → variant → suite → `SeedGroup`."""
+    out: dict[str, dict[str, SeedGroup]] = {}
+    for su, cells in suites.items():
+        by_variant: dict[str, list[tuple[int, str]]] = {}
+        for m in cells:
+            hit = SEED_SUFFIX.match(m)
+            if hit:
+                by_variant.setdefault(hit.group("variant"), []).append((int(hit.group("seed")), m))
+        for v, members in by_variant.items():
+            members.sort()
+            if len(members) < 2:
+                continue
+            cs = [cells[m] for _, m in members]
+            ar = cells.get("ar")
+            taus = [_per_prompt(c, ar or c, "tau") for c in cs]
+            if any(t is None for t in taus):
+                continue
+            speeds = [_per_prompt(c, ar, "speedup") for c in cs] if ar is not None else [None]
+            t_ci = seed_ci([(t[:, 0], t[:, 1]) for t in taus])
+            s_ci = seed_ci([(x[:, 0], x[:, 1]) for x in speeds]) if all(x is not None for x in speeds) else None
+            out.setdefault(v, {})[su] = SeedGroup(
+                tuple(s for s, _ in members), tuple(m for _, m in members), tuple(c.tau for c in cs), t_ci.point,
+                t_ci.bounds, tuple(c.speedup for c in cs), float(np.mean([c.speedup for c in cs])),
+                None if s_ci is None else s_ci.bounds)
+    return out
+
+
+def seeds_table(results: Results) -> str:
+    """Markdown: per seeded variant and suite, τ per seed, mean over seeds with its two-stage interval."""
+    if not results.seed_groups:
+        return ""
+    suites = list(results.suites)
+    lines = ["| variant | seeds | " + " | ".join(suites) + " | avg τ |", "|---|---|" + "---|" * (len(suites) + 1)]
+    for v, by in results.seed_groups.items():
+        row, taus = [], []
+        for su in suites:
+            g = by.get(su)
+            row.append(DASH if g is None else f"{_with_ci(g.tau, g.tau_ci, '.2f')} ("
+                       + ", ".join(f"{t:.2f}" for t in g.tau_by_seed) + ")")
+            if g is not None:
+                taus.append(g.tau)
+        seeds = next(iter(by.values())).seeds
+        lines.append(f"| {v} | {','.join(map(str, seeds))} | " + " | ".join(row) + f" | {_fmt(float(np.mean(taus)), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -117,8 +234,16 @@ def render_markdown(results: Results | Mapping) -> str:
     return "\n\n".join([
         "# Results",
         "Cells: wall-clock speedup over AR (same prompts, same run, compilation excluded) / "
-        "τ = mean accepted draft tokens + 1 per verification step.",
+        "τ = mean accepted draft tokens + 1 per verification step; [lo, hi] = 95% bootstrap interval over prompts "
+        "(avg: prompts resampled within each suite).",
         summary_table(results),
+        *(["## Where the wall clock goes",
+           "Decode speedup: AR's seconds per output token after the first over the method's, each batch's prefill "
+           "(timed apart for its shape) taken out. decode speedup / τ = the share of τ that becomes wall clock.",
+           t] if (t := wall_clock_table(results)) else []),
+        *(["## Training seeds",
+           "τ: mean over seeds [two-stage bootstrap interval: seeds, then prompts] (each seed's τ).",
+           t] if (t := seeds_table(results)) else []),
         "## Acceptance rate by draft position (all suites pooled)",
         "r_j = fraction of verification steps in which draft position j was accepted.",
         acceptance_table(results),

@@ -19,10 +19,19 @@ results.json:
             "greedy_match_ar": bool|None,  # outputs identical to AR's (greedy); None if not checked
             "score": float|None,           # accuracy in [0, 1]; None if not scored (e.g. MT-Bench)
             # written by eval.run, optional when read: steps, block_size, samples, compiled_shapes,
-            # warmup_s, drafter, greedy_mismatched (only when some output differs)
+            # warmup_s, drafter, greedy_mismatched (only when some output differs), and the statistics:
+            "tau_ci": [lo, hi],            # 95% bootstrap interval of tau over prompts (eval.bootstrap)
+            "speedup_ci": [lo, hi],        # the same for the end-to-end speedup (prompts paired with AR's)
+            "decode_speedup": float,       # AR / this method in seconds per output token after the first
+            "decode_speedup_ci": [lo, hi], #   (each batch's wall minus its prefill, timed apart per shape)
+            "prefill_s": float,            # prefill seconds of every batch, summed (part of wall_s)
+            "seeds": [int],                # training seeds of the drafter(s) behind the cell; [] for AR / MTP
+            "per_prompt": [{"id", "tokens", "steps", "accepted_tokens", "wall_s", "decode_s"}, ...]
           }, ...
         }, ...
       },
+      "seed_groups": {<variant>: {<suite>: {"seeds", "methods", "tau", "tau_ci", "tau_by_seed",
+                                             "speedup", "speedup_ci", "speedup_by_seed"}}},  # eval.report
       "greedy_mismatches": [...]           # only when some greedy output differs from AR's
     }
 
@@ -35,16 +44,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from hdflash_jax.decode.stats import AcceptanceStats
 
+SEED_SUFFIX = re.compile(r"^(?P<variant>.+)-s(?P<seed>[0-9]+)$")  # a drafter method named <variant>-s<seed>
 REQUIRED_CELL_KEYS = ("tau", "accept_rate_by_pos", "accepted_hist", "tokens", "tokens_per_s", "wall_s",
                       "compile_s", "speedup", "greedy_match_ar", "score")
 _FLOAT_KEYS = ("tokens_per_s", "wall_s", "compile_s", "speedup")
-_OPTIONAL_KEYS = ("steps", "block_size", "samples", "compiled_shapes", "warmup_s", "drafter", "greedy_mismatched")
+_OPTIONAL_KEYS = ("steps", "block_size", "samples", "compiled_shapes", "warmup_s", "drafter", "greedy_mismatched",
+                  "tau_ci", "speedup_ci", "decode_speedup", "decode_speedup_ci", "prefill_s", "seeds", "per_prompt")
 
 
 def jsonable(x):
@@ -89,6 +101,31 @@ class SuiteMismatches:
                 "mismatched": [m.to_json() for m in self.mismatched]}
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptFigures:
+    """One sample under one method (all its turns): what the bootstrap resamples. accepted_tokens = Σ (accepted
+    + 1) over its verify steps, so τ of a set of prompts = Σ accepted_tokens / Σ steps. wall_s is the prompt's
+    share of its batches' generation time (exact at batch 1), decode_s the same minus the prefill."""
+    id: str
+    tokens: int
+    steps: int
+    accepted_tokens: int
+    wall_s: float
+    decode_s: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> PromptFigures:
+        return cls(str(d["id"]), int(d["tokens"]), int(d["steps"]), int(d["accepted_tokens"]), _float(d["wall_s"]),
+                   _float(d["decode_s"]))
+
+
+def _interval(v) -> tuple[float, float] | None:
+    return None if v is None else (_float(v[0]), _float(v[1]))
+
+
 def _float(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -109,19 +146,35 @@ class CellResult:
     warmup_s: float | None = None  # the untimed first runs alone (part of compile_s)
     drafter: str | None = None  # where the method's drafter came from
     greedy_mismatched: tuple[Mismatch, ...] = ()
+    tau_ci: tuple[float, float] | None = None  # 95% bootstrap intervals over prompts (eval.bootstrap)
+    speedup_ci: tuple[float, float] | None = None
+    decode_speedup: float | None = None  # per output token after the first, prefill excluded
+    decode_speedup_ci: tuple[float, float] | None = None
+    prefill_s: float | None = None
+    seeds: tuple[int, ...] | None = None  # training seeds of the drafter behind the cell; () for AR / MTP
+    per_prompt: tuple[PromptFigures, ...] = ()
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # unknown keys of a file read back
 
     @property
     def tau(self) -> float:
         return self.stats.tau
 
+    @property
+    def decode_s(self) -> float | None:
+        return self.wall_s - self.prefill_s if self.prefill_s is not None else None
+
     def to_json(self) -> dict:
         out = {**self.stats.to_json(), "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
                "wall_s": self.wall_s, "compile_s": self.compile_s, "speedup": self.speedup,
                "greedy_match_ar": self.greedy_match_ar, "score": self.score, "block_size": self.stats.block_size}
-        for k in ("samples", "warmup_s", "drafter"):
+        for k in ("samples", "warmup_s", "drafter", "decode_speedup", "prefill_s"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
+        for k in ("tau_ci", "speedup_ci", "decode_speedup_ci", "seeds"):
+            if getattr(self, k) is not None:
+                out[k] = list(getattr(self, k))
+        if self.per_prompt:
+            out["per_prompt"] = [p.to_json() for p in self.per_prompt]
         if self.compiled_shapes is not None:
             out["compiled_shapes"] = [list(s) for s in self.compiled_shapes]
         if self.greedy_mismatched:
@@ -150,7 +203,37 @@ class CellResult:
                    samples=d.get("samples"), warmup_s=d.get("warmup_s"), drafter=d.get("drafter"),
                    compiled_shapes=None if shapes is None else tuple(tuple(s) for s in shapes),
                    greedy_mismatched=tuple(Mismatch(**m) for m in d.get("greedy_mismatched") or ()),
+                   tau_ci=_interval(d.get("tau_ci")), speedup_ci=_interval(d.get("speedup_ci")),
+                   decode_speedup=None if d.get("decode_speedup") is None else float(d["decode_speedup"]),
+                   decode_speedup_ci=_interval(d.get("decode_speedup_ci")),
+                   prefill_s=None if d.get("prefill_s") is None else float(d["prefill_s"]),
+                   seeds=None if d.get("seeds") is None else tuple(int(x) for x in d["seeds"]),
+                   per_prompt=tuple(PromptFigures.from_json(p) for p in d.get("per_prompt") or ()),
                    extra={k: v for k, v in d.items() if k not in REQUIRED_CELL_KEYS + _OPTIONAL_KEYS})
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedGroup:
+    """One drafter variant trained with several seeds (methods `<variant>-s<seed>`) on one suite: each seed's
+    τ and speedup, their means over seeds, and two-stage bootstrap intervals (seeds, then prompts)."""
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    tau_by_seed: tuple[float, ...]
+    tau: float
+    tau_ci: tuple[float, float]
+    speedup_by_seed: tuple[float, ...]
+    speedup: float
+    speedup_ci: tuple[float, float] | None
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> SeedGroup:
+        t = lambda k, f=float: tuple(f(x) for x in d[k])  # noqa: E731
+        return cls(t("seeds", int), t("methods", str), t("tau_by_seed"), float(d["tau"]), t("tau_ci"),
+                   t("speedup_by_seed"), _float(d["speedup"]),
+                   None if d.get("speedup_ci") is None else t("speedup_ci"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +243,7 @@ class Results:
     versions: dict
     suites: dict[str, dict[str, CellResult]]
     greedy_mismatches: tuple[SuiteMismatches, ...] = ()
+    seed_groups: Mapping[str, Mapping[str, SeedGroup]] = dataclasses.field(default_factory=dict)  # variant→suite
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -174,6 +258,8 @@ class Results:
                "suites": {s: {m: c.to_json() for m, c in cells.items()} for s, cells in self.suites.items()}}
         if self.greedy_mismatches:
             out["greedy_mismatches"] = [m.to_json() for m in self.greedy_mismatches]
+        if self.seed_groups:
+            out["seed_groups"] = {v: {s: g.to_json() for s, g in by.items()} for v, by in self.seed_groups.items()}
         return {**out, **self.extra}
 
     @classmethod
@@ -193,8 +279,10 @@ class Results:
         mism = tuple(SuiteMismatches(x["suite"], x["method"], x["n_samples"],
                                      tuple(Mismatch(**m) for m in x["mismatched"]))
                      for x in d.get("greedy_mismatches") or ())
-        return cls(dict(d["config"]), dict(d["versions"]), suites, mism,
-                   {k: v for k, v in d.items() if k not in ("config", "versions", "suites", "greedy_mismatches")})
+        groups = {v: {s: SeedGroup.from_json(g) for s, g in by.items()} for v, by in (d.get("seed_groups") or {}).items()}
+        return cls(dict(d["config"]), dict(d["versions"]), suites, mism, groups,
+                   {k: v for k, v in d.items()
+                    if k not in ("config", "versions", "suites", "greedy_mismatches", "seed_groups")})
 
 
 def as_results(results: Results | Mapping) -> Results:

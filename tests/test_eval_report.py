@@ -105,3 +105,45 @@ def test_results_records_round_trip(tmp_path):
     assert back.suites["mbpp"]["dflash"].stats.accepted_hist == (0, 2, 2)
     assert back.suites["mbpp"]["dflash"].greedy_match_ar is False
     assert json.loads(json.dumps(back.to_json())) == data
+
+
+def _prompts(rows):
+    return [{"id": f"p{i}", "tokens": t, "steps": s, "accepted_tokens": a, "wall_s": w, "decode_s": d}
+            for i, (t, s, a, w, d) in enumerate(rows)]
+
+
+def seeded_results():
+    """AR and two seeds of one variant, per-prompt figures: τ of seed 0 = 12/6 = 2, of seed 1 = 18/6 = 3."""
+    ar = {**cell(1.0, [], [12], 1.0, tokens=12, wall=4.0),
+          "per_prompt": _prompts([(6, 6, 6, 2.0, 1.5), (6, 6, 6, 2.0, 1.5)]), "prefill_s": 1.0}
+    s0 = {**cell(2.0, [0.5], [3, 3], 2.0, tokens=12, wall=2.0), "seeds": [0],
+          "per_prompt": _prompts([(6, 3, 6, 1.0, 0.5), (6, 3, 6, 1.0, 0.5)]), "prefill_s": 1.0,
+          "tau_ci": [2.0, 2.0], "speedup_ci": [2.0, 2.0], "decode_speedup": 3.0, "decode_speedup_ci": [3.0, 3.0]}
+    s1 = {**cell(3.0, [1.0], [0, 6], 4.0, tokens=12, wall=1.0), "seeds": [1],
+          "per_prompt": _prompts([(6, 2, 6, 0.5, 0.25), (6, 2, 6, 0.5, 0.25)]), "prefill_s": 0.5,
+          "decode_speedup": 6.0, "decode_speedup_ci": [6.0, 6.0]}
+    r = {"config": {}, "versions": {}, "suites": {"gsm8k": {"ar": ar, "hd-s0": s0, "hd-s1": s1}}}
+    from eval.report import seed_groups
+    typed = Results.from_json(r)
+    return Results(typed.config, typed.versions, typed.suites, seed_groups=seed_groups(typed.suites))
+
+
+def test_intervals_and_seed_groups_in_tables_and_json(tmp_path):
+    res = seeded_results()
+    g = res.seed_groups["hd"]["gsm8k"]
+    assert g.seeds == (0, 1) and g.tau_by_seed == (2.0, 3.0) and g.tau == pytest.approx(2.5)
+    assert 2.0 <= g.tau_ci[0] <= 2.5 <= g.tau_ci[1] <= 3.0  # two seeds drawn with replacement: 2, 2.5 or 3
+    assert g.speedup_by_seed == (2.0, 4.0) and g.speedup == pytest.approx(3.0)
+    md = render_markdown(res)
+    assert "| hd-s0 | 2.00× [2.00, 2.00] / 2.00 [2.00, 2.00] |" in md
+    # wall-clock table: decode speedup 3.0 / τ 2.0 = 1.50; AR prefill share 1.0 / 4.0
+    assert "| hd-s0 | 2.00× [2.00, 2.00] | 3.00× [3.00, 3.00] | 2.00 [2.00, 2.00] | 1.50 | 25% |" in md
+    assert "| hd | 0,1 |" in md
+    out = write_results(tmp_path / "run", res)
+    data = json.loads((out / "results.json").read_text())
+    cell0 = data["suites"]["gsm8k"]["hd-s0"]
+    assert cell0["tau_ci"] == [2.0, 2.0] and cell0["seeds"] == [0] and len(cell0["per_prompt"]) == 2
+    assert data["seed_groups"]["hd"]["gsm8k"]["tau_by_seed"] == [2.0, 3.0]
+    back = Results.from_json(data)
+    assert back.seed_groups["hd"]["gsm8k"] == g and back.suites["gsm8k"]["hd-s1"].per_prompt[0].decode_s == 0.25
+    assert json.loads(json.dumps(back.to_json())) == data
