@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.dspark_export import is_dspark_folder
 from convert.safetensors_io import CheckpointError, write_safetensors
 from hdflash_jax.config import DrafterConfig
 from hdflash_jax.fileio import atomic_dir
@@ -194,8 +195,10 @@ def to_zlab(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Con
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert.drafter_export", description=__doc__.split("\n")[0])
-    p.add_argument("--to", required=True, choices=("zlab", "here"),
-                   help="zlab: this project's drafter checkpoint → z-lab DFlash folder; here: the reverse")
+    p.add_argument("--to", required=True, choices=("zlab", "dspark", "here"),
+                   help="zlab: this project's drafter checkpoint → z-lab DFlash folder; dspark: a DSpark drafter "
+                        "checkpoint → DeepSpec's V4 mtp.* layout (needs --target); here: the reverse of either "
+                        "(detected from the folder's config.json)")
     p.add_argument("--src", required=True, help="source folder")
     p.add_argument("--dst", required=True, help="destination folder (written atomically)")
     p.add_argument("--target", default=None,
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.to == "dspark" or (args.to == "here" and is_dspark_folder(args.src)):
+            return _dspark_main(args)
         if args.to == "zlab":
             if args.target is not None or args.stream_pooling != "flatten":
                 raise ExportError("--target / --stream-pooling: only used with --to here")
@@ -237,6 +242,22 @@ def main(argv: list[str] | None = None) -> int:
                       "target_layer_ids": tapped_layers(res.cfg), "gate_tensors": list(res.gate_tensors)}))
     if res.gate_tensors:
         print(f"note: {GATE_NOTE}", file=sys.stderr)
+    return 0
+
+
+def _dspark_main(args) -> int:
+    """DSpark checkpoints ↔ DeepSpec's V4 layout (convert.dspark_export)."""
+    from convert.dspark_export import from_dspark, to_dspark
+
+    if args.stream_pooling != "flatten":
+        raise ExportError("--stream-pooling: not used for DSpark drafters")
+    tcfg = _target_cfg(args.target)
+    if tcfg is None:
+        raise ExportError("--target: a DSpark drafter's shapes follow its target; pass --target CKPT|PRESET")
+    fn = to_dspark if args.to == "dspark" else from_dspark
+    res = fn(args.src, args.dst, tcfg, overwrite=args.overwrite)
+    print(json.dumps({"dst": str(res.dst), "tensors": res.n_tensors, **res.cfg.to_checkpoint_dict(),
+                      "pooling": res.cfg.pooling}))
     return 0
 
 
