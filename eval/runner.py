@@ -9,26 +9,38 @@ Per suite (and per MT-Bench turn), per method:
     outputs and statistics are dropped; so every method compiles one program per bucket for all suites;
   * each new (bucket, batch) shape is compiled apart (`Generator.lower(...).compile()`) and run once untimed (the
     first execution of an XLA program has one-off costs); both are reported as compile_s. Then the real runs
-    are timed (wall_s: generation only).
+    are timed (wall_s: generation only);
+  * each compiled shape's prefill (the target's prompt pass, the drafter's observe of it and the first token) is
+    also compiled apart and timed (median of a few runs): its cost depends on the padded shape only, so a batch's
+    decode time is its wall time minus its shape's prefill time;
+  * per sample (all its turns): tokens, verify steps, accepted tokens, its share of its batches' wall and decode
+    seconds (exact at batch 1) — what eval.bootstrap resamples for the intervals.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from eval.errors import BadCheckpointError, RunError, log
 from eval.methods import Method, build_methods
 from eval.plan import Plan, prompt_ids
 from eval.provenance import run_config, versions
-from eval.results import CellResult, Mismatch, OutputRecord, Results, SuiteMismatches, Turn
+from eval.results import (SEED_SUFFIX, CellResult, Mismatch, OutputRecord, PromptFigures, Results, SuiteMismatches,
+                          Turn)
 from eval.suites import Sample
 from hdflash_jax.decode.stats import AcceptanceStats
 
+import numpy as np
+
 SEED_STRIDE = 100_003  # seeds of different (suite, turn) phases never overlap within a run
+PREFILL_REPEATS = 3
 
 
 def plan_batches(lengths: list[int], batch_size: int, plan: Callable[..., Any]) -> list[tuple[list[int], Any]]:
@@ -58,6 +70,37 @@ class Cell:
     stats: list = dataclasses.field(default_factory=list)  # AcceptanceStats of each batch's real rows
     outputs: dict = dataclasses.field(default_factory=dict)  # sample index -> [ids of turn 1, ids of turn 2, ...]
     compiled_shapes: list = dataclasses.field(default_factory=list)
+    prefill_s: float = 0.0  # the prefill time of every timed batch (its shape's), summed
+    # sample index -> [tokens, steps, accepted tokens, wall seconds, decode seconds], summed over turns
+    per_sample: dict = dataclasses.field(default_factory=dict)
+
+
+def _prefill_program(gen, max_len: int, tstate, dstate, prompt, prompt_len, key):
+    """The generate program's first part alone: target prefill, drafter observe, first token."""
+    from flax import nnx
+
+    from hdflash_jax.decode.generate import _prefill
+
+    target = nnx.merge(gen.tgraph, tstate)
+    modules = nnx.merge(gen.dgraph, dstate) if gen.dgraph is not None else None
+    return _prefill(target, modules, gen.drafter, gen.settings, max_len, prompt, prompt_len, key)
+
+
+def prefill_seconds(gen, batch: list[list[int]], seed: int, repeats: int = PREFILL_REPEATS) -> float:
+    """Median wall time of the prefill of `batch`'s shape (compiled and run once untimed first)."""
+    import jax
+    import jax.numpy as jnp
+
+    padded, lengths, plan = gen.prepare(batch)
+    fn = jax.jit(functools.partial(_prefill_program, gen, plan.max_len))
+    args = (gen.tstate, gen.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> None:
@@ -75,9 +118,13 @@ def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> N
 
 
 def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
-                seed0: int, bar) -> dict[int, list[int]]:
-    """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)}."""
+                seed0: int, bar, prefill_by_shape: dict | None = None) -> tuple[dict[int, list[int]], dict[int, tuple]]:
+    """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)} and
+    {row: (tokens, steps, accepted tokens, wall seconds, decode seconds)}, a batch's time split evenly over
+    its real rows. `prefill_by_shape` (shape -> prefill seconds) is the method's, filled as shapes compile."""
+    prefill_by_shape = {} if prefill_by_shape is None else prefill_by_shape
     outs: dict[int, list[int]] = {}
+    figs: dict[int, tuple] = {}
     for bi, (rows, plan) in enumerate(batches):
         batch = [prompts[r] for r in rows]
         batch += [batch[-1]] * (plan.batch - len(batch))  # pad: one shape per bucket
@@ -85,12 +132,18 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         if plan.shape not in method.compiled:
             bar.set_postfix_str(f"compiling {method.name} {plan.shape}")
             _compile(method, batch, seed, cell)
+            t = time.perf_counter()
+            prefill_by_shape[plan.shape] = prefill_seconds(method.generator, batch, seed)
+            cell.compile_s += time.perf_counter() - t
             method.compiled.add(plan.shape)
             cell.compiled_shapes.append(plan.shape)
             bar.set_postfix_str("")
         t = time.perf_counter()
         res = method.generator.generate(batch, seed=seed)
-        cell.wall_s += time.perf_counter() - t
+        wall = time.perf_counter() - t
+        prefill = min(prefill_by_shape[plan.shape], wall)
+        cell.wall_s += wall
+        cell.prefill_s += prefill
         n = len(rows)
         if not res.prefill_finite[:n].all():  # computed on device; a broken checkpoint fails its first batch
             raise BadCheckpointError(f"the target's prefill logits are not finite (NaN or inf) for "
@@ -99,14 +152,17 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         acc = res.accepted[:, :n]
         cell.stats.append(AcceptanceStats.from_accepted(acc, acc >= 0, block_size=method.block_size))
         cell.tokens += int(res.lengths[:n].sum())
+        valid = acc >= 0
+        steps, acc_tokens = valid.sum(0), np.where(valid, acc + 1, 0).sum(0)
         for j, r in enumerate(rows):
             outs[r] = res.row_tokens(j)
+            figs[r] = (int(res.lengths[j]), int(steps[j]), int(acc_tokens[j]), wall / n, (wall - prefill) / n)
         bar.update(n)
-    return outs
+    return outs, figs
 
 
 def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells: dict[str, Cell], phase: int,
-              bar) -> None:
+              bar, prefill: dict[str, dict]) -> None:
     """Every method on the `turn`-th user turn of suite `su` (samples that have one)."""
     samples, tok = plan.samples[su], plan.spec.tokenizer
     rows = [i for i, s in enumerate(samples) if len(s.turns) > turn]
@@ -119,9 +175,13 @@ def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells:
             batches = plan_batches([len(p) for p in prompts], plan.args.batch_size, meth.generator.plan)
         except ValueError as e:
             raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
-        outs = run_prompts(meth, prompts, batches, cell, plan.args.seed + SEED_STRIDE * phase, bar)
+        outs, figs = run_prompts(meth, prompts, batches, cell, plan.args.seed + SEED_STRIDE * phase, bar,
+                                 prefill.setdefault(m, {}))
         for r, i in enumerate(rows):
             cell.outputs.setdefault(i, []).append(outs[r])
+            acc = cell.per_sample.setdefault(i, [0, 0, 0, 0.0, 0.0])
+            for k, v in enumerate(figs[r]):
+                acc[k] += v
 
 
 def generate_all(plan: Plan, methods: dict[str, Method]) -> dict[str, dict[str, Cell]]:
@@ -131,11 +191,12 @@ def generate_all(plan: Plan, methods: dict[str, Method]) -> dict[str, dict[str, 
     total = sum(len(s.turns) for lst in plan.samples.values() for s in lst) * len(methods)  # prompts to generate
     cells = {su: {m: Cell() for m in methods} for su in plan.suites}
     phase = 0
+    prefill: dict[str, dict] = {}  # method -> shape -> prefill seconds
     with tqdm(total=total, desc="eval", unit="prompt", disable=plan.args.quiet, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for su in plan.suites:
             for turn in range(max(len(s.turns) for s in plan.samples[su])):
-                _run_turn(plan, su, turn, methods, cells[su], phase, bar)
+                _run_turn(plan, su, turn, methods, cells[su], phase, bar, prefill)
                 phase += 1
     return cells
 
@@ -177,8 +238,48 @@ def _greedy_check(su: str, m: str, samples: list[Sample], ar: Cell, c: Cell) -> 
     return bad
 
 
+def training_seeds(meth: Method) -> tuple[int, ...]:
+    """The training seed behind a method's drafter: `<variant>-s<seed>` names say it; otherwise the `seed` of the
+    training run's config.yaml next to the exported drafter (train.drafter writes <run>/config.yaml and
+    <run>/drafter), or the small pipeline's seed 0 for the shipped drafters. AR / MTP: () (no drafter training)."""
+    if meth.name == "ar" or meth.origin.startswith("the target's MTP layer"):
+        return ()
+    m = SEED_SUFFIX.match(meth.name)
+    if m:
+        return (int(m.group("seed")),)
+    run_cfg = Path(meth.origin).parent / "config.yaml"
+    if run_cfg.is_file():
+        import yaml
+
+        return (int((yaml.safe_load(run_cfg.read_text()) or {}).get("seed", 0)),)
+    if (Path(meth.origin).parents[1] / "manifest.json").is_file():  # models/small/drafters/<name>
+        return (0,)
+    return ()
+
+
+def interval_figures(c: Cell, ar: Cell, n_samples: int) -> dict:
+    """tau_ci, speedup_ci, decode_speedup(_ci) and per_prompt of a cell, resampled over its samples."""
+    from eval.bootstrap import paired_rate_ci, ratio_ci
+
+    idx = [i for i in range(n_samples) if i in c.per_sample and i in ar.per_sample]
+    fig = np.array([c.per_sample[i] for i in idx], np.float64)  # tokens, steps, accepted, wall, decode
+    base = np.array([ar.per_sample[i] for i in idx], np.float64)
+    out: dict = {}
+    if not idx:
+        return out
+    if fig[:, 1].sum() > 0:
+        out["tau_ci"] = ratio_ci(fig[:, 2], fig[:, 1]).bounds
+    if base[:, 3].sum() > 0 and fig[:, 3].sum() > 0:
+        out["speedup_ci"] = paired_rate_ci(base[:, 3], fig[:, 3]).bounds
+    after_first = lambda f: np.maximum(f[:, 0] - 1, 0)  # noqa: E731  output tokens after the first
+    if base[:, 4].sum() > 0 and fig[:, 4].sum() > 0 and after_first(base).sum() > 0 and after_first(fig).sum() > 0:
+        ci = paired_rate_ci(base[:, 4], fig[:, 4], after_first(base), after_first(fig))
+        out["decode_speedup"], out["decode_speedup_ci"] = ci.point, ci.bounds
+    return out
+
+
 def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[CellResult, list[OutputRecord]]:
-    """Statistics, greedy check and scores of one (suite, method), and its outputs.jsonl records."""
+    """Statistics, intervals, greedy check and scores of one (suite, method), and its outputs.jsonl records."""
     from eval.metrics import speedup, tokens_per_second
 
     samples, tok, args = plan.samples[su], plan.spec.tokenizer, plan.args
@@ -188,11 +289,15 @@ def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[C
                   else [None] * len(samples))
     scored = [x for x in per_sample if x is not None]
     stats = AcceptanceStats.pooled(c.stats) if c.stats else AcceptanceStats.from_hist([0] * meth.block_size)
+    ci = interval_figures(c, ar, len(samples))
+    prompts = tuple(PromptFigures(samples[i].id, *c.per_sample[i]) for i in range(len(samples)) if i in c.per_sample)
     result = CellResult(
         stats, c.tokens, tokens_per_second(c.tokens, c.wall_s), c.wall_s, c.compile_s, speedup(ar.wall_s, c.wall_s),
         greedy_match_ar=None if bad is None else not bad, score=sum(scored) / len(scored) if scored else None,
         samples=len(samples), compiled_shapes=tuple(c.compiled_shapes), warmup_s=c.warmup_s, drafter=meth.origin,
-        greedy_mismatched=bad or ())
+        greedy_mismatched=bad or (), tau_ci=ci.get("tau_ci"), speedup_ci=ci.get("speedup_ci"),
+        decode_speedup=ci.get("decode_speedup"), decode_speedup_ci=ci.get("decode_speedup_ci"),
+        prefill_s=c.prefill_s, seeds=training_seeds(meth), per_prompt=prompts)
     records = [OutputRecord(su, smp.id, meth.name,
                             tuple(Turn(x, len(ids)) for x, ids in zip(texts[i], c.outputs[i])), per_sample[i])
                for i, smp in enumerate(samples)]
@@ -230,4 +335,7 @@ def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
             records += recs
             if suites[su][m].greedy_mismatched:
                 mismatches.append(SuiteMismatches(su, m, len(plan.samples[su]), suites[su][m].greedy_mismatched))
-    return Results(run_config(plan, methods, load_s), versions(), suites, tuple(mismatches)), records
+    from eval.report import seed_groups
+
+    return (Results(run_config(plan, methods, load_s), versions(), suites, tuple(mismatches),
+                    seed_groups=seed_groups(suites)), records)

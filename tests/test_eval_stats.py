@@ -81,3 +81,32 @@ def test_bad_input():
         ratio_ci([float("nan")], [1.0])
     with pytest.raises(ValueError):
         seed_ci([])
+
+
+def test_runner_intervals_from_per_sample_figures():
+    from eval.runner import Cell, interval_figures
+
+    ar, m = Cell(), Cell()
+    # tokens, steps, accepted tokens, wall s, decode s per sample; AR: one token per step
+    ar.per_sample = {0: [10, 10, 10, 2.0, 1.8], 1: [21, 21, 21, 4.0, 3.6]}
+    m.per_sample = {0: [10, 4, 10, 1.0, 0.8], 1: [21, 7, 21, 2.0, 1.6]}
+    f = interval_figures(m, ar, 2)
+    lo, hi = f["tau_ci"]
+    assert lo <= 31 / 11 <= hi and 10 / 4 <= lo and hi <= 3.0
+    assert f["speedup_ci"] == pytest.approx((2.0, 2.0))
+    # decode: AR (1.8 + 3.6) s / 29 tokens after the first vs (0.8 + 1.6) / 29 -> 5.4 / 2.4
+    assert f["decode_speedup"] == pytest.approx(5.4 / 2.4)
+
+
+def test_training_seeds_of_a_method(tmp_path):
+    from eval.methods import Method
+    from eval.runner import training_seeds
+
+    run = tmp_path / "run"
+    (run / "drafter").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 7\n")
+    assert training_seeds(Method("ar", None, 1, "autoregressive")) == ()
+    assert training_seeds(Method("mtp3", None, 4, "the target's MTP layer chained 3x")) == ()
+    assert training_seeds(Method("hyperdflash-s2", None, 8, "/x/drafter")) == (2,)
+    assert training_seeds(Method("mine", None, 8, str(run / "drafter"))) == (7,)
+    assert training_seeds(Method("other", None, 8, str(tmp_path / "nowhere" / "d"))) == ()
