@@ -39,7 +39,7 @@ from train.data import make_iterator
 from train.distributed import init_distributed, log, rows_str
 from train.drafter_config import DrafterRunConfig, load_config
 from train.evaluator import Evaluator, eval_prompts
-from train.metrics import MetricsWriter, to_py
+from train.metrics import MetricsWriter, peak_flops, throughput, to_py
 from train.trainer import Trainer, build_target  # noqa: F401 — build_target: part of this module's interface
 
 __all__ = ["DrafterRunConfig", "Trainer", "build_target", "load_config", "load_run_params", "main", "run"]
@@ -76,10 +76,12 @@ def _make_evaluator(cfg: DrafterRunConfig, trainer: Trainer, target_params, stat
 
 
 class _Throughput:
-    """Steps and tokens per second over the steps since the last log line (the first, compiling step apart)."""
+    """Steps, tokens and model FLOPs per second (MFU where the chip's peak is known) over the steps since the last
+    log line (the first, compiling step apart)."""
 
-    def __init__(self, seq_tokens: int):
-        self.seq_tokens = seq_tokens
+    def __init__(self, seq_tokens: int, flops_per_step: float):
+        self.seq_tokens, self.flops_per_step = seq_tokens, flops_per_step
+        self.peak, self.n_devices = peak_flops(), jax.device_count()
         self.t0, self.n = time.time(), 0
         self.timed_steps, self.timed_s = 0, 0.0
 
@@ -90,8 +92,8 @@ class _Throughput:
         dt = max(time.time() - self.t0, 1e-9)
         out = {}
         if self.n:
-            out = dict(steps_per_s=self.n / dt, tokens_per_s=self.n * self.seq_tokens / dt,
-                       supervised_tokens_per_s=self.n * supervised_tokens / dt)
+            out = throughput(self.n, dt, self.seq_tokens, self.flops_per_step, self.n_devices, self.peak)
+            out["supervised_tokens_per_s"] = self.n * supervised_tokens / dt
             self.timed_steps, self.timed_s = self.timed_steps + self.n, self.timed_s + dt
         self.restart()
         return out
@@ -103,7 +105,7 @@ def _train_loop(cfg: DrafterRunConfig, trainer: Trainer, state, target_params, i
     ck_every, ev_every = cfg.checkpoint.every, cfg.eval.every
     bar = tqdm(total=total, initial=start, disable=not (jax.process_index() == 0 and cfg.log.progress),
                desc="train", dynamic_ncols=True)
-    speed = _Throughput(trainer.global_batch * cfg.data.max_len)
+    speed = _Throughput(trainer.global_batch * cfg.data.max_len, trainer.step_flops())
     step, last = start, None
     try:
         while step < total:

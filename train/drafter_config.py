@@ -65,8 +65,21 @@ class DrafterTrain:
     steps: int | None = None
     epochs: int = 1
     block_size: int | None = None
+    attention: str = "block_sparse"  # the training attention: "block_sparse" or "dense" (the reference)
+    attention_q_blocks: int = 64  # block_sparse: blocks per query chunk
+    attention_k_chunk: int = 512  # block_sparse: context keys per key chunk
+    remat: str = "none"  # per draft layer: "none", "nothing", "dots", "attention" (drafter.training)
+    master_dtype: str = "float32"  # the trained copy of the drafter's params and Adam's moments
 
     def __post_init__(self):
+        check(self.attention in ("block_sparse", "dense"), "attention",
+              f"must be 'block_sparse' or 'dense', got {self.attention!r}")
+        check(self.remat in ("none", "nothing", "dots", "attention"), "remat",
+              f"must be one of none, nothing, dots, attention; got {self.remat!r}")
+        check(self.attention_q_blocks >= 1 and self.attention_k_chunk >= 1, "attention_q_blocks",
+              "attention_q_blocks and attention_k_chunk must be >= 1")
+        check(self.master_dtype in ("float32", "bfloat16"), "master_dtype",
+              f"must be float32 or bfloat16, got {self.master_dtype!r}")
         check(self.global_batch >= 1, "global_batch", f"must be >= 1, got {self.global_batch}")
         check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -80,8 +93,11 @@ class LossSection:
     kl_alpha: float = 0.1
     kl_slots: int = 2
     kl_temperature: float = 1.0
+    vocab_chunk: int = 16384  # vocabulary rows per chunk of the loss (no [b, N, B, V] logits); 0: full logits
+    kind: str = "decayed_ce_kl"  # the loss function (train.losses.LOSS_FUNCTIONS)
 
     def __post_init__(self):
+        check(self.vocab_chunk >= 0, "vocab_chunk", f"must be >= 0, got {self.vocab_chunk}")
         check(self.gamma is None or self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
         check(self.kl_alpha >= 0, "kl_alpha", f"must be >= 0, got {self.kl_alpha}")
         check(self.kl_slots >= 0, "kl_slots", f"must be >= 0, got {self.kl_slots}")

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+_NEG = -1e30
 PAPER_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}  # DFlash App. A.1
 
 
@@ -53,6 +54,8 @@ class LossConfig:
     kl_alpha: float = 0.1
     kl_slots: int = 2  # P: KL on slots 1..P
     kl_temperature: float = 1.0
+    vocab_chunk: int = 16384  # vocabulary rows per step of the chunked loss; 0: full logits (the reference)
+    kind: str = "decayed_ce_kl"  # a key of LOSS_FUNCTIONS
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -63,6 +66,8 @@ class LossConfig:
             raise ValueError(f"loss.kl_slots must be in [0, {self.block_size - 1}], got {self.kl_slots}")
         if self.kl_temperature <= 0:
             raise ValueError(f"loss.kl_temperature must be > 0, got {self.kl_temperature}")
+        if self.vocab_chunk < 0:
+            raise ValueError(f"loss.vocab_chunk must be >= 0, got {self.vocab_chunk}")
 
     @property
     def resolved_gamma(self) -> float:
@@ -146,3 +151,120 @@ def drafter_loss(draft_logits, tokens, loss_mask, anchors, keep, cfg: LossConfig
     loss = ce + cfg.kl_alpha * kl
     parts = dict(loss=loss, ce=ce, kl=kl, acc=acc, acc_count=acc_count, weight_sum=weight_sum, n_tokens=jnp.sum(m))
     return loss, parts
+
+
+# ---- the same loss from hidden states, over vocabulary chunks ---------------------------------------------------
+
+class _Running(NamedTuple):
+    """Per-slot running statistics of one pass over the vocabulary chunks (fp32)."""
+    m: jax.Array  # [b, N, B] max logit so far
+    s: jax.Array  # Σ exp(z − m)
+    label: jax.Array  # the label's logit
+    best: jax.Array  # max logit (for the argmax)
+    arg: jax.Array  # its vocabulary index (first occurrence)
+    mt: jax.Array  # [b, N, P] teacher max (at temperature T)
+    st: jax.Array  # Σ exp(t − mt)
+    cross: jax.Array  # Σ exp(t − mt) · (t − z/T)
+    mq: jax.Array  # [b, N, P] student max at temperature T
+    sq: jax.Array  # Σ exp(z/T − mq)
+
+
+def _online(m, s, x, valid):
+    m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+    e = jnp.where(valid, jnp.exp(x - m_new[..., None]), 0.0)
+    return m_new, s * jnp.exp(m - m_new) + jnp.sum(e, axis=-1), e
+
+
+def _chunk_step(hidden, teacher_hidden, labels, cfg: LossConfig, vocab: int):
+    """The scan body over (head chunk [Vc, D], first row): updates `_Running`; rematerialised in the backward."""
+    p, temp = cfg.kl_slots, cfg.kl_temperature
+
+    def body(r: _Running, xs):
+        w, start = xs
+        cols = start + jnp.arange(w.shape[0])
+        valid = cols < vocab
+        z = jnp.einsum("bnjd,vd->bnjv", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        z = jnp.where(valid, z, _NEG)
+        m, s, _ = _online(r.m, r.s, z, valid)
+        label = r.label + jnp.sum(jnp.where(cols == labels[..., None], z, 0.0), axis=-1)
+        cmax = jnp.max(z, axis=-1)
+        take = cmax > r.best
+        best = jnp.where(take, cmax, r.best)
+        arg = jnp.where(take, start + jnp.argmax(z, axis=-1).astype(jnp.int32), r.arg)
+        mt, st, cross, mq, sq = r.mt, r.st, r.cross, r.mq, r.sq
+        if cfg.uses_teacher:
+            t = jnp.einsum("bnjd,vd->bnjv", teacher_hidden.astype(w.dtype), w,
+                           preferred_element_type=jnp.float32) / temp
+            t = jnp.where(valid, t, _NEG)
+            zq = z[:, :, 1:p + 1] / temp
+            mt_old = mt
+            mt, st, e = _online(mt, st, t, valid)
+            cross = cross * jnp.exp(mt_old - mt) + jnp.sum(jnp.where(valid, e * (t - zq), 0.0), axis=-1)
+            mq, sq, _ = _online(mq, sq, zq, valid)
+        return _Running(m, s, label, best, arg, mt, st, cross, mq, sq), None
+
+    return jax.checkpoint(body)
+
+
+def _head_chunks(head, chunk: int):
+    """head [V, D] → ([n, chunk, D] zero-padded, first rows [n])."""
+    v = head.shape[0]
+    n = -(-v // chunk)
+    padded = jnp.pad(head, ((0, n * chunk - v), (0, 0)))
+    return padded.reshape(n, chunk, head.shape[1]), jnp.arange(n, dtype=jnp.int32) * chunk
+
+
+def decayed_ce_kl(hidden, head, tokens, loss_mask, anchors, keep, cfg: LossConfig, teacher_hidden=None,
+                  ) -> tuple[jax.Array, dict[str, Any]]:
+    """`drafter_loss` from the drafter's final-normed hidden [b, N, B, D] and the frozen head [V, D]: the logits
+    exist one vocabulary chunk at a time (forward and backward), never as [b, N, B, V]. teacher_hidden
+    [b, N, P, D]: the target's normed hidden at positions a_n + j − 1, j = 1..P (its head gives the teacher
+    logits, chunk by chunk). `cfg.vocab_chunk == 0` computes the full logits and calls `drafter_loss`."""
+    head = jax.lax.stop_gradient(head)
+    if teacher_hidden is not None:
+        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+    if cfg.vocab_chunk == 0:
+        def logits_of(x):
+            return jnp.einsum("...d,vd->...v", x.astype(head.dtype), head, preferred_element_type=jnp.float32)
+        teacher = logits_of(teacher_hidden) if teacher_hidden is not None else None
+        return drafter_loss(logits_of(hidden), tokens, loss_mask, anchors, keep, cfg, teacher)
+    b, n, bs, _ = hidden.shape
+    if bs != cfg.block_size:
+        raise ValueError(f"hidden has block size {bs}, the loss config says {cfg.block_size}")
+    if cfg.uses_teacher and teacher_hidden is None:
+        raise ValueError("decayed_ce_kl: kl_alpha > 0 needs the target's hidden at the KL slots (teacher_hidden)")
+    labels, valid = block_labels(tokens, loss_mask, anchors, keep, bs)
+    p = cfg.kl_slots if cfg.uses_teacher else 0
+    full, part = jnp.full((b, n, bs), _NEG, jnp.float32), jnp.full((b, n, p), _NEG, jnp.float32)
+    zero, zpart = jnp.zeros((b, n, bs), jnp.float32), jnp.zeros((b, n, p), jnp.float32)
+    init = _Running(full, zero, zero, full, jnp.zeros((b, n, bs), jnp.int32), part, zpart, zpart, part, zpart)
+    chunks = _head_chunks(head, min(cfg.vocab_chunk, head.shape[0]))
+    r, _ = jax.lax.scan(_chunk_step(hidden, teacher_hidden, labels, cfg, head.shape[0]), init, chunks)
+
+    m = valid.astype(jnp.float32)
+    ce_tok = r.m + jnp.log(r.s) - r.label
+    w = jnp.asarray(decay_weights(bs, cfg.resolved_gamma)) * m
+    weight_sum = jnp.sum(w)
+    ce = jnp.sum(w * ce_tok) / jnp.maximum(weight_sum, 1e-12)
+    correct = (r.arg == labels).astype(jnp.float32) * m
+    acc_count = jnp.sum(m, axis=(0, 1))[1:]
+    acc = jnp.sum(correct, axis=(0, 1))[1:] / jnp.maximum(acc_count, 1.0)
+    kl = jnp.zeros((), jnp.float32)
+    if p:
+        kl_tok = r.cross / r.st - (r.mt + jnp.log(r.st)) + (r.mq + jnp.log(r.sq))
+        mk = m[:, :, 1:p + 1]
+        kl = cfg.kl_temperature ** 2 * jnp.sum(mk * kl_tok) / jnp.maximum(jnp.sum(mk), 1.0)
+    loss = ce + cfg.kl_alpha * kl
+    parts = dict(loss=loss, ce=ce, kl=kl, acc=acc, acc_count=acc_count, weight_sum=weight_sum, n_tokens=jnp.sum(m))
+    return loss, parts
+
+
+# the loss the trainer calls, chosen by `LossConfig.kind`: fn(hidden, head, tokens, loss_mask, anchors, keep, cfg,
+# teacher_hidden) -> (loss, parts with at least loss, acc, n_tokens)
+LOSS_FUNCTIONS = {"decayed_ce_kl": decayed_ce_kl}
+
+
+def loss_function(cfg: LossConfig):
+    if cfg.kind not in LOSS_FUNCTIONS:
+        raise ValueError(f"loss.kind: unknown {cfg.kind!r}; one of {sorted(LOSS_FUNCTIONS)}")
+    return LOSS_FUNCTIONS[cfg.kind]

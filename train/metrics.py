@@ -72,3 +72,38 @@ def to_py(metrics: dict) -> dict:
         a = np.asarray(v)
         out[k] = a.tolist() if a.ndim else float(a)
     return out
+
+
+# dense bf16 matmul peak per chip (vendor figures), by a substring of `jax.Device.device_kind`
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+              "TPU v6 lite": 918e12, "TPU v4": 275e12}
+
+
+def peak_flops(device=None) -> float | None:
+    """The chip's bf16 matmul peak, None when unknown (CPU): MFU is then not reported."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def drafter_step_flops(n_target_active: int, n_drafter: int, dcfg, batch: int, seq: int, anchors: int,
+                       online: bool = True) -> float:
+    """Model FLOPs of one drafter training step (forward + backward = 3 x forward for the drafter; the frozen
+    target forward only): 2·P_target·tokens + 6·P_drafter·slots + the drafter's attention, each query seeing
+    ≈ S/2 context keys (anchors are uniform over the sequence) plus its block. Target attention is not counted."""
+    slots = batch * anchors * dcfg.block_size
+    attn = 3 * 4 * dcfg.n_layers * dcfg.n_heads * dcfg.head_dim * slots * (seq / 2 + dcfg.block_size)
+    target = 2.0 * n_target_active * batch * seq if online else 0.0
+    return target + 6.0 * n_drafter * slots + attn
+
+
+def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step: float, n_devices: int,
+               peak: float | None) -> dict:
+    """tokens/s, model FLOP/s and (where the chip's peak is known) MFU over `steps` steps in `seconds`."""
+    out = dict(steps_per_s=steps / seconds, tokens_per_s=steps * tokens_per_step / seconds,
+               model_flops_per_s=steps * flops_per_step / seconds)
+    if peak:
+        out["mfu"] = out["model_flops_per_s"] / (peak * n_devices)
+    return out

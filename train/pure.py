@@ -41,6 +41,12 @@ class PureModule:
         shapes = {k: v.shape for k, (_, v) in zip(self.keys, self.template)}
         return nest({k: NamedSharding(mesh, logical_to_spec(self.names[k], shapes[k], mesh)) for k in self.keys})
 
+    def in_own_dtypes(self, tree: dict) -> dict:
+        """`tree` with each leaf cast to the module's own dtype (fp32 master params -> the compute copy)."""
+        flat = flatten(tree)
+        dtypes = {k: v.dtype for k, (_, v) in zip(self.keys, self.template)}
+        return nest({k: x if x.dtype == dtypes[k] else x.astype(dtypes[k]) for k, x in flat.items()})
+
     def merge(self, tree: dict):
         flat = flatten(tree)
         state = nnx.from_flat_state([(p, v.replace(flat[k])) for k, (p, v) in zip(self.keys, self.template)])

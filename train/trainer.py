@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,18 +28,110 @@ from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import DrafterConfig, get_drafter_preset, get_preset
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
 from hdflash_jax.drafter.model import block_token_ids, init_drafter, init_drafter_from_target, target_io
-from hdflash_jax.drafter.training import train_forward
+from hdflash_jax.drafter.training import TrainAttention, train_hidden
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.sharding import batch_sharding, make_mesh, parse_mesh
 from hdflash_jax.tokenizer import load_tokenizer
 from train import data as D
 from train.distributed import host_tree, log, place, process_rows
 from train.drafter_config import DrafterRunConfig, TargetSection
-from train.losses import LossConfig, drafter_loss, teacher_logits_for_blocks
+from train.losses import LossConfig, loss_function
+from train.metrics import drafter_step_flops
 from train.optim import make_optimizer
 from train.pure import PureModule
 
 BATCH_KEYS = ("tokens", "loss_mask", "anchors", "keep")
+
+
+class StepParts(NamedTuple):
+    """Everything the pure step needs besides its arguments (static: closed over by the jitted function)."""
+    tpure: PureModule  # the frozen target (all its variables)
+    dpure: PureModule  # the drafter (its Params); the train state holds them as `master_dtype`
+    dcfg: DrafterConfig
+    lcfg: LossConfig
+    tx: optax.GradientTransformation
+    schedule: Any
+    attention: TrainAttention
+
+
+def train_options(cfg: DrafterRunConfig, block_size: int) -> tuple[LossConfig, TrainAttention]:
+    lc, tc = cfg.loss, cfg.train
+    loss = LossConfig(block_size=block_size, gamma=lc.gamma, kl_alpha=lc.kl_alpha, kl_slots=lc.kl_slots,
+                      kl_temperature=lc.kl_temperature, vocab_chunk=lc.vocab_chunk, kind=lc.kind)
+    attention = TrainAttention(impl=tc.attention, q_blocks=tc.attention_q_blocks, k_chunk=tc.attention_k_chunk,
+                               remat=tc.remat)
+    attention.check()
+    loss_function(loss)
+    return loss, attention
+
+
+def master_params(values, master_dtype: str):
+    """The optimizer's copy of the drafter's floating-point params, in `master_dtype` (a no-op when equal)."""
+    dt = jnp.dtype(master_dtype)
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return x.astype(dt)
+    return jax.tree.map(one, values)
+
+
+def teacher_hidden_at_slots(target, streams, anchors, kl_slots: int):
+    """The target's normed hidden [b, N, P, D] at positions a_n + j − 1, j = 1..P (their head rows are the teacher
+    logits of slots 1..P): the streams are gathered first, so hc_head, the norm and the head never run over S."""
+    b, n = anchors.shape
+    pos = jnp.clip(anchors[:, :, None] + jnp.arange(kl_slots, dtype=jnp.int32), 0, streams.shape[1] - 1)
+    picked = jnp.take_along_axis(streams, pos.reshape(b, n * kl_slots)[:, :, None, None], axis=1)
+    hidden = target.norm(target.collapse(picked))
+    return hidden.reshape(b, n, kl_slots, -1)
+
+
+def _active_params(tcfg, target) -> int:
+    from flax import nnx
+
+    from eval.mesh_plan import active_params
+
+    return active_params(tcfg, nnx.state(target, nnx.Param))
+
+
+def drafter_train_step(parts: StepParts, state, target_params, batch):
+    """One optimizer step, pure: (state, target_params, batch) -> (state, metrics). The drafter computes in its
+    config's dtypes from the master params in the state; gradients and Adam run on the master copy."""
+    dcfg, lcfg = parts.dcfg, parts.lcfg
+    tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    anchors, keep = batch["anchors"], batch["keep"]
+    # the frozen target: a plain forward, outside value_and_grad and under stop_gradient (its full-vocabulary
+    # logits are unused and so never computed)
+    target = parts.tpure.merge(target_params)
+    if "features" in batch:  # precomputed: the target's features and KL-slot hidden states (offline features)
+        feats, teacher = batch["features"], batch.get("teacher_hidden")
+    else:
+        out = forward_full(target, tokens, return_layers=target_return_layers(dcfg))
+        feats = jax.lax.stop_gradient(features_from_target(dcfg, out))
+        teacher = None
+        if lcfg.uses_teacher:
+            teacher = jax.lax.stop_gradient(teacher_hidden_at_slots(target, out.streams, anchors, lcfg.kl_slots))
+    embed, head = (jax.lax.stop_gradient(x) for x in target_io(target))
+    block_tokens = block_token_ids(jnp.take_along_axis(tokens, anchors, axis=1), dcfg.block_size,
+                                   dcfg.mask_token_id)
+    loss_of = loss_function(lcfg)
+
+    def loss_fn(params):
+        drafter = parts.dpure.merge(parts.dpure.in_own_dtypes(params))
+        hidden = train_hidden(drafter, embed, feats, anchors, block_tokens, keep, parts.attention)
+        return loss_of(hidden, head, tokens, loss_mask, anchors, keep, lcfg, teacher)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = parts.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    key = jax.random.wrap_key_data(state["rng"])
+    key, _ = jax.random.split(key)  # the carried RNG (nothing in the step samples yet: no dropout)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=parts.schedule(state["step"]))
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": jax.random.key_data(key)}
+    return new_state, metrics
 
 
 def build_target(section: TargetSection, mesh=None):
@@ -90,21 +184,20 @@ class Trainer:
                              f"{self.tcfg.vocab_size}")
         self.dcfg = build_drafter_config(cfg, self.tcfg, self.tokenizer)
         self.block_size = self.dcfg.block_size
-        lc = cfg.loss
-        self.loss_cfg = LossConfig(block_size=self.block_size, gamma=lc.gamma, kl_alpha=lc.kl_alpha,
-                                   kl_slots=lc.kl_slots, kl_temperature=lc.kl_temperature)
+        self.loss_cfg, self.attention = train_options(cfg, self.block_size)
         self.seed = cfg.seed
         if cfg.drafter.init_from_target:
             drafter = init_drafter_from_target(target, self.dcfg, self.seed)
         else:
             drafter = init_drafter(self.dcfg, self.seed)
+        self.n_target_active = _active_params(self.tcfg, target)
         self.tpure = PureModule(target)
         self.dpure = PureModule(drafter, params_only=True)
         del target, drafter
         self.target_shardings = self.tpure.shardings(mesh)
         self.param_shardings = self.dpure.shardings(mesh)
         self._target_values = self.tpure.tree()
-        self._param_values = self.dpure.tree()
+        self._param_values = master_params(self.dpure.tree(), cfg.train.master_dtype)
         self.n_params = int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self._param_values)))
         self.replicated = NamedSharding(mesh, P())
         self.global_batch = cfg.train.global_batch
@@ -118,12 +211,19 @@ class Trainer:
     def setup_optimizer(self, total_steps: int) -> None:
         self.total_steps = int(total_steps)
         self.tx, self.schedule, _ = make_optimizer(self.cfg.optim, self.total_steps, self._param_values)
+        self.parts = StepParts(self.tpure, self.dpure, self.dcfg, self.loss_cfg, self.tx, self.schedule,
+                               self.attention)
         abstract_opt = jax.eval_shape(self.tx.init, self._param_values)
         opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
                                        transform_non_params=lambda _: self.replicated)
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_sh, "step": self.replicated,
                                 "rng": self.replicated}
         self._step_fn = None
+
+    def step_flops(self) -> float:
+        """Model FLOPs of one step (`train.metrics.drafter_step_flops`)."""
+        return drafter_step_flops(self.n_target_active, self.n_params, self.dcfg, self.global_batch,
+                                  self.cfg.data.max_len, self.cfg.data.num_anchors)
 
     def init_state(self) -> dict:
         """The initial train state, placed: params (the drafter's initial Params), optimizer state, step 0, RNG."""
@@ -150,34 +250,7 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------------------------
     def _step(self, state, target_params, batch):
-        dcfg, lcfg = self.dcfg, self.loss_cfg
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"]
-        anchors, keep = batch["anchors"], batch["keep"]
-        # the frozen target: a plain forward, outside value_and_grad and under stop_gradient
-        target = self.tpure.merge(target_params)
-        out = forward_full(target, tokens, return_layers=target_return_layers(dcfg))
-        feats = jax.lax.stop_gradient(features_from_target(dcfg, out))
-        teacher = None
-        if lcfg.uses_teacher:
-            teacher = jax.lax.stop_gradient(teacher_logits_for_blocks(out.logits, anchors, lcfg.kl_slots))
-        embed, head = (jax.lax.stop_gradient(x) for x in target_io(target))
-        block_tokens = block_token_ids(jnp.take_along_axis(tokens, anchors, axis=1), dcfg.block_size,
-                                       dcfg.mask_token_id)
-
-        def loss_fn(params):
-            drafter = self.dpure.merge(params)
-            logits = train_forward(drafter, embed, head, feats, anchors, block_tokens, keep)
-            return drafter_loss(logits, tokens, loss_mask, anchors, keep, lcfg, teacher)
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        key = jax.random.wrap_key_data(state["rng"])
-        key, _ = jax.random.split(key)  # the carried RNG (nothing in the step samples yet: no dropout)
-        metrics = dict(parts, grad_norm=optax.tree.norm(grads), lr=self.schedule(state["step"]))
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                     "rng": jax.random.key_data(key)}
-        return new_state, metrics
+        return drafter_train_step(self.parts, state, target_params, batch)
 
     @property
     def step_fn(self):
@@ -231,4 +304,4 @@ class Trainer:
         """A `BlockDrafter` holding `params` (host copies when multi-process)."""
         if jax.process_count() > 1:
             params = host_tree(params)
-        return self.dpure.merge(params)
+        return self.dpure.merge(self.dpure.in_own_dtypes(params))
