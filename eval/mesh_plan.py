@@ -8,7 +8,8 @@ accelerator, whether it fits and the bandwidth floor (bytes accessed / HBM bandw
 Nothing is allocated: parameters, caches and inputs are `jax.ShapeDtypeStruct`s with their `NamedSharding`s, the
 program is `jax.jit(...).lower(...).compile()`d, and the figures come from `memory_analysis()` and
 `cost_analysis()`. The CPU backend upcasts bf16 in some ops, so temp bytes here overstate a TPU/GPU somewhat.
-Programs (built in `plan_target.py`, `plan_draft.py`, `plan_train.py`): `prefill` (a prompt of --seq tokens into an empty cache of --context slots), `verify` (a block of --seq
+Programs (built in `plan_target.py`, `plan_draft.py`, `plan_train.py`): `prefill` (a prompt of --seq tokens into an
+empty cache of --context slots; with --chunk C through the cache C tokens at a time), `verify` (a block of --seq
 tokens onto a cache holding --context tokens), `generate` (prefill + the autoregressive while_loop, --seq prompt,
 --context - --seq new tokens). `--layers N` keeps the first N layers of the preset (no MTP).
 """
@@ -51,6 +52,7 @@ class PlanResult:
     hlo_chars: int
     loop_dot_flops: float  # matmul FLOPs with loop bodies counted per iteration (cost_analysis counts them once)
     active_flops: float  # 2 · active parameters · tokens / devices: what a perfectly split matmul program costs
+    chunk: int = 0  # prefill chunk (0: one call over the whole prompt)
 
     @property
     def flops_ratio(self) -> float:
@@ -71,6 +73,8 @@ def _parse(argv):
     ap.add_argument("--seq", type=int, default=32768, help="tokens of the call (prompt, or verify block)")
     ap.add_argument("--context", type=int, default=None, help="cache slots (prefill/generate) or tokens already "
                                                               "cached (verify); default --seq (+ seq for verify)")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill: run the prompt through the cache in chunks "
+                                                            "of this many tokens (decode/prefill.py)")
     ap.add_argument("--anchors", type=int, default=512, help="train: anchors (blocks) per sequence")
     ap.add_argument("--drafter", default=None, help="draft/train: a drafter preset (e.g. v4-flash-hyperdflash) "
                                                     "or a drafter_config.json; default: the builder's")
@@ -238,7 +242,7 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
         hlo_chars=len(hlo), loop_dot_flops=loop_flops,
-        active_flops=prog.active_flops)
+        active_flops=prog.active_flops, chunk=(args.chunk or 0) if name == "prefill" else 0)
 
 
 def _gib(x) -> str:
@@ -247,7 +251,7 @@ def _gib(x) -> str:
 
 def report(r: PlanResult, fits: str | None) -> str:
     lines = [f"{r.program}: {r.preset}, {r.layers} layers, mesh {r.mesh}, batch {r.batch}, seq {r.seq}"
-             + (f", context {r.context}" if r.context else ""),
+             + (f", context {r.context}" if r.context else "") + (f", chunks of {r.chunk}" if r.chunk else ""),
              f"  per device: argument {_gib(r.argument_bytes)}, output {_gib(r.output_bytes)}, "
              f"temp {_gib(r.temp_bytes)}, alias {_gib(r.alias_bytes)}",
              f"  flops {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g}, compile {r.compile_s:.1f} s, "
@@ -272,6 +276,8 @@ def main(argv=None):
     for name in names:
         if name not in PROGRAMS:
             raise SystemExit(f"--program: unknown {name!r}; one of {PROGRAMS}")
+    if args.chunk is not None and args.chunk < 1:
+        raise SystemExit(f"--chunk: must be >= 1, got {args.chunk}")
     n_dev = _device_count(args.mesh)
     if "jax" in sys.modules:
         import jax

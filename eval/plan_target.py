@@ -26,6 +26,18 @@ def build(name, cfg, args, mesh) -> Program:
         cache = jax.eval_shape(lambda: init_cache(cfg, b, max_len, max_block=s if name == "verify" else 1))
         cache = abstract(cache, cache_shardings(mesh, cache))
 
+        chunk = getattr(args, "chunk", None)
+        if name == "prefill" and chunk:  # the chunked program: one fori_loop of chunk-token cache extensions
+            from hdflash_jax.decode.prefill import chunked_prefill
+
+            lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding(mesh, 1) if tok_sh else None)
+
+            def run_chunked(state, tokens, lengths, cache):
+                r = chunked_prefill(nnx.merge(graph, state), tokens, lengths, cache, chunk)
+                return r.logits, r.cache
+
+            return Program(run_chunked, (state, tokens, lengths, cache), (3,), active)
+
         def run(state, tokens, cache):
             out = nnx.merge(graph, state)(tokens, cache, last_logits=name == "prefill")
             return out.logits[:, -1], out.cache
