@@ -29,8 +29,8 @@ def test_prefill_plan_json_and_linear_attention_memory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--program", "train"], "not yet"),
-    (["--program", "draft"], "not yet"),
+    (["--program", "train", "--drafter", "nope"], "--drafter"),
+    (["--program", "draft", "--drafter", "nope"], "--drafter"),
     (["--program", "decode"], "unknown"),
     (["--mesh", "expert=64"], "needs 64 devices"),
     (["--layers", "9"], "--layers"),

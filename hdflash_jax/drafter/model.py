@@ -9,8 +9,9 @@ with the target's frozen embedding; its B queries see every committed context ke
 (non-causal). Logits of slots 1..B−1 come from the drafter's final norm and the target's frozen LM head.
 
 Two paths share every layer:
-* inference: `draft(...)` appends the new context K/V to a position-indexed draft cache, then runs the block;
-  the block's own K/V never enter the cache, and a rollback is `deepseek_v4.cache.set_committed_length(cache, length)`;
+* inference: `draft(...)` appends the new context positions to a position-indexed draft cache (`drafter/cache.py`:
+  c once per position by default, K/V recomputed per step over the live length), then runs the block; the
+  block's own K/V never enter the cache, and a rollback is `deepseek_v4.cache.set_committed_length(cache, length)`;
 * training (`drafter/training.py`): `train_forward(...)` runs N blocks of B slots per sequence in one pass under `training_mask` (block n,
   anchor a_n, sees context keys k < a_n and its own block's keys, nothing else).
 
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, rope_inv_freq
+from hdflash_jax.drafter.cache import cache_attend, cache_max_len, extend_draft_cache, init_draft_cache  # noqa: F401
 from hdflash_jax.drafter.reducer import feature_shape, make_reducer
 from hdflash_jax.deepseek_v4.layers import Linear, RMSNorm, apply_rope, rope_angles
 
@@ -171,40 +172,6 @@ def target_io(target) -> tuple[jax.Array, jax.Array]:
 
 # ---- inference: draft cache + one-pass drafting --------------------------------------------------------------
 
-def init_draft_cache(cfg: DrafterConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """Empty draft context cache: {"length": [b] int32, "layers": [{"k", "v": [b, max_len, KV, hd]}] × n_layers}.
-
-    Holds the injected context K/V only (never block K/V). `max_len` must cover the longest committed context:
-    writes past it are dropped.
-    """
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"length": jnp.zeros((batch,), jnp.int32),
-            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]}
-
-
-def extend_draft_cache(drafter: BlockDrafter, ctx_feats_new, n_ctx_new, cache: dict) -> dict:
-    """Append the first n_ctx_new[b] rows of ctx_feats_new [b, T, *] at positions length[b]..length[b]+n−1.
-
-    Padding rows (t >= n_ctx_new[b]) are not written; the length becomes length + n_ctx_new.
-    """
-    b, t = ctx_feats_new.shape[:2]
-    n = jnp.asarray(n_ctx_new, jnp.int32)
-    chex.assert_shape(n, (b,))
-    if t == 0:  # nothing new (static): the cache as it is
-        return cache
-    length = cache["length"]
-    max_len = cache["layers"][0]["k"].shape[1]
-    pos = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    idx = jnp.where(jnp.arange(t)[None, :] < n[:, None], pos, max_len)  # padding → out of bounds → dropped
-    rows = jnp.arange(b)[:, None]
-    layers = []
-    for (k, v), lc in zip(drafter.context_kv(ctx_feats_new, pos), cache["layers"]):
-        layers.append({"k": lc["k"].at[rows, idx].set(k.astype(lc["k"].dtype), mode="drop"),
-                       "v": lc["v"].at[rows, idx].set(v.astype(lc["v"].dtype), mode="drop")})
-    return {**cache, "length": length + n, "layers": layers}
-
-
 def block_token_ids(anchor_tokens, block_size: int, mask_token_id: int) -> jax.Array:
     """[..., B] = [anchor, mask × (B−1)] for anchor_tokens [...]."""
     anchor_tokens = jnp.asarray(anchor_tokens, jnp.int32)
@@ -212,22 +179,39 @@ def block_token_ids(anchor_tokens, block_size: int, mask_token_id: int) -> jax.A
     return jnp.concatenate([anchor_tokens[..., None], masks], axis=-1)
 
 
+def _block_inputs(drafter: BlockDrafter, target, anchor_tokens, start, bs: int):
+    cfg = drafter.cfg
+    embed, head = _target_fns(target, jnp.dtype(cfg.dtype))
+    positions = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    return embed(block_token_ids(anchor_tokens, bs, cfg.mask_token_id)), positions, head
+
+
 def draft_block(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, block_size: int | None = None):
-    """Draft from the cache as it is: the block [anchor, masks] at positions length..length+B−1.
+    """Draft from the cache as it is: the block [anchor, masks] at positions length..length+B−1, attending to the
+    live context in chunks (`cache_attend`).
 
     Returns (draft_tokens [b, B−1] int32 greedy, draft_logits [b, B−1, V] fp32). The cache is not changed.
     """
     cfg = drafter.cfg
     bs = block_size or cfg.block_size
-    embed, head = _target_fns(target, jnp.dtype(cfg.dtype))
-    b = anchor_tokens.shape[0]
+    h, positions, head = _block_inputs(drafter, target, anchor_tokens, cache["length"], bs)
+    scale = cfg.head_dim ** -0.5
+    attends = [cache_attend(layer, i, cache, cfg.draft_chunk, scale) for i, layer in enumerate(drafter.layers)]
+    logits = head(drafter.hidden(h, positions, attends)[:, 1:])
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+
+
+def draft_block_dense(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, block_size: int | None = None):
+    """The reference for `draft_block`: a per-layer K/V cache ('kv'), every query against all `max_len` context
+    slots and the block under one dense mask [b, B, max_len + B]."""
+    cfg = drafter.cfg
+    bs = block_size or cfg.block_size
     start = cache["length"]
-    max_len = cache["layers"][0]["k"].shape[1]
-    positions = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    h, positions, head = _block_inputs(drafter, target, anchor_tokens, start, bs)
+    b, max_len = start.shape[0], cache_max_len(cache)
     ctx_ok = jnp.arange(max_len)[None, :] < start[:, None]  # [b, max_len]
     mask = jnp.concatenate([jnp.broadcast_to(ctx_ok[:, None, :], (b, bs, max_len)),
                             jnp.ones((b, bs, bs), bool)], axis=-1)
-    h = embed(block_token_ids(anchor_tokens, bs, cfg.mask_token_id))
     scale = cfg.head_dim ** -0.5
     attends = [concat_attend(lc["k"], lc["v"], mask, scale) for lc in cache["layers"]]
     logits = head(drafter.hidden(h, positions, attends)[:, 1:])
