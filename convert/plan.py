@@ -51,6 +51,7 @@ class _Ctx:
     """What every planning step reads: the source's headers, the config's leaves and the naming."""
     source: object
     layout: str
+    names_back: object  # official (tree-side) name → the name to show in errors
     leaves: dict
     cfg: object
     config_path: Path
@@ -74,13 +75,20 @@ def is_float_leaf(dtype) -> bool:
     return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
-def _official_names(source, layout: str) -> tuple[dict[str, str], dict[str, str]]:
+def _official_names(source, layout: str, keys=None, rename=None) -> tuple[dict[str, str], dict[str, str]]:
     from hdflash_jax.keymap import to_official
 
     official: dict[str, str] = {}
     by_official: dict[str, str] = {}
     for key, info in source.infos.items():
+        if keys is not None and key not in keys:
+            continue
         off = to_official(key, layout)
+        if rename is not None:
+            try:
+                off = rename(off)
+            except KeyError as e:
+                raise CheckpointError(f"{info.file}: tensor {key!r}: {e.args[0]}") from None
         if off in by_official:
             raise CheckpointError(f"{info.file}: tensors {by_official[off]!r} and {key!r} both map to {off!r} "
                                   f"(duplicate)")
@@ -200,8 +208,8 @@ def _claim(cover: dict[str, set], job: Job) -> None:
 def _check_scales(ctx: _Ctx, used_scales: set, skipped: set, unused: list[str]) -> None:
     """Every `.scale` must have been consumed by its weight (or belong to a skipped / unused weight)."""
     for key, info in ctx.source.infos.items():
-        off = ctx.official[key]
-        if not off.endswith(".scale") or key in used_scales:
+        off = ctx.official.get(key)
+        if off is None or not off.endswith(".scale") or key in used_scales:
             continue
         weight_name = off[: -len(".scale")] + ".weight"
         weight = ctx.by_official.get(weight_name)
@@ -234,25 +242,30 @@ def _check_coverage(ctx: _Ctx, cover: dict[str, set]) -> None:
         note = ""
         if path.startswith("mtp.") and not has_mtp:
             note = "; the checkpoint has no MTP weights (transformers does not save them): pass --no-mtp"
-        raise CheckpointError(f"{source_label(ctx.source)}: missing tensor {name!r} (official name) for parameter "
+        raise CheckpointError(f"{source_label(ctx.source)}: missing tensor {ctx.names_back(name)!r} (official name) for parameter "
                               f"{path!r} of the config {ctx.config_path}{note}")
 
 
 def make_plan(source, layout: str, leaves: dict, cfg, *, no_mtp: bool, allow_unused: bool, config_path: Path,
-              detected: str) -> Plan:
-    """Check every source tensor's name, shape and dtype against the config's leaves → the Plan to stream."""
-    official, by_official = _official_names(source, layout)
+              detected: str, keys=None, rename=None, names_back=None) -> Plan:
+    """Check every source tensor's name, shape and dtype against the config's leaves → the Plan to stream.
+
+    `keys`: plan only these source keys (the others belong to another plan); `rename`: official name → the
+    official-style name whose tree path is the leaf (a drafter stored under other names), `names_back` its
+    inverse for error messages."""
+    official, by_official = _official_names(source, layout, keys, rename)
     hint = f"; the names look like layout {detected!r}, not {layout!r}" if detected != layout else ""
-    ctx = _Ctx(source, layout, leaves, cfg, config_path, allow_unused, hint, official, by_official)
+    ctx = _Ctx(source, layout, names_back or (lambda n: n), leaves, cfg, config_path, allow_unused, hint, official,
+               by_official)
     jobs: dict[str, Job] = {}
     cover: dict[str, set] = {}
     skipped_mtp: list[str] = []
     unused: list[str] = []
     used_scales: set[str] = set()
     for key, info in source.infos.items():
-        off = official[key]
-        if off.endswith(".scale"):
-            continue  # consumed with its weight
+        off = official.get(key)
+        if off is None or off.endswith(".scale"):
+            continue  # another plan's, or a scale consumed with its weight
         if no_mtp and off.startswith("mtp."):
             skipped_mtp.append(key)
             continue

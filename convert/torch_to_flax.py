@@ -23,7 +23,9 @@ whatever the depth. Output goes to DST.tmp-<pid> and is renamed to DST at the ve
 run leaves no checkpoint at DST. Every bad input and every OSError is one `error:` line and exit status 1.
 
 DST then holds config.json (TargetConfig, official names), params/ (orbax) and report.json; load it with
-`hdflash_jax.checkpoint.load_params(DST)`.
+`hdflash_jax.checkpoint.load_params(DST)`. A DSpark checkpoint (`dspark_*` config keys, DSpark `mtp.*` tensors)
+also gets DST/dspark/ (`hdflash_jax.dspark.checkpoint.load_dspark(DST / "dspark", cfg)`); the target's config
+then has no MTP block. `--moe-dispatch` / `--attention-impl` set those fields of the converted config.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.dspark_layout import mtp_layout
 from convert.plan import Job, Plan, Target, make_plan, source_label
 from convert.quant import dequant_fp4, dequant_fp8
 from convert.safetensors_io import CheckpointError, open_checkpoint
+from hdflash_jax.config import ATTENTION_IMPLS, MOE_DISPATCHES
 
 LAYOUTS = ("official", "hf_disk", "hf_memory")
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -66,11 +70,13 @@ def find_config(src: Path, explicit: str | Path | None) -> Path:
                           f"pass --config FILE)")
 
 
-def target_config(config_path: Path, dtype: str, no_mtp: bool):
+def target_config(config_path: Path, dtype: str, no_mtp: bool, compute: dict | None = None):
     from hdflash_jax.config import TargetConfig
 
-    # the output dtype overrides the file's (DeepSeek's inference/config.json says "dtype": "fp8")
-    cfg = TargetConfig.from_json_file(config_path, dtype=OUT_DTYPES[dtype], param_dtype=OUT_DTYPES[dtype])
+    # the output dtype overrides the file's (DeepSeek's inference/config.json says "dtype": "fp8"); `compute`:
+    # how-to-compute fields (moe_dispatch, attention_impl) written into the converted config
+    cfg = TargetConfig.from_json_file(config_path, dtype=OUT_DTYPES[dtype], param_dtype=OUT_DTYPES[dtype],
+                                      **(compute or {}))
     if no_mtp:  # no MTP block in the tree, and a config that says so
         cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
     return cfg
@@ -133,12 +139,54 @@ def _nonfinite_error(job: Job, n: int, size: int) -> CheckpointError:
                            f"out of {size}{how}; pass --allow-nonfinite to convert it anyway")
 
 
+def _dspark_plan(source, layout, detected, raw: dict, cfg, config_path: Path, allow_unused: bool, names: dict):
+    """The DSpark drafter's own plan over the `mtp.*` tensors → (DSparkConfig, its leaves, Plan)."""
+    from flax import nnx
+
+    from hdflash_jax.checkpoint import dotted
+    from hdflash_jax.dspark.config import DSparkConfig
+    from hdflash_jax.dspark.keymap import from_trunk_name, to_trunk_name
+    from hdflash_jax.dspark.model import abstract_dspark
+
+    try:
+        dcfg = DSparkConfig.from_checkpoint_dict(raw, where=str(config_path))
+        dcfg.check_target(cfg, where=str(config_path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    leaves = {dotted(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_dspark(dcfg, cfg)))}
+    nb = dcfg.num_blocks
+    plan = make_plan(source, layout, leaves, dcfg.block_config(cfg), no_mtp=False, allow_unused=allow_unused,
+                     config_path=config_path, detected=detected,
+                     keys={k for k, o in names.items() if o.startswith("mtp.")},
+                     rename=lambda o: to_trunk_name(o, nb), names_back=lambda n: from_trunk_name(n, nb))
+    return dcfg, leaves, plan
+
+
+def _write_dspark(tmp: Path, source, dspark, cfg, flush_mb: float, progress: bool, allow_nonfinite: bool) -> dict:
+    """Stream the DSpark drafter into tmp/dspark (params/ + dspark_config.json) → its stats."""
+    from hdflash_jax.dspark.checkpoint import DSPARK_CONFIG_FILE
+
+    dcfg, leaves, plan = dspark
+    folder = tmp / "dspark"
+    folder.mkdir()
+    stats = _stream(source, plan, leaves, dcfg.block_config(cfg), folder, flush_bytes=int(flush_mb * 2**20),
+                    progress=progress, allow_nonfinite=allow_nonfinite)
+    (folder / DSPARK_CONFIG_FILE).write_text(json.dumps(dcfg.to_dict(), indent=1))
+    return {"tensors_read": stats["tensors_read"], "dequantized": stats["dequantized"],
+            "param_count": int(sum(math.prod(v.shape) for v in leaves.values())), "unused": plan.unused,
+            "nonfinite_values": stats["nonfinite_values"]}
+
+
 def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = False, allow_unused: bool = False,
             overwrite: bool = False, config: str | Path | None = None, flush_mb: float = 256.0,
-            allow_nonfinite: bool = False, progress: bool = True, log=print) -> dict:
-    """Convert SRC to a params checkpoint at DST; returns the report (also written to DST/report.json)."""
+            allow_nonfinite: bool = False, progress: bool = True, log=print, moe_dispatch: str | None = None,
+            attention_impl: str | None = None) -> dict:
+    """Convert SRC to a params checkpoint at DST; returns the report (also written to DST/report.json).
+
+    The `mtp.*` tensors are a native MTP block (converted with the target) or a DSpark drafter (told apart by
+    config and keys, `convert.dspark_layout`), converted to DST/dspark (`hdflash_jax.dspark.checkpoint`)."""
     from hdflash_jax import checkpoint as ck, fileio
-    from hdflash_jax.keymap import detect_layout
+    from hdflash_jax.keymap import detect_layout, to_official
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -150,8 +198,9 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
     source = open_checkpoint(src)
     try:
         config_path = find_config(src, config)
+        compute = {k: v for k, v in (("moe_dispatch", moe_dispatch), ("attention_impl", attention_impl)) if v}
         try:
-            cfg = target_config(config_path, dtype, no_mtp)
+            cfg = target_config(config_path, dtype, no_mtp, compute)
         except (ValueError, TypeError) as e:
             msg = str(e)
             raise CheckpointError(msg if str(config_path) in msg else f"{config_path}: bad config ({msg})") from None
@@ -162,9 +211,17 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
         except ValueError as e:
             raise CheckpointError(f"{source_label(source)}: {e}") from None
         layout = detected if fmt == "auto" else fmt
+        names = {k: to_official(k, layout) for k in source.infos}
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+        mtp_kind = "skipped" if no_mtp else mtp_layout(raw, names.values(), source_label(source))
+        dspark, trunk_keys = None, None
+        if mtp_kind == "dspark":  # the trunk without an MTP block; the drafter planned on its own
+            cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+            dspark = _dspark_plan(source, layout, detected, raw, cfg, config_path, allow_unused, names)
+            trunk_keys = {k for k, o in names.items() if not o.startswith("mtp.")}
         leaves = ck.abstract_leaves(cfg)
         plan = make_plan(source, layout, leaves, cfg, no_mtp=no_mtp, allow_unused=allow_unused,
-                         config_path=config_path, detected=detected)
+                         config_path=config_path, detected=detected, keys=trunk_keys)
         fileio.clean_stale_tmp(dst)
         tmp = fileio.tmp_path_for(dst)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,8 +233,10 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
             stats = _stream(source, plan, leaves, cfg, tmp, flush_bytes=int(flush_mb * 2**20), progress=progress,
                             allow_nonfinite=allow_nonfinite)
             ck.write_config(tmp, cfg)
+            dstats = _write_dspark(tmp, source, dspark, cfg, flush_mb, progress, allow_nonfinite) if dspark else None
             report = _report(src, dst, config_path, layout, source, cfg, no_mtp, stats, plan, leaves,
                              time.perf_counter() - t0)
+            report.update(mtp_layout=mtp_kind, dspark=dstats)
             (tmp / ck.REPORT_FILE).write_text(json.dumps(report, indent=1))
             fileio.commit(tmp, dst, overwrite=overwrite)
         except BaseException:
@@ -316,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-mb", type=float, default=256.0,
                    help="write completed parameters to disk whenever they reach this many MiB (default 256); "
                         "peak memory is about this plus the leaves still being filled (about one layer)")
+    p.add_argument("--moe-dispatch", default=None, choices=MOE_DISPATCHES,
+                   help="MoE dispatch written into the converted config.json (default: the source config's, else auto)")
+    p.add_argument("--attention-impl", default=None, choices=ATTENTION_IMPLS,
+                   help="attention implementation written into the converted config.json (default: chunked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -328,7 +391,8 @@ def main(argv=None) -> int:
     try:
         convert(args.src, args.dst, fmt=args.format, dtype=args.dtype, no_mtp=args.no_mtp,
                 allow_unused=args.allow_unused, overwrite=args.overwrite, config=args.config,
-                flush_mb=args.flush_mb, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+                flush_mb=args.flush_mb, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+                moe_dispatch=args.moe_dispatch, attention_impl=args.attention_impl)
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

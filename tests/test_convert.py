@@ -208,7 +208,7 @@ def main_model(model):
     from flax import nnx
 
     c = model.cfg.replace(n_mtp_layers=0, compress_ratios=model.cfg.compress_ratios[: model.cfg.n_layers])
-    graphdef, _ = nnx.split(abstract_model(c))
+    graphdef, _ = nnx.split(abstract_model(c, scanned=True))  # the tree load_params builds (layers scanned)
     flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model)) if p[0] != "mtp"]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -387,7 +387,10 @@ def test_official_bf16_output(official_quantized, converted_official, tmp_path, 
     c, model = load_params(tmp_path / "bf16")
     assert c.param_dtype == "bfloat16"
     f32 = model_leaves(converted_official[3])
-    abstract = abstract_leaves(c)
+    from flax import nnx
+
+    abstract = {".".join(map(str, p)): v for p, v in  # the tree load_params builds (layers scanned)
+                nnx.to_flat_state(nnx.state(abstract_model(c, scanned=True)))}
     n_bf16 = 0
     for k, v in model_leaves(model).items():
         assert v.dtype == np.dtype(abstract[k].dtype), k
@@ -655,3 +658,88 @@ def test_load_params_into_mesh_shardings(small_official, tmp_path, capsys):
     w1 = a[("layers", 1, "ffn", "experts", "w1")]
     assert len(w1.addressable_shards) == 8 and w1.sharding.mesh == mesh
     assert w1.addressable_shards[0].data.shape[0] == w1.shape[0] // 2  # experts split over the expert axis
+
+
+# ==== DSpark: the drafter inside the V4 DSpark checkpoints (mtp.* = DSpark blocks, not the native MTP block) ====
+
+DSPARK_KEYS = {"dspark_block_size": 5, "dspark_noise_token_id": 511, "dspark_target_layer_ids": [3, 4, 5],
+               "dspark_markov_rank": 16, "dspark_n_routed_experts": 4, "dspark_num_experts_per_tok": 2}
+
+
+@pytest.fixture(scope="module")
+def dspark_official(cfg, tmp_path_factory):
+    """A synthetic official-layout DSpark release: trunk + 3 DSpark blocks under mtp.0-2 (FP8 projections,
+    main_proj included; FP4 experts; fp32 mHC), config with the dspark_* keys (and an MTP entry, as released)."""
+    from hdflash_jax.dspark.config import DSparkConfig
+    from test_dspark_reference import dspark_official_weights
+
+    dcfg = DSparkConfig.from_checkpoint_dict(DSPARK_KEYS)
+    trunk = tree_to_official_flat(random_tree(cfg, 13), cfg)
+    trunk = {k: v for k, v in trunk.items() if not k.startswith("mtp.")}
+    drafter = {k: v for k, v in dspark_official_weights(dcfg, cfg, seed=17).items() if k.startswith("mtp.")}
+    stored = quantize_official({**trunk, **drafter})
+    w = stored.pop("mtp.0.main_proj.weight").astype(np.float32)
+    stored["mtp.0.main_proj.weight"], stored["mtp.0.main_proj.scale"] = quantize_fp8_block(w)
+    folder = tmp_path_factory.mktemp("dspark_official") / "ckpt"
+    write_sharded(folder, stored, lambda k: "b" if k.startswith("mtp.") else "a")
+    (folder / "config.json").write_text(json.dumps({**official_config(cfg), **DSPARK_KEYS}))
+    return folder, stored, dcfg
+
+
+def test_dspark_checkpoint_converts_to_target_and_drafter(cfg, dspark_official, tmp_path):
+    from hdflash_jax.checkpoint import load_config
+    from hdflash_jax.dspark.checkpoint import load_dspark
+    from hdflash_jax.dspark.keymap import tree_to_dspark_names
+
+    folder, stored, dcfg = dspark_official
+    dst = tmp_path / "out"
+    report = t2f.convert(folder, dst, dtype="fp32", progress=False, log=lambda *_: None, moe_dispatch="ragged",
+                         attention_impl="dense")
+    assert report["mtp_layout"] == "dspark"
+    # per block: 4 experts x w1/w2/w3 in FP4; wq_a, wq_b, wkv, wo_a, wo_b and the shared expert's 3 in FP8; main_proj
+    assert report["dspark"]["dequantized"] == {"fp4": 3 * 4 * 3, "fp8": 3 * 8 + 1}
+    tcfg = load_config(dst)
+    assert tcfg.n_mtp_layers == 0 and (tcfg.moe_dispatch, tcfg.attention_impl) == ("ragged", "dense")
+    got_cfg, drafter = load_dspark(dst / "dspark", tcfg)
+    assert got_cfg == dcfg
+    ref = dequantize_reference(stored)
+    n_checked = 0
+    for path, v in model_leaves(drafter).items():
+        names = tree_to_dspark_names(path, dcfg.num_blocks, v.shape[0] if ".experts." in path else None)
+        want = np.stack([ref[n] for n in names]) if ".experts.w" in path else ref[names[0]]
+        np.testing.assert_array_equal(v, want, err_msg=path)  # dequantized bit-exact, every leaf
+        n_checked += 1
+    assert n_checked == len(model_leaves(drafter))
+
+
+def test_native_mtp_still_converts_to_mtp(converted_official):
+    _, report, c, model, _ = converted_official
+    assert report["mtp_layout"] == "native" and report["dspark"] is None and c.n_mtp_layers == 1
+
+
+@pytest.mark.parametrize("case", ["mix", "dspark_config_native_keys", "dspark_keys_native_config"])
+def test_half_matching_mtp_layouts_are_refused(cfg, dspark_official, official_quantized, tmp_path, case):
+    folder, stored, _ = dspark_official
+    if case == "mix":  # a DSpark release with one native MTP tensor added
+        src = tmp_path / "mix"
+        write_sharded(src, {**stored, "mtp.0.enorm.weight": np.ones(cfg.dim, np.float32)},
+                      lambda k: "b" if k.startswith("mtp.") else "a", index=False)
+        (src / "config.json").write_text((folder / "config.json").read_text())
+        want = ("mix a native MTP block ('mtp.0.enorm.weight') and a DSpark drafter ('mtp.0.main_norm.weight', "
+                "'mtp.0.main_proj.weight', 'mtp.2.confidence_head.proj.weight', 'mtp.2.markov_head.markov_w1.weight' "
+                "and 1 more)")
+        conf = None
+    elif case == "dspark_config_native_keys":  # the native-MTP release under a config that declares DSpark
+        src = official_quantized[0]
+        conf = tmp_path / "config.json"
+        conf.write_text(json.dumps({**official_config(cfg), **DSPARK_KEYS}))
+        want = "the config declares a DSpark drafter (dspark_* keys) but the mtp.* tensors are a native MTP block"
+    else:  # the DSpark tensors under a config without dspark_* keys (what a prefix remap would half-load)
+        src = folder
+        conf = tmp_path / "config.json"
+        conf.write_text(json.dumps(official_config(cfg)))
+        want = "the mtp.* tensors are a DSpark drafter ('mtp.0.main_norm.weight'"
+    with pytest.raises(t2f.CheckpointError) as e:
+        t2f.convert(src, tmp_path / "dst", dtype="fp32", progress=False, log=lambda *_: None, config=conf)
+    assert want in str(e.value), str(e.value)
+    assert not (tmp_path / "dst").exists()
