@@ -234,3 +234,57 @@ def init_dspark_from_target(target, dcfg: DSparkConfig, seed: int = 0) -> DSpark
 def abstract_dspark(dcfg: DSparkConfig, tcfg: TargetConfig) -> DSparkDrafter:
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: DSparkDrafter(dcfg, tcfg, rngs=KeyGen(0)))
+
+
+# ---- training: many blocks per sequence in one pass -------------------------------------------------------
+
+def sample_anchors(key, loss_mask, n_anchors: int):
+    """Anchors per row where the anchor and its first target are supervised, up to `n_anchors`, sorted.
+
+    loss_mask [b, L] bool → (anchors [b, N] int32 (0 where unused), keep [b, N] bool)."""
+    b, length = loss_mask.shape
+    valid = loss_mask[:, :-1] & loss_mask[:, 1:]  # candidates 0..L-2
+    r = jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0)
+    order = jnp.argsort(r, axis=1)[:, :n_anchors]
+    keep = jnp.take_along_axis(r, order, axis=1) < 2.0
+    anchors = jnp.sort(jnp.where(keep, order, length), axis=1)  # unused ones sort last
+    keep = anchors < length
+    return jnp.where(keep, anchors, 0).astype(jnp.int32), keep
+
+
+def train_forward(drafter: DSparkDrafter, embed: Callable, head_logits: Callable, layer_streams, tokens,
+                  anchors, keep, loss_mask):
+    """Blocks at `anchors` [b, N] over a sequence tokens [b, L] with the tapped layers' streams (K x [b, L, n, D]).
+
+    Block n is [tokens[a_n], noise x (B-1)] at positions a_n..a_n+B-1; it sees context keys k < a_n inside the
+    window and its own block's keys (the inference path's view with a committed length of a_n). The Markov
+    head is teacher-forced (prev = the true tokens). Returns a dict: logits [b, N, B, V] (Markov-corrected),
+    base [b, N, B, V], targets [b, N, B], eval_mask [b, N, B] (slot j counts while slots 0..j are inside the
+    sequence and supervised), confidence [b, N, B] (or None), positions [b, N, B] (a_n + j: the target's logits
+    there are the distributions the slots approximate)."""
+    cfg, tc = drafter.dcfg, drafter.tcfg
+    b, length = tokens.shape
+    n, bs = anchors.shape[1], cfg.block_size
+    ctx_pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (b, length))
+    ctx_kvs = drafter.context_kv(drafter.pool(layer_streams), ctx_pos)
+    pos = anchors[:, :, None] + jnp.arange(bs, dtype=jnp.int32)[None, None, :]  # [b, N, B]
+    ids = jnp.where(jnp.arange(bs)[None, None, :] == 0, jnp.take_along_axis(tokens, anchors, axis=1)[..., None],
+                    cfg.noise_token_id).reshape(b, n * bs)
+    q_pos, q_anchor = pos.reshape(b, n * bs), jnp.repeat(anchors, bs, axis=1)
+    rel = q_pos[:, :, None] - ctx_pos[:, None, :]
+    ctx_ok = (ctx_pos[:, None, :] < q_anchor[:, :, None]) & (rel < tc.window_size)
+    blk = jnp.arange(n * bs) // bs
+    own = jnp.broadcast_to(blk[:, None] == blk[None, :], (b, n * bs, n * bs))
+    mask = jnp.concatenate([ctx_ok, own], axis=-1)
+    x = drafter.hidden(embed, ids, q_pos, ctx_kvs, mask)  # [b, N*B, D]
+    base = drafter.base_logits(head_logits, x).reshape(b, n, bs, -1)
+    label_idx = pos + 1
+    targets = jnp.take_along_axis(tokens, jnp.clip(label_idx, 0, length - 1).reshape(b, -1), axis=1).reshape(pos.shape)
+    sup = jnp.take_along_axis(loss_mask, jnp.clip(label_idx, 0, length - 1).reshape(b, -1), axis=1).reshape(pos.shape)
+    eval_mask = jnp.cumprod((sup & (label_idx < length) & keep[..., None]).astype(jnp.int32), axis=-1) > 0
+    prev = jnp.concatenate([jnp.take_along_axis(tokens, anchors, axis=1)[..., None], targets[..., :-1]], axis=-1)
+    logits = base + drafter.markov_head.bias(prev)
+    conf = (drafter.confidence(x, prev.reshape(b, n * bs)).reshape(b, n, bs)
+            if drafter.confidence_head is not None else None)
+    return {"logits": logits, "base": base, "targets": targets, "eval_mask": eval_mask, "confidence": conf,
+            "positions": pos}

@@ -1,0 +1,112 @@
+"""DSpark training: the many-blocks training pass equals the inference path block by block, the loss equals a
+direct numpy computation of DeepSpec's formula, and a few optimizer steps on it lower it."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hdflash_jax.config import get_preset
+from hdflash_jax.deepseek_v4.model import forward_full, init_target
+from hdflash_jax.dspark.config import DSparkConfig
+from hdflash_jax.dspark.model import (draft_hidden, extend_dspark_cache, init_dspark_cache, init_dspark_from_target,
+                                      sample_anchors, train_forward)
+from train.dspark_loss import DSparkLossConfig, dspark_loss
+
+MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)  # window 8
+DCFG = DSparkConfig(block_size=4, noise_token_id=MICRO.vocab_size - 1, target_layer_ids=(1, 2), markov_rank=16,
+                    n_routed_experts=4, n_activated_experts=2)
+L = 24
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = init_target(MICRO, seed=1)
+    drafter = init_dspark_from_target(target, DCFG, seed=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, MICRO.vocab_size - 1, (2, L)), jnp.int32)
+    out = forward_full(target, tokens, return_layers=DCFG.target_layer_ids)
+    return target, drafter, tokens, out
+
+
+def test_training_pass_equals_inference_per_block(setup):
+    target, drafter, tokens, out = setup
+    anchors = jnp.array([[3, 9, 14, 21], [0, 5, 12, 20]], jnp.int32)  # 14, 20, 21: windows cut the context
+    keep = jnp.ones(anchors.shape, bool)
+    tr = train_forward(drafter, target.embed_tokens, target.head_logits, out.layer_streams, tokens, anchors, keep,
+                       jnp.ones(tokens.shape, bool))
+    feats = drafter.pool(out.layer_streams)
+    worst = 0.0
+    for n in range(anchors.shape[1]):
+        a = anchors[:, n]
+        cache = extend_dspark_cache(drafter, feats, a, init_dspark_cache(drafter, 2))
+        x = draft_hidden(drafter, target.embed_tokens, jnp.take_along_axis(tokens, a[:, None], 1)[:, 0], cache,
+                         DCFG.block_size)
+        base = np.asarray(drafter.base_logits(target.head_logits, x))
+        worst = max(worst, float(np.abs(base - np.asarray(tr["base"][:, n])).max() / np.abs(base).max()))
+    print(f"\ntraining pass vs inference path, base logits: relative error {worst:.2e}")
+    assert worst <= 1e-5
+    # slots past the sequence end are not supervised, and the mask is a prefix per block
+    em = np.asarray(tr["eval_mask"])
+    assert em[0, 3].tolist() == [True, True, False, False] and em[1, 3].tolist() == [True, True, True, False]
+    assert np.all(np.diff(em.astype(int), axis=-1) <= 0)
+
+
+def _numpy_loss(logits, targets, mask, target_logits, gamma, a_ce, a_tv):
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    q, p = softmax(logits.astype(np.float64)), softmax(target_logits.astype(np.float64))
+    w = mask * np.exp(-np.arange(mask.shape[-1]) / gamma)
+    ce = -np.log(np.take_along_axis(q, targets[..., None], -1)[..., 0])
+    l1 = np.abs(p - q).sum(-1)
+    return a_ce * (ce * w).sum() / w.sum() + a_tv * (l1 * w).sum() / w.sum()
+
+
+def test_loss_matches_numpy():
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 4, 11)
+    logits, tl = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    targets = rng.integers(0, 11, shape[:-1])
+    mask = np.cumprod(rng.random(shape[:-1]) < 0.8, axis=-1).astype(bool)
+    out = {"logits": jnp.asarray(logits), "targets": jnp.asarray(targets), "eval_mask": jnp.asarray(mask),
+           "confidence": None}
+    loss, metrics = dspark_loss(out, jnp.asarray(tl), DSparkLossConfig())
+    want = _numpy_loss(logits, targets, mask, tl, 4.0, 0.1, 0.9)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert 1.0 <= float(metrics["tau_expected"]) <= 5.0
+
+
+def test_a_few_steps_lower_the_loss(setup):
+    import optax
+
+    target, drafter, tokens, out = setup
+    key = jax.random.key(0)
+    loss_mask = jnp.ones(tokens.shape, bool)
+    anchors, keep = sample_anchors(key, loss_mask, 6)
+    assert bool(jnp.all(keep)) and bool(jnp.all(jnp.diff(anchors, axis=1) > 0))
+    graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
+    embed, head = jax.lax.stop_gradient(target.embed[...]), jax.lax.stop_gradient(target.head.weight[...])
+    streams = tuple(jax.lax.stop_gradient(s) for s in out.layer_streams)
+
+    def loss_fn(p):
+        d = nnx.merge(graphdef, p, rest)
+        o = train_forward(d, lambda i: embed[i], lambda h: jnp.einsum("...d,vd->...v", h, head), streams, tokens,
+                          anchors, keep, loss_mask)
+        pos = o["positions"].reshape(2, -1)
+        tl = jnp.take_along_axis(out.logits, pos[..., None], axis=1).reshape(o["logits"].shape)
+        return dspark_loss(o, tl, DSparkLossConfig())[0]
+
+    opt = optax.adam(3e-3)
+    state = opt.init(params)
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    losses = []
+    for _ in range(12):
+        loss, g = step(params)
+        upd, state = opt.update(g, state, params)
+        params = optax.apply_updates(params, upd)
+        losses.append(float(loss))
+    print(f"\nDSpark loss over 12 Adam steps: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.9 * losses[0]

@@ -1,0 +1,68 @@
+"""DSpark's training loss (DeepSpec's), as one pure function over the outputs of `dspark.model.train_forward`.
+
+    loss = α_ce · CE + α_tv · L1 + α_conf · BCE
+each a weighted mean over supervised slots with weights w_j = exp(−j/γ) (slot j of a block; γ ≤ 0: uniform):
+CE of the Markov-corrected draft logits on the true next token; L1 = Σ_v |p − q| between the target's
+distribution p at the same position and the draft's q (twice the total variation; 1 − L1/2 is the probability
+that speculative sampling accepts the slot); the confidence head by binary cross-entropy towards that acceptance,
+with p and the label detached. DeepSpec's recipe: α_ce 0.1, α_tv 0.9, γ 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class DSparkLossConfig:
+    ce_weight: float = 0.1
+    tv_weight: float = 0.9
+    confidence_weight: float = 0.0  # > 0 trains the confidence head too
+    gamma: float = 4.0
+
+
+def slot_weights(eval_mask, gamma: float):
+    w = eval_mask.astype(jnp.float32)
+    if gamma > 0:
+        w = w * jnp.exp(-jnp.arange(eval_mask.shape[-1], dtype=jnp.float32) / gamma)
+    return w
+
+
+def dspark_loss(out: dict, target_logits, cfg: DSparkLossConfig):
+    """out: `train_forward`'s dict; target_logits [b, N, B, V]: the target's logits at out["positions"] (None
+    without a distribution term). Returns (loss, metrics)."""
+    w = slot_weights(out["eval_mask"], cfg.gamma)
+    den = jnp.sum(w) + 1e-6
+    logq = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logq, out["targets"][..., None], axis=-1)[..., 0]
+    ce_loss = jnp.sum(ce * w) / den
+    loss, metrics = cfg.ce_weight * ce_loss, {"ce": ce_loss}
+    if target_logits is not None:
+        p = jax.lax.stop_gradient(jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1))
+        l1 = jnp.sum(jnp.abs(p - jnp.exp(logq)), axis=-1)
+        l1_loss = jnp.sum(l1 * w) / den
+        accept = jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0)
+        loss = loss + cfg.tv_weight * l1_loss
+        mask = out["eval_mask"].astype(jnp.float32)
+        metrics.update(l1=l1_loss, accept_rate=jnp.sum(accept * mask) / (jnp.sum(mask) + 1e-6),
+                       tau_expected=_expected_tau(accept, out["eval_mask"]))
+        if cfg.confidence_weight > 0 and out.get("confidence") is not None:
+            c = jnp.clip(out["confidence"], 1e-6, 1 - 1e-6)
+            label = jax.lax.stop_gradient(accept)
+            bce = -(label * jnp.log(c) + (1 - label) * jnp.log(1 - c))
+            conf_loss = jnp.sum(bce * w) / den
+            loss = loss + cfg.confidence_weight * conf_loss
+            metrics["confidence_bce"] = conf_loss
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def _expected_tau(accept, eval_mask):
+    """1 + Σ_j Π_{i≤j} accept_i per block with a supervised slot, averaged: τ if drafts were sampled from q."""
+    m = eval_mask.astype(jnp.float32)
+    blocks = jnp.any(eval_mask, axis=-1).astype(jnp.float32)
+    tau = 1.0 + jnp.sum(jnp.cumprod(accept * m, axis=-1), axis=-1)
+    return jnp.sum(tau * blocks) / (jnp.sum(blocks) + 1e-6)
