@@ -13,7 +13,7 @@ from hdflash_jax.deepseek_v4.model import forward_full, init_target
 from hdflash_jax.dspark.config import DSparkConfig
 from hdflash_jax.dspark.model import (draft_hidden, extend_dspark_cache, init_dspark_cache, init_dspark_from_target,
                                       sample_anchors, train_forward)
-from train.dspark_loss import DSparkLossConfig, dspark_loss
+from train.dspark_loss import DSparkLossConfig, dspark_batch_loss, dspark_loss, dspark_target_inputs
 
 MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)  # window 8
 DCFG = DSparkConfig(block_size=4, noise_token_id=MICRO.vocab_size - 1, target_layer_ids=(1, 2), markov_rank=16,
@@ -82,22 +82,17 @@ def test_loss_matches_numpy():
 def test_a_few_steps_lower_the_loss(setup):
     import optax
 
-    target, drafter, tokens, out = setup
+    target, drafter, tokens, _ = setup
     key = jax.random.key(0)
     loss_mask = jnp.ones(tokens.shape, bool)
     anchors, keep = sample_anchors(key, loss_mask, 6)
     assert bool(jnp.all(keep)) and bool(jnp.all(jnp.diff(anchors, axis=1) > 0))
     graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
-    embed, head = jax.lax.stop_gradient(target.embed[...]), jax.lax.stop_gradient(target.head.weight[...])
-    streams = tuple(jax.lax.stop_gradient(s) for s in out.layer_streams)
+    inputs = dspark_target_inputs(target, tokens, DCFG.target_layer_ids)
+    batch = {"tokens": tokens, "loss_mask": loss_mask, "anchors": anchors, "keep": keep}
 
     def loss_fn(p):
-        d = nnx.merge(graphdef, p, rest)
-        o = train_forward(d, lambda i: embed[i], lambda h: jnp.einsum("...d,vd->...v", h, head), streams, tokens,
-                          anchors, keep, loss_mask)
-        pos = o["positions"].reshape(2, -1)
-        tl = jnp.take_along_axis(out.logits, pos[..., None], axis=1).reshape(o["logits"].shape)
-        return dspark_loss(o, tl, DSparkLossConfig())[0]
+        return dspark_batch_loss(nnx.merge(graphdef, p, rest), inputs, batch, DSparkLossConfig())[0]
 
     opt = optax.adam(3e-3)
     state = opt.init(params)

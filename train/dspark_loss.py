@@ -66,3 +66,30 @@ def _expected_tau(accept, eval_mask):
     blocks = jnp.any(eval_mask, axis=-1).astype(jnp.float32)
     tau = 1.0 + jnp.sum(jnp.cumprod(accept * m, axis=-1), axis=-1)
     return jnp.sum(tau * blocks) / (jnp.sum(blocks) + 1e-6)
+
+
+def dspark_target_inputs(target, tokens, target_layer_ids: tuple[int, ...]) -> dict:
+    """What the frozen target gives one DSpark step (outside value_and_grad): the tapped layers' streams, its
+    logits (the distributions the slots approximate), its embedding and head; all under stop_gradient."""
+    from hdflash_jax.deepseek_v4.model import forward_full
+
+    out = forward_full(target, tokens, return_layers=tuple(target_layer_ids))
+    sg = jax.lax.stop_gradient
+    return {"streams": tuple(sg(s) for s in out.layer_streams), "logits": sg(out.logits),
+            "embed": sg(target.embed[...]), "head": sg(target.head.weight[...])}
+
+
+def dspark_batch_loss(drafter, inputs: dict, batch: dict, cfg: DSparkLossConfig):
+    """(loss, metrics) of a DSpark drafter on a batch {tokens, loss_mask, anchors, keep} (the drafter trainer's
+    batch) with `dspark_target_inputs`: the hook a trainer's loss_fn calls."""
+    from hdflash_jax.dspark.model import train_forward
+
+    embed, head = inputs["embed"], inputs["head"]
+    out = train_forward(drafter, lambda ids: embed[ids],
+                        lambda h: jnp.einsum("...d,vd->...v", h.astype(head.dtype), head,
+                                             preferred_element_type=jnp.float32),
+                        inputs["streams"], batch["tokens"], batch["anchors"], batch["keep"], batch["loss_mask"])
+    b = batch["tokens"].shape[0]
+    pos = out["positions"].reshape(b, -1)
+    tl = jnp.take_along_axis(inputs["logits"], pos[..., None], axis=1).reshape(out["logits"].shape)
+    return dspark_loss(out, tl, cfg)
