@@ -160,3 +160,13 @@ def test_mesh_plan_draft_updates_the_cache_in_place(capsys):
     cache_bytes = (8 * slots * cfg.dim * 4) // 8 + (8 * 4) // 4  # cond over 8 ways, length over the 4 row ways
     assert r.alias_bytes == cache_bytes and r.argument_bytes > cache_bytes
     assert "256 bytes per token per row" in capsys.readouterr().out
+
+
+def test_config_fields():
+    from hdflash_jax.config import DrafterConfig
+
+    for bad, match in [(dict(draft_cache="int4"), "draft_cache"), (dict(draft_chunk=0), "draft_chunk")]:
+        with pytest.raises(ValueError, match=match):
+            DrafterConfig(**bad)
+    old = {k: v for k, v in DrafterConfig().to_dict().items() if k not in ("draft_cache", "draft_chunk")}
+    assert DrafterConfig.from_dict(old).draft_cache == "cond"  # a drafter_config.json from before the field
