@@ -13,7 +13,7 @@ from typing import Any
 from eval.errors import UsageError
 from eval.methods import expand_methods, num_drafts, warn_on_design
 from eval.suites import SUITES, Sample, expand_suites, load_suite
-from eval.targets import DrafterSource, TargetSpec, parse_drafter_args, resolve_target
+from eval.targets import DrafterSource, TargetSpec, on_mesh, parse_drafter_args, resolve_target
 
 
 @dataclasses.dataclass
@@ -29,6 +29,7 @@ class Plan:
     settings: Any  # DecodeSettings shared by every method
     out: Path
     argv: list[str] | None = None
+    mesh: Any = None  # jax.sharding.Mesh of --mesh (None: one device)
 
 
 def chat_messages(sample: Sample, turn: int, answers: list[str]) -> list[dict]:
@@ -113,6 +114,27 @@ def _check_first_turns(plan: Plan) -> None:
                 raise UsageError(f"{smp.id}: {e}") from None
 
 
+def make_mesh_arg(spec: str | None):
+    """--mesh data=..,fsdp=..,expert=..,tensor=.. → a Mesh over this run's devices (all processes' devices when
+    there are several; one process may use the first N of its devices), None without --mesh."""
+    if not spec:
+        return None
+    import jax
+
+    from hdflash_jax.sharding import make_mesh, parse_mesh
+
+    try:
+        shape = parse_mesh(spec)
+        n = math.prod(shape.values())
+        devices = jax.devices()
+        if n > len(devices) or (n < len(devices) and jax.process_count() > 1):
+            raise ValueError(f"mesh {shape} needs {n} devices; this run has {len(devices)} "
+                             f"over {jax.process_count()} process(es)")
+        return make_mesh(shape, devices=devices[:n])
+    except ValueError as e:
+        raise UsageError(f"--mesh {spec}: {e}") from None
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments, checkpoints and selection; read configs only (no weights, no compilation)."""
     from hdflash_jax.decode.generate import DecodeSettings
@@ -138,6 +160,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               eos_token_id=spec.tokenizer.eos_id,
                               **({"prompt_buckets": buckets} if buckets else {}))
-    plan = Plan(args, suites, samples, spec, drafters, methods, ar_added, settings, out)
+    mesh = make_mesh_arg(getattr(args, "mesh", None))
+    plan = Plan(args, suites, samples, on_mesh(spec, mesh), drafters, methods, ar_added, settings, out, mesh=mesh)
     _check_first_turns(plan)
     return plan

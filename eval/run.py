@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="exit 0 even if a greedy speculative output differs from AR's")
     ap.add_argument("--compilation-cache", default=None, help="a persistent JAX compilation cache folder")
+    ap.add_argument("--mesh", default=None,
+                    help="run over a device mesh, e.g. data=2,expert=8,tensor=4 (axes data, fsdp, expert, tensor; "
+                         "the product is the number of devices, of all processes): the target restored into its "
+                         "shardings, batch rows over data/fsdp (default: one device)")
+    ap.add_argument("--distributed", choices=("off", "auto"), default="off",
+                    help="auto: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, "
+                         "Open MPI); each host runs the same command")
+    ap.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--process-id", type=int, default=None)
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="simulated CPU devices per process (testing a mesh on one machine)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -99,11 +111,28 @@ def _report_mismatches(results, allow: bool) -> None:
           + (" (--allow-mismatch: exit 0)" if allow else "") + " ***", file=sys.stderr)
 
 
+def _init_processes(args: argparse.Namespace) -> bool:
+    """`jax.distributed` setup (train.distributed's, before any backend use); True on the process that writes."""
+    from train.distributed import init_distributed
+
+    try:
+        init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed, args.cpu_devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    import jax
+
+    lead = jax.process_index() == 0
+    if not lead:
+        args.quiet = True  # one progress bar
+    return lead
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, run and write; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        lead = _init_processes(args)
         plan = make_plan(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -128,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     results.config["total_s"] = time.perf_counter() - t0
+    if plan.mesh is not None:
+        import jax
+
+        results.config["mesh"] = dict(plan.mesh.shape)
+        results.config["processes"] = jax.process_count()
     if args.score:
         results.config["isolation"] = isolation
+    if not lead:  # every process computed the same results; process 0 writes them
+        return EXIT_MISMATCH if results.greedy_mismatches and not args.allow_mismatch else EXIT_OK
 
     from eval.report import summary_table, write_results
 

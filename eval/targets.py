@@ -35,6 +35,29 @@ class TargetSpec:
     tokenizer: Any  # hdflash_jax.tokenizer.Tokenizer
     drafters: dict[str, DrafterSource] = dataclasses.field(default_factory=dict)
     trained: bool = True
+    # (seed, mesh) -> DeepseekV4 whose parameters are read straight into their mesh shardings (None: `load`, then
+    # placed by the logical-axis rules)
+    load_sharded: Callable[[int, Any], Any] | None = None
+
+
+def on_mesh(spec: TargetSpec, mesh) -> TargetSpec:
+    """The same target loaded onto `mesh` (no-op for None): checkpoints are restored straight into their
+    shardings (every process reads only its own shards); random targets are built, then placed."""
+    if mesh is None:
+        return spec
+
+    def load(seed: int):
+        if spec.load_sharded is not None:
+            return spec.load_sharded(seed, mesh)
+        from flax import nnx
+
+        from hdflash_jax.sharding import shard_state
+
+        model = spec.load(seed)
+        nnx.update(model, shard_state(nnx.state(model), mesh))
+        return model
+
+    return dataclasses.replace(spec, load=load)
 
 
 def _tiny_random(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
@@ -113,7 +136,7 @@ def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str | N
     except (OSError, ValueError) as e:
         raise UsageError(f"--tokenizer: {e}") from None
     return TargetSpec(name=path.name, origin=str(path), config=cfg, load=lambda seed: load_params(path)[1],
-                      tokenizer=tok)
+                      tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1])
 
 
 def resolve_target(name: str, tokenizer: str | None = None, chat_template: str | None = None) -> TargetSpec:

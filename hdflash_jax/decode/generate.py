@@ -12,6 +12,7 @@ follows each of them; `propose` returns K drafts for the positions after the anc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Protocol
@@ -26,9 +27,12 @@ from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, tar
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
+from hdflash_jax.sharding import mesh_of, place, row_shardings, rows_sharding, to_host  # noqa: F401 (mesh_of: API)
 
 
 class Drafter(Protocol):
+    """Optionally also `state_shardings(mesh, abstract_state) -> shardings` (on a mesh: the layout its state keeps
+    in the decode loop; without it every leaf's batch-row dimension is sharded over the mesh's row axes)."""
     num_drafts: int  # K = block size - 1
     return_layers: tuple[int, ...]  # target layers whose streams the drafter conditions on
     sampled: bool  # True: drafts are samples with probabilities (standard rejection sampling)
@@ -58,6 +62,15 @@ class GenerateResult(NamedTuple):
     def row_tokens(self, row: int) -> list[int]:
         return self.tokens[row, : self.lengths[row]].tolist()
 
+    def idle_row_steps(self, rows: int | None = None) -> int:
+        """Row-steps spent riding along finished: the loop runs until its slowest row is done, so each of the
+        first `rows` rows (default all) idles for (steps of the slowest row − its own steps)."""
+        steps = self.steps[: rows if rows is not None else len(self.steps)]
+        return int((steps.max() - steps).sum()) if len(steps) else 0
+
+
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
@@ -65,7 +78,16 @@ class DecodeSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     eos_token_id: int | None = None
-    prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
+    # past the largest bucket: double it up to the model's context (see `prompt_buckets`). None: the default
+    # ladder extends, a list given by the caller is exact (its largest bucket is a limit the caller chose)
+    extend_buckets: bool | None = None
+
+    @property
+    def extends_buckets(self) -> bool:
+        if self.extend_buckets is None:
+            return tuple(self.prompt_buckets) == DEFAULT_PROMPT_BUCKETS
+        return self.extend_buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +103,22 @@ class DecodePlan:
         return (self.bucket, self.batch)
 
 
+def prompt_buckets(buckets, room: int) -> list[int]:
+    """The sizes a prompt may be padded to: the given buckets, then the largest one doubled while it stays under
+    `room` (the longest prompt the context holds), then `room` itself, so any prompt that fits the context has a
+    bucket and the compile count stays logarithmic in the prompt length."""
+    sizes = sorted(set(int(b) for b in buckets))
+    if room < 1:
+        return sizes
+    size = sizes[-1]
+    while size * 2 < room:
+        size *= 2
+        sizes.append(size)
+    if sizes[-1] < room:
+        sizes.append(room)
+    return sizes
+
+
 def plan_decode(settings: DecodeSettings, num_drafts: int, max_seq_len: int, prompt_lengths,
                 batch: int | None = None) -> DecodePlan:
     """The one rule for prompt buckets and cache length: the smallest bucket that holds the longest prompt, and
@@ -92,7 +130,13 @@ def plan_decode(settings: DecodeSettings, num_drafts: int, max_seq_len: int, pro
     if min(lengths) < 1:
         raise ValueError(f"empty prompt at row {lengths.index(min(lengths))}")
     longest = max(lengths)
-    bucket = next((size for size in sorted(settings.prompt_buckets) if size >= longest), None)
+    room = max_seq_len - settings.max_new_tokens - num_drafts - 1  # the longest prompt the context holds
+    sizes = (prompt_buckets(settings.prompt_buckets, room) if settings.extends_buckets
+             else sorted(settings.prompt_buckets))
+    bucket = next((size for size in sizes if size >= longest), None)
+    if bucket is None and settings.extends_buckets:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens {settings.max_new_tokens} + a block of "
+                         f"{num_drafts + 1} exceeds the model's context of {max_seq_len} tokens")
     if bucket is None:
         raise ValueError(f"prompt of {longest} tokens exceeds the largest bucket {max(settings.prompt_buckets)}")
     max_len = bucket + settings.max_new_tokens + num_drafts + 1
@@ -193,13 +237,25 @@ def _running(st: LoopState, max_steps: int) -> jax.Array:
 
 
 def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
-              tstate, dstate, prompt, prompt_len, key):
+              tstate, dstate, prompt, prompt_len, key, *, loop_shardings=None):
+    """Prefill, then the while_loop. `loop_shardings` (a `LoopState` of shardings, on a mesh) pins the loop
+    state's layout, so the carry — both caches included — keeps one sharding and is updated in place."""
     target = nnx.merge(tgraph, tstate)
     modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
-    st = _prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key)
+    pin = ((lambda s: jax.lax.with_sharding_constraint(s, loop_shardings)) if loop_shardings is not None
+           else (lambda s: s))
+    st = pin(_prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key))
     st = jax.lax.while_loop(lambda s: _running(s, settings.max_new_tokens),
-                            lambda s: _step(target, modules, drafter, settings, s), st)
+                            lambda s: pin(_step(target, modules, drafter, settings, s)), st)
     return st.out, st.n_out, st.accepted, st.prefill_finite
+
+
+def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len, seed, *,
+                     loop_shardings=None):
+    """`_generate` with the PRNG key made inside from an int32 seed (a plain array places on any mesh and
+    process; `jax.random.key(seed)` inside equals it outside)."""
+    return _generate(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len,
+                     jax.random.key(seed), loop_shardings=loop_shardings)
 
 
 class Generator:
@@ -207,13 +263,17 @@ class Generator:
 
     target: a `DeepseekV4`; drafter: a `Drafter` (None → autoregressive); drafter_modules: the drafter's NNX
     module(s) whose parameters travel as explicit state (None for drafters without parameters of their own).
+    mesh: run over a `jax.sharding.Mesh` (possibly spanning processes): parameters placed by the logical-axis
+    rules of `hdflash_jax.sharding` (a target restored into its shardings stays where it is), prompts, outputs
+    and the loop state — both caches — sharded over batch rows, the program compiled with these in/out shardings.
     """
 
     def __init__(self, target: DeepseekV4, drafter: Drafter | None = None, drafter_modules=None, *,
-                 settings: DecodeSettings):
+                 settings: DecodeSettings, mesh=None):
         self.cfg = target.cfg
         self.drafter = drafter if drafter is not None else NoDrafter()
         self.settings = settings
+        self.mesh = mesh
         check = getattr(self.drafter, "check_target", None)
         if check is not None:
             check(target.cfg)
@@ -226,6 +286,11 @@ class Generator:
             self.dgraph, self.dstate = nnx.split(drafter_modules)
         else:
             self.dgraph, self.dstate = None, None
+        if mesh is not None:
+            from hdflash_jax.sharding import shard_state
+
+            self.tstate = shard_state(self.tstate, mesh)
+            self.dstate = shard_state(self.dstate, mesh) if self.dstate is not None else None
         self._compiled = {}
         self.compile_count = 0
 
@@ -233,15 +298,56 @@ class Generator:
         """Bucket, batch and cache length of a generate call on prompts of these lengths (see `plan_decode`)."""
         return plan_decode(self.settings, self.drafter.num_drafts, self.cfg.max_seq_len, prompt_lengths, batch)
 
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _loop_shardings(self, plan: DecodePlan) -> LoopState:
+        """The loop state's shardings: every leaf's batch-row dimension over the mesh's row axes."""
+        target = nnx.merge(self.tgraph, self.tstate)
+        modules = nnx.merge(self.dgraph, self.dstate) if self.dgraph is not None else None
+        k, n = self.drafter.num_drafts, self.settings.max_new_tokens
+
+        def empty(b):
+            rows = lambda dt, *shape: jnp.zeros(shape, dt)  # noqa: E731
+            return LoopState(jnp.int32(0), jax.random.key(0), init_cache(self.cfg, b, plan.max_len, max_block=k + 1),
+                             self.drafter.init_state(target, modules, b, plan.max_len), rows(jnp.int32, b),
+                             rows(jnp.int32, b, n), rows(jnp.int32, b), rows(bool, b), rows(jnp.int32, n, b),
+                             rows(bool, b))
+
+        shardings = row_shardings(self.mesh, empty, plan.batch)
+        own = getattr(self.drafter, "state_shardings", None)  # a drafter that lays out its own state says so
+        if own is not None:
+            abstract = jax.eval_shape(lambda: self.drafter.init_state(target, modules, plan.batch, plan.max_len))
+            shardings = shardings._replace(drafter=own(self.mesh, abstract))
+        return shardings
+
+    def _io_shardings(self, plan: DecodePlan):
+        """(in_shardings, out_shardings) of the program: parameters where they are, rows of prompts/outputs."""
+        mesh, b = self.mesh, plan.batch
+        params = lambda st: jax.tree.map(lambda x: x.sharding, st) if st is not None else None  # noqa: E731
+        rep = rows_sharding(mesh, 1, 0)
+        ins = (params(self.tstate), params(self.dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep)
+        outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
+                rows_sharding(mesh, b, 1))
+        return ins, outs
+
     def _fn(self, plan: DecodePlan):
         if plan.shape not in self._compiled:
-            fn = functools.partial(_generate, self.tgraph, self.dgraph, self.drafter, self.settings, plan.max_len)
+            extra = {}
+            if self.mesh is not None:
+                extra = {"loop_shardings": self._loop_shardings(plan)}
+            fn = functools.partial(_generate_seeded, self.tgraph, self.dgraph, self.drafter, self.settings,
+                                   plan.max_len, **extra)
 
             def counted(*args):
                 self.compile_count += 1  # runs once per trace, i.e. per compilation
                 return fn(*args)
 
-            self._compiled[plan.shape] = jax.jit(counted)
+            if self.mesh is None:
+                self._compiled[plan.shape] = jax.jit(counted)
+            else:
+                ins, outs = self._io_shardings(plan)
+                self._compiled[plan.shape] = jax.jit(counted, in_shardings=ins, out_shardings=outs)
         return self._compiled[plan.shape]
 
     def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray, DecodePlan]:
@@ -256,10 +362,19 @@ class Generator:
             padded[r, : len(p)] = ids
         return padded, lengths, plan
 
-    def lower(self, prompts, seed: int = 0):
+    def _inputs(self, prompts, seed: int):
+        """The program's arguments: parameters, then prompts, lengths and seed (global arrays on a mesh)."""
         padded, lengths, plan = self.prepare(prompts)
-        return self._fn(plan).lower(
-            self.tstate, self.dstate, padded, lengths, jax.random.key(seed))
+        seed = np.int32(seed)
+        if self.mesh is not None:
+            ins, _ = self._io_shardings(plan)
+            padded, lengths, seed = (place(x, sh) for x, sh in zip((padded, lengths, seed), ins[2:]))
+        return plan, (self.tstate, self.dstate, padded, lengths, seed)
+
+    def lower(self, prompts, seed: int = 0):
+        plan, args = self._inputs(prompts, seed)
+        with self._mesh_context():
+            return self._fn(plan).lower(*args)
 
     def generate_host_loop(self, prompts, seed: int = 0) -> GenerateResult:
         """The same steps driven from Python, one jitted step per iteration (what the while_loop saves)."""
@@ -273,19 +388,19 @@ class Generator:
             step = lambda ts, ds, st: _step(*merged(ts, ds), self.drafter, self.settings, st)
             self._host_fns = (jax.jit(prefill, static_argnums=5), jax.jit(step))
         prefill, step = self._host_fns
-        st = prefill(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed),
-                     plan.max_len)
-        while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
-            st = step(self.tstate, self.dstate, st)
+        with self._mesh_context():
+            st = prefill(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed),
+                         plan.max_len)
+            while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
+                st = step(self.tstate, self.dstate, st)
         return self._result(st.out, st.n_out, st.accepted, st.prefill_finite)
 
     def generate(self, prompts, seed: int = 0) -> GenerateResult:
-        padded, lengths, plan = self.prepare(prompts)
-        fn = self._fn(plan)
-        return self._result(*fn(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths),
-                                jax.random.key(seed)))
+        plan, args = self._inputs(prompts, seed)
+        with self._mesh_context():
+            return self._result(*self._fn(plan)(*args))
 
     def _result(self, out_buf, n_out, acc_log, prefill_finite) -> GenerateResult:
-        acc_log = np.asarray(acc_log)
-        return GenerateResult(np.asarray(out_buf), np.asarray(n_out), acc_log, (acc_log >= 0).sum(0),
-                              self.drafter.num_drafts + 1, np.asarray(prefill_finite))
+        out_buf, n_out, acc_log, prefill_finite = to_host((out_buf, n_out, acc_log, prefill_finite))
+        return GenerateResult(out_buf, n_out, acc_log, (acc_log >= 0).sum(0), self.drafter.num_drafts + 1,
+                              prefill_finite)
