@@ -12,6 +12,9 @@ form, fit on 80% of the rows, accuracy of the argmax on the other 20%) reads tok
   streams      vec(H_p) (n·D = 512): all a compressor of the final streams can use
   dflash       DFlash's trained linear compressor on the tapped layers (D)
   layers       vec of the tapped layers' streams (K·n·D)
+  anchor       the target's embedding of token p + 1 alone (D): the drafter is given that token (the block's
+               anchor), so what a conditioning vector adds is read from `<name>+anchor` (both concatenated) on
+               p + 2.. against `anchor` alone
 
 If `streams` reads p + 2.. much better than `gate` while `dflash` (also D wide) keeps up with its inputs, the
 bottleneck is the gate's mixing, not the final streams or the width D.
@@ -62,7 +65,8 @@ def features(rows, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.
         h = out.streams
         lay = features_from_target(dcfg, out)
         b, t = tokens.shape
-        return {"gate": hd.reducer(h), "gate@init": target.collapse(h),
+        emb = target.embed_tokens(tokens)
+        return {"anchor": jnp.concatenate([emb[:, 1:], emb[:, -1:]], axis=1), "gate": hd.reducer(h), "gate@init": target.collapse(h),
                 "streams": h.reshape(b, t, -1), "dflash": df.reducer(lay), "layers": lay.reshape(b, t, -1)}
 
     feats: dict[str, list] = {}
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
     vocab = int(y.max()) + 1
     result = {"positions_train": int((~test).sum()), "positions_test": int(test.sum()), "rows": len(rows),
               "accuracy": {}}
+    for name in ("gate", "streams", "dflash", "layers"):
+        feats[f"{name}+anchor"] = np.concatenate([feats[name], feats["anchor"]], 1)
     print(f"{(~test).sum()} train / {test.sum()} test positions from {len(rows)} rows")
     print(f"{'features':10s} {'dim':>5s} " + " ".join(f"{'p+' + str(j):>7s}" for j in OFFSETS))
     for name, x in feats.items():
