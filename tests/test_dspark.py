@@ -93,6 +93,7 @@ def test_sampled_seeded_and_rows_independent(target):
     assert (a.tokens >= 0).sum() == a.lengths.sum() and np.all(a.lengths == 24)
 
 
+@pytest.mark.slow
 def test_eval_run_dspark_checkpoint(tmp_path):
     """`eval.run --drafter dspark=CKPT` on tiny-random: the DSpark method runs, B = 5 slots verify 6 wide, greedy
     outputs equal AR's (recorded in results.json)."""

@@ -26,7 +26,7 @@ def setup():
     target = init_target(MICRO, seed=1)
     drafter = init_dspark_from_target(target, DCFG, seed=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, MICRO.vocab_size - 1, (2, L)), jnp.int32)
-    out = forward_full(target, tokens, return_layers=DCFG.target_layer_ids)
+    out = nnx.jit(lambda t, x: forward_full(t, x, return_layers=DCFG.target_layer_ids))(target, tokens)
     return target, drafter, tokens, out
 
 
@@ -34,16 +34,19 @@ def test_training_pass_equals_inference_per_block(setup):
     target, drafter, tokens, out = setup
     anchors = jnp.array([[3, 9, 14, 21], [0, 5, 12, 20]], jnp.int32)  # 14, 20, 21: windows cut the context
     keep = jnp.ones(anchors.shape, bool)
-    tr = train_forward(drafter, target.embed_tokens, target.head_logits, out.layer_streams, tokens, anchors, keep,
-                       jnp.ones(tokens.shape, bool))
-    feats = drafter.pool(out.layer_streams)
+    tr = nnx.jit(lambda d, t, s: train_forward(d, t.embed_tokens, t.head_logits, s, tokens, anchors, keep,
+                                               jnp.ones(tokens.shape, bool)))(drafter, target, out.layer_streams)
+
+    @nnx.jit
+    def infer(d, t, streams, a):
+        cache = extend_dspark_cache(d, d.pool(streams), a, init_dspark_cache(d, 2))
+        x = draft_hidden(d, t.embed_tokens, jnp.take_along_axis(tokens, a[:, None], 1)[:, 0], cache,
+                         DCFG.block_size)
+        return d.base_logits(t.head_logits, x)
+
     worst = 0.0
     for n in range(anchors.shape[1]):
-        a = anchors[:, n]
-        cache = extend_dspark_cache(drafter, feats, a, init_dspark_cache(drafter, 2))
-        x = draft_hidden(drafter, target.embed_tokens, jnp.take_along_axis(tokens, a[:, None], 1)[:, 0], cache,
-                         DCFG.block_size)
-        base = np.asarray(drafter.base_logits(target.head_logits, x))
+        base = np.asarray(infer(drafter, target, out.layer_streams, anchors[:, n]))
         worst = max(worst, float(np.abs(base - np.asarray(tr["base"][:, n])).max() / np.abs(base).max()))
     print(f"\ntraining pass vs inference path, base logits: relative error {worst:.2e}")
     assert worst <= 1e-5
@@ -79,6 +82,7 @@ def test_loss_matches_numpy():
     assert 1.0 <= float(metrics["tau_expected"]) <= 5.0
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(setup):
     import optax
 
