@@ -93,7 +93,7 @@ class LossSection:
     kl_alpha: float = 0.1
     kl_slots: int = 2
     kl_temperature: float = 1.0
-    vocab_chunk: int = 16384  # vocabulary rows per chunk of the loss (no [b, N, B, V] logits); 0: full logits
+    vocab_chunk: int = 8192  # vocabulary rows per chunk of the loss (no [b, N, B, V] logits); 0: full logits
     kind: str = "decayed_ce_kl"  # the loss function (train.losses.LOSS_FUNCTIONS)
 
     def __post_init__(self):

@@ -54,7 +54,7 @@ class LossConfig:
     kl_alpha: float = 0.1
     kl_slots: int = 2  # P: KL on slots 1..P
     kl_temperature: float = 1.0
-    vocab_chunk: int = 16384  # vocabulary rows per step of the chunked loss; 0: full logits (the reference)
+    vocab_chunk: int = 8192  # vocabulary rows per step of the chunked loss (at most); 0: full logits (the reference)
     kind: str = "decayed_ce_kl"  # a key of LOSS_FUNCTIONS
 
     def __post_init__(self):
@@ -207,9 +207,13 @@ def _chunk_step(hidden, teacher_hidden, labels, cfg: LossConfig, vocab: int):
 
 
 def _head_chunks(head, chunk: int):
-    """head [V, D] → ([n, chunk, D] zero-padded, first rows [n])."""
+    """head [V, D] → ([n, c, D], first rows [n]): c the largest divisor of V in [chunk/2, chunk] (no padded copy
+    of the head), else c = chunk and the last chunk zero-padded."""
     v = head.shape[0]
+    chunk = next((c for c in range(chunk, (chunk + 1) // 2 - 1, -1) if v % c == 0), chunk)
     n = -(-v // chunk)
+    if n * chunk == v:
+        return head.reshape(n, chunk, head.shape[1]), jnp.arange(n, dtype=jnp.int32) * chunk
     padded = jnp.pad(head, ((0, n * chunk - v), (0, 0)))
     return padded.reshape(n, chunk, head.shape[1]), jnp.arange(n, dtype=jnp.int32) * chunk
 
