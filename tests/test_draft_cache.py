@@ -144,6 +144,13 @@ def test_sharded_cache_matches_unsharded(setup):
         placed = jax.device_put(cache, sh)
         got, got_cache = jax.jit(step, donate_argnums=(4,))(state, f, n, a, placed)
     assert got_cache["cond"].sharding.spec == sh["cond"].spec
+    # the decoder's drafter state starts on the same sharding
+    from hdflash_jax.decode.drafters import BlockDrafterAdapter
+
+    adapter = BlockDrafterAdapter(cfg, num_drafts=cfg.block_size - 1)
+    with jax.set_mesh(mesh):
+        fresh = jax.jit(lambda: adapter.init_state(None, None, b, MAX_LEN - 2))()["cache"]
+    assert fresh["cond"].sharding.spec == sh["cond"].spec and fresh["length"].sharding.spec == sh["length"].spec
     np.testing.assert_allclose(got, want, **TOL)
     np.testing.assert_allclose(got_cache["cond"], want_cache["cond"], **TOL)  # the sharded reducer sums in another order
 

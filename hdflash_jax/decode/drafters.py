@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
+from hdflash_jax.drafter.cache import constrain_draft_cache
 from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.deepseek_v4.cache import init_cache
@@ -130,8 +131,10 @@ def _choose(logits, key, sampled: bool, temperature: float):
 class BlockDrafterAdapter:
     """HyperDFlash / vanilla DFlash: one non-causal pass over [anchor, mask × K] per step.
 
-    The drafter's context cache holds the reduced target features of committed positions; `observe` appends the
-    positions a verify step committed, `propose` drafts from it without changing it.
+    The drafter's context cache holds what `DrafterConfig.draft_cache` keeps of committed positions (by default the
+    reduced feature c); `observe` appends the positions a verify step committed, `propose` drafts from it without
+    changing it. Under a mesh the cache is pinned to `drafter.cache.draft_cache_shardings` (rows over
+    data/fsdp/expert, features over tensor).
     """
     cfg: DrafterConfig
     num_drafts: int
@@ -148,7 +151,7 @@ class BlockDrafterAdapter:
             raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
 
     def init_state(self, target, modules, batch, max_len):
-        return {"cache": init_draft_cache(self.cfg, batch, max_len)}
+        return {"cache": constrain_draft_cache(init_draft_cache(self.cfg, batch, max_len))}
 
     def observe(self, target, modules, state, out, n_valid, next_tokens):
         feats = features_from_target(self.cfg, out)
