@@ -307,9 +307,6 @@ def _expert_parallel(x, idx, w, experts: Experts, cfg: TargetConfig):
     summed = tuple(a for a in (ex, tp) if a)
 
     def local(x, idx, w, w1, w3, w2):
-        # Ties the expert weights to this layer's tokens: whatever a backend derives from them (XLA:CPU's fp32
-        # copies for its bf16 dots) cannot be scheduled before the layer runs, so one layer's copies live at once.
-        x, w1, w3, w2 = jax.lax.optimization_barrier((x, w1, w3, w2))
         first = jax.lax.axis_index(ex) * n_local if ex else 0
         out, dropped = _token_chunks(x, idx, w, w1, w3, w2, first=first, cfg=cfg, seq=seq,
                                        ways=sizes[seq] if seq else 1, summed=summed)
