@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from eval.errors import UsageError, log
-from eval.methods import METHOD_NAME, is_builtin
+from eval.methods import METHOD_NAME, dspark_checkpoint_source, is_builtin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,9 @@ def _small(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     spec = _checkpoint_target(root / "target", tokenizer or str(root / "tokenizer"), chat_template)
     drafters = {}
     for d in sorted((root / "drafters").iterdir()) if (root / "drafters").is_dir() else []:
-        if (d / "drafter_config.json").is_file():
+        if (d / "dspark_config.json").is_file():
+            drafters[d.name] = dspark_checkpoint_source(d.name, d)
+        elif (d / "drafter_config.json").is_file():
             drafters[d.name] = DrafterSource(d.name, str(d), load_drafter_config(d),
                                              lambda target, seed, d=d: load_drafter(d, target.cfg)[1], trained=True)
     return dataclasses.replace(spec, name="small", drafters=drafters)
@@ -135,8 +137,10 @@ def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str | N
         tok = load_tokenizer(tokenizer, chat_template)
     except (OSError, ValueError) as e:
         raise UsageError(f"--tokenizer: {e}") from None
+    # a converted DSpark checkpoint carries its drafter beside the target (convert/torch_to_flax.py)
+    dspark = {"dspark": dspark_checkpoint_source("dspark", path / "dspark", cfg)} if (path / "dspark").is_dir() else {}
     return TargetSpec(name=path.name, origin=str(path), config=cfg, load=lambda seed: load_params(path)[1],
-                      tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1])
+                      drafters=dspark, tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1])
 
 
 def resolve_target(name: str, tokenizer: str | None = None, chat_template: str | None = None) -> TargetSpec:
@@ -175,6 +179,12 @@ def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, Drafter
         if name in out:
             raise UsageError(f"--drafter: {name!r} given twice")
         p = Path(path)
+        if (p / "dspark_config.json").is_file():
+            try:
+                out[name] = dspark_checkpoint_source(name, p, target_cfg)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--drafter {name}: {e}") from None
+            continue
         try:
             dcfg = load_drafter_config(p)
             dcfg.check_target(target_cfg, where=f"drafter {p}")
