@@ -70,7 +70,8 @@ def _attend_fns(how: TrainAttention, anchors, keep, s: int, bs: int, scale: floa
     if how.impl == "dense":
         mask = training_mask(anchors, s, bs, keep)
         return lambda ck, cv: concat_attend(ck, cv, mask, scale)
-    layout = SparseLayout(bs, how.q_blocks, how.k_chunk)
+    n = anchors.shape[1]
+    layout = SparseLayout(bs, min(how.q_blocks, n), min(how.k_chunk, s))  # no padding past the real sizes
     return lambda ck, cv: (lambda q, k, v: block_sparse_attention(q, k, v, ck.astype(k.dtype), cv.astype(v.dtype),
                                                                   anchors, keep, scale, layout))
 
