@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--moe-dispatch", default=None, help="override the config's moe_dispatch (tiny: auto = dense)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -43,6 +44,8 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = get_preset("tiny").replace(n_mtp_layers=0, compress_ratios=get_preset("tiny").layer_ratios)
+    if args.moe_dispatch:
+        cfg = cfg.replace(moe_dispatch=args.moe_dispatch)
     hf = make_hf_model(cfg, seed=0)
     model = init_target(cfg)
     load_hf_into(model, hf)
@@ -85,7 +88,7 @@ def main(argv=None):
     jax_total = _best(decode, args.repeats)
     jax_decode_tok_s = b * n / max(jax_total - jax_prefill, 1e-9)
     figures = {
-        "config": "tiny", "batch": b, "prompt_len": p, "new_tokens": n,
+        "config": "tiny", "moe_dispatch": cfg.moe_dispatch, "batch": b, "prompt_len": p, "new_tokens": n,
         "transformers_prefill_tok_s": b * p / hf_prefill, "jax_prefill_tok_s": b * p / jax_prefill,
         "transformers_decode_tok_s": hf_decode_tok_s, "jax_decode_tok_s": jax_decode_tok_s,
         "decode_speedup": jax_decode_tok_s / hf_decode_tok_s, "prefill_speedup": hf_prefill / jax_prefill,
