@@ -173,3 +173,15 @@ def test_overflow_with_token_chunks_over_the_sequence_axis(monkeypatch):
     out, dropped = _run(_skewed(CFG.replace(moe_dispatch="expert_parallel")), x, ids, make_mesh({"expert": 8}))
     assert int(dropped) == 0
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_tokens_that_do_not_split_over_the_expert_axis():
+    """3 tokens on expert=8 (a one-token decode step is the same case): tokens stay whole on every device, the
+    partial outputs are summed over the expert axis; skewed routing, still equal to dense."""
+    rng = np.random.RandomState(9)
+    x = jnp.asarray(rng.randn(1, 3, CFG.dim).astype(np.float32))
+    ids = jnp.asarray(rng.randint(0, CFG.vocab_size, (1, 3)))
+    ref, _ = _run(_skewed(CFG.replace(moe_dispatch="dense")), x, ids)
+    out, dropped = _run(_skewed(CFG.replace(moe_dispatch="expert_parallel")), x, ids, make_mesh({"expert": 8}))
+    assert int(dropped) == 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
