@@ -76,6 +76,7 @@ def test_chunked_equals_dense_reference(setup, kind):
     full = _extend(d, feats[:, :T], jnp.array([7, 7, 7]), _filled(cfg, d, feats, steps, kind))
     ref_full = _extend(d, feats[:, :T], jnp.array([7, 7, 7]), _filled(cfg, d, feats, steps, "kv"))
     assert int(full["length"].max()) > MAX_LEN
+    np.testing.assert_allclose(_block(d, io, anchors, full)[1], _dense(d, io, anchors, ref_full)[1], **TOL)
     full = set_committed_length(full, jnp.array([MAX_LEN, 21, 17]))
     ref_full = set_committed_length(ref_full, jnp.array([MAX_LEN, 21, 17]))
     np.testing.assert_allclose(_block(d, io, anchors, full)[1], _dense(d, io, anchors, ref_full)[1], **TOL)

@@ -218,7 +218,7 @@ def cache_attend(layer, index: int, cache: dict, chunk: int, scale: float) -> Ca
                 valid = (key_pos[None, :] >= lo) & (key_pos[None, :] < length[:, None])
                 return _merge(acc, _partial(qg, ck, cv, valid, scale))
 
-            n_steps = (jnp.max(length) + c - 1) // c
+            n_steps = jnp.minimum((jnp.max(length) + c - 1) // c, -(-max_len // c))  # a length past max_len: all
             acc = jax.lax.fori_loop(0, n_steps, step, init)
         acc = _merge(acc, _partial(qg, k, v, None, scale))
         out = acc.o / _frame(acc.l)
