@@ -140,3 +140,19 @@ def test_hlo_size_flat_in_depth():
     assert per_layer > 0
     print("hlo chars: scanned 6 layers", short, "scanned 14 layers", long_, "unrolled 6 layers", unrolled)
     assert long_ - short < per_layer, (short, long_, unrolled)
+
+
+@pytest.mark.slow
+def test_generate_with_mtp_same_tokens_scanned_or_unrolled():
+    """End to end: greedy MTP-3 speculative decoding (draft, verify, rollback every step) emits the same tokens
+    and accepts the same drafts per step with the scanned target as with the unrolled one."""
+    from hdflash_jax.decode.drafters import MTPDrafter
+    from hdflash_jax.decode.generate import DecodeSettings, Generator
+
+    prompts = [[3, 5, 7, 2, 9, 11, 4, 8, 6], [12, 3, 3, 40, 7]]
+    settings = DecodeSettings(max_new_tokens=24, prompt_buckets=(16,))
+    res = [Generator(init_target(cfg, seed=6), MTPDrafter(3), settings=settings).generate(prompts)
+           for cfg in (CFG, CFG.replace(scan_layers=False))]
+    np.testing.assert_array_equal(res[0].tokens, res[1].tokens)
+    np.testing.assert_array_equal(res[0].accepted, res[1].accepted)
+    assert (res[0].lengths == 24).all()
