@@ -128,6 +128,14 @@ def test_long_inputs_run_in_token_chunks(monkeypatch):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
 
 
+@pytest.fixture
+def overflow_always(monkeypatch):
+    """Small inputs normally get a slot per token (no overflow possible); these tests need the capacity pass."""
+    from hdflash_jax.deepseek_v4 import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "WHOLE_SLOTS_UP_TO", 0)
+
+
 def _skewed(cfg, seed=6):
     """Every token routed to experts 0 and 1 (a score-correction bias only chooses; weights stay the scores'):
     each of them receives every token, far past the main pass's ceil(1.25 · N · k / E) slots."""
@@ -139,7 +147,7 @@ def _skewed(cfg, seed=6):
 
 
 @pytest.mark.parametrize("shape", [None, {"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}])
-def test_exact_default_runs_the_overflow_and_equals_dense(shape):
+def test_exact_default_runs_the_overflow_and_equals_dense(shape, overflow_always):
     """No capacity (the default): the assignments past the main pass run in overflow blocks, nothing dropped,
     equal to the dense dispatch; the same routing with a capacity drops (so the overflow path really ran)."""
     from hdflash_jax.deepseek_v4.moe import _slots
@@ -159,7 +167,7 @@ def test_exact_default_runs_the_overflow_and_equals_dense(shape):
     assert float(np.abs(np.asarray(capped) - np.asarray(ref)).max()) > 1e-2 * float(np.abs(ref).max())
 
 
-def test_overflow_with_token_chunks_over_the_sequence_axis(monkeypatch):
+def test_overflow_with_token_chunks_over_the_sequence_axis(monkeypatch, overflow_always):
     """Skewed routing, chunks of 16 gathered tokens (2 per expert-axis device) over 48 tokens, several overflow
     passes per chunk (one block per pass): still equal to dense."""
     from hdflash_jax.deepseek_v4 import moe as moe_module
@@ -185,3 +193,11 @@ def test_tokens_that_do_not_split_over_the_expert_axis():
     out, dropped = _run(_skewed(CFG.replace(moe_dispatch="expert_parallel")), x, ids, make_mesh({"expert": 8}))
     assert int(dropped) == 0
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_small_calls_get_a_slot_per_token():
+    from hdflash_jax.deepseek_v4.moe import WHOLE_SLOTS_UP_TO, _slots
+
+    cfg = CFG.replace(moe_dispatch="expert_parallel")
+    assert _slots(cfg, 16) == 16 and _slots(cfg, WHOLE_SLOTS_UP_TO) == WHOLE_SLOTS_UP_TO
+    assert _slots(cfg, 2048) == 640 and _slots(cfg.replace(moe_capacity=1.0), 16) == 4

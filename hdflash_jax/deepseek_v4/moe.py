@@ -237,13 +237,17 @@ def _overflow_blocks(out, xz, group, rank, overflow, token, flat_w, counts, w1, 
 
 def _slots(cfg: TargetConfig, n_tokens: int) -> int:
     """Main-pass slots per expert: ceil(capacity · tokens · k / E); the exact default (capacity 0) sizes them
-    with EXACT_CAPACITY and sends what does not fit through the overflow blocks."""
+    with EXACT_CAPACITY and sends what does not fit through the overflow blocks, except for small calls (decode,
+    verify: up to WHOLE_SLOTS_UP_TO tokens), which are bound by reading the weights: a slot per token, no overflow."""
+    if cfg.moe_capacity == 0 and n_tokens <= WHOLE_SLOTS_UP_TO:
+        return n_tokens
     capacity = cfg.moe_capacity or EXACT_CAPACITY
     want = math.ceil(capacity * n_tokens * cfg.n_activated_experts / cfg.n_routed_experts)
     return max(1, min(n_tokens, want))
 
 
 EXACT_CAPACITY = 1.25  # main-pass slots of the exact (no-drop) default, in units of the balanced load
+WHOLE_SLOTS_UP_TO = 128  # exact default: chunks of at most this many tokens get a slot per token (never overflow)
 TOKEN_CHUNK = 2048  # tokens per slot-buffer pass: bounds the buffers [E_local, slots <= chunk, D] on long prompts
 
 
