@@ -40,21 +40,3 @@ def abstract(tree, shardings):
     import jax
 
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def cache_shardings(mesh, cache):
-    """Rows over the data-parallel axes when they divide the batch; everything else replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from hdflash_jax.sharding import batch_sharding
-
-    def one(x):
-        s = batch_sharding(mesh, x.ndim)
-        lead = s.spec[0]
-        size = 1
-        for a in (lead if isinstance(lead, tuple) else (lead,) if lead else ()):
-            size *= mesh.shape[a]
-        return s if x.shape[0] % size == 0 else NamedSharding(mesh, P())
-
-    return jax.tree.map(one, cache)

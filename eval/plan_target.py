@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eval.plan_common import Program, abstract, abstract_target, batch_ways, cache_shardings
+from eval.plan_common import Program, abstract, abstract_target, batch_ways
 
 
 def build(name, cfg, args, mesh) -> Program:
@@ -12,7 +12,7 @@ def build(name, cfg, args, mesh) -> Program:
     from flax import nnx
 
     from hdflash_jax.deepseek_v4.cache import init_cache
-    from hdflash_jax.sharding import batch_sharding
+    from hdflash_jax.sharding import batch_sharding, row_shardings
 
     graph, state, n_active = abstract_target(cfg, mesh)
     active = 2.0 * n_active * args.batch * args.seq / mesh.size
@@ -23,8 +23,10 @@ def build(name, cfg, args, mesh) -> Program:
         max_len = args.context or (s if name == "prefill" else 2 * s)
         if name == "verify":
             max_len = max_len + s if args.context else max_len
-        cache = jax.eval_shape(lambda: init_cache(cfg, b, max_len, max_block=s if name == "verify" else 1))
-        cache = abstract(cache, cache_shardings(mesh, cache))
+        mb = s if name == "verify" else 1
+        cache = jax.eval_shape(lambda: init_cache(cfg, b, max_len, max_block=mb))
+        # rows sharded wherever they sit (under scan a cache leaf leads with the unit axis, not the rows)
+        cache = abstract(cache, row_shardings(mesh, lambda bb: init_cache(cfg, bb, max_len, max_block=mb), b))
 
         chunk = getattr(args, "chunk", None)
         if name == "prefill" and chunk:  # the chunked program: one fori_loop of chunk-token cache extensions

@@ -83,6 +83,6 @@ def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {PARAMS_DIR}/)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-process runs)
     graphdef, state = restore_strict(params, abstract_drafter(cfg), "a drafter", lambda key, var: device)
     return cfg, nnx.merge(graphdef, state)
