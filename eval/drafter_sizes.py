@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from hdflash_jax.config import PRESETS, DrafterConfig, get_preset
+from hdflash_jax.drafter.cache import draft_cache_bytes_per_token
 from hdflash_jax.drafter.model import abstract_drafter, count_params
 from hdflash_jax.fileio import atomic_write_text
 
@@ -50,7 +51,7 @@ def sizes(cfg: DrafterConfig) -> dict:
         "total_bytes": _bytes(nnx.state(m, nnx.Param)),
         # what one committed context position costs
         "ctx_feature_bytes_per_token": cfg.n_feature_layers * cfg.hc_mult * cfg.dim * _BYTES[cfg.dtype],
-        "draft_cache_bytes_per_token": cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * _BYTES[cfg.dtype],
+        "draft_cache_bytes_per_token": draft_cache_bytes_per_token(cfg),  # cfg.draft_cache's layout
     }
     return out
 
