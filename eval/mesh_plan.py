@@ -106,7 +106,12 @@ def _config(args):
         if name not in fields:
             raise SystemExit(f"--override: unknown TargetConfig field {name!r}")
         current = getattr(cfg, name)
-        changes[name] = type(current)(value) if not isinstance(current, tuple) else current
+        if isinstance(current, bool):  # bool("False") is True: read the word
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--override {name}: expected true or false, got {value!r}")
+            changes[name] = value.lower() in ("true", "1")
+        else:
+            changes[name] = type(current)(value) if not isinstance(current, tuple) else current
     try:
         return cfg.replace(**changes)
     except ValueError as e:

@@ -35,6 +35,7 @@ def test_prefill_plan_json_and_linear_attention_memory(tmp_path, capsys):
     (["--mesh", "expert=64"], "needs 64 devices"),
     (["--layers", "9"], "--layers"),
     (["--override", "attention_impl=flash"], "attention_impl"),
+    (["--override", "scan_layers=maybe"], "expected true or false"),
     (["--preset", "nope"], "--preset"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message):
