@@ -12,6 +12,7 @@ from hdflash_jax.config import TargetConfig, get_preset
 from hdflash_jax.deepseek_v4 import mhc
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.deepseek_v4.model import abstract_target, forward_full, init_target
+from hdflash_jax.deepseek_v4.scan import layer_caches, layer_plan
 from tests.hf_reference import hf_logits, load_hf_into, make_hf_model
 
 TINY = get_preset("tiny").replace(n_mtp_layers=0, compress_ratios=(0, 4, 8, 4, 8, 4))
@@ -85,8 +86,10 @@ def test_per_layer_pieces_match_transformers(pair):
     t = tokens.shape[1]
     positions = jnp.arange(t, dtype=jnp.int32)[None]
     start, n_new = jnp.zeros((1,), jnp.int32), jnp.full((1,), t, jnp.int32)
-    cache = init_cache(cfg, 1, t, max_block=1)
-    for i, layer in enumerate(model.layers):
+    layer_cache = layer_caches(init_cache(cfg, 1, t, max_block=1), layer_plan(cfg))  # canonical order
+    assert len(layer_cache) == cfg.n_layers
+    for i in range(cfg.n_layers):
+        layer = model.block(i)  # every layer, scanned ones included
         for site, hc in (("attn_hc", layer.hc_attn), ("ffn_hc", layer.hc_ffn)):
             (streams,), _, (post_ref, comb_ref, x_ref) = seen[f"{i}.{site}"]
             x, post, comb = mhc.hc_pre(jnp.asarray(streams.numpy()), hc.fn[...], hc.base[...], hc.scale[...],
@@ -105,7 +108,7 @@ def test_per_layer_pieces_match_transformers(pair):
         # attention on the same normed input
         attn_in = seen[f"{i}.self_attn"][1]["hidden_states"] if "hidden_states" in seen[f"{i}.self_attn"][1] \
             else seen[f"{i}.self_attn"][0][0]
-        out, _ = layer.attn(jnp.asarray(attn_in.numpy()), positions, start, n_new, cache["layers"][i])
+        out, _ = layer.attn(jnp.asarray(attn_in.numpy()), positions, start, n_new, layer_cache[i])
         assert _rel(out, attn_out.numpy()) < 1e-5, f"attention layer {i}"
         # MoE on the same normed input and token ids
         mlp_args, mlp_kwargs, mlp_out = seen[f"{i}.mlp"]
