@@ -109,3 +109,63 @@ def test_a_few_steps_lower_the_loss(setup):
         losses.append(float(loss))
     print(f"\nDSpark loss over 12 Adam steps: {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path):
+    """`drafter.kind: dspark` through the drafter trainer (train.drafter.run): DeepSpec's loss falls over the run, the
+    export is a DSpark checkpoint eval.run loads, and its params are the trained state's."""
+    import json
+
+    from hdflash_jax.checkpoint import save_params
+    from hdflash_jax.dspark.checkpoint import load_dspark
+    from train.drafter import load_config, load_run_params, run
+
+    target = nnx.jit(lambda: init_target(MICRO, seed=1))()
+    save_params(tmp_path / "target", target, MICRO)
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for _ in range(32):  # a learnable language: responses repeat a short motif
+            motif = "".join(rng.choice(list("abcd"), 3))
+            f.write(json.dumps({"prompt": "q " + motif, "response": motif * 6}) + "\n")
+    cfg = load_config(data={
+        "out_dir": str(tmp_path / "run"), "target": {"checkpoint": str(tmp_path / "target")},
+        "drafter": {"kind": "dspark", "overrides": {"target_layer_ids": [1, 2], "n_blocks": 1, "markov_rank": 8,
+                                                     "n_routed_experts": 4, "n_activated_experts": 2}},
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_len": 32, "num_anchors": 4},
+        "train": {"global_batch": 4, "steps": 16, "block_size": 3},
+        "optim": {"lr": 1e-2, "warmup_frac": 0.0, "end_lr_frac": 1.0},
+        "checkpoint": {"every": 16}, "eval": {"every": 0, "at_start": False},
+        "log": {"every": 1, "progress": False, "tensorboard": False}})
+    from hdflash_jax.sharding import make_mesh
+
+    summary = run(cfg, make_mesh({"data": 1}, jax.devices()[:1]))
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    print(f"\nDSpark through the drafter trainer: loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}")
+    assert summary["steps"] == 16 and len(recs[-1]["acc"]) == 3
+    assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3])  # a random target: the TV term falls slowly
+    dcfg, drafter = load_dspark(tmp_path / "run" / "drafter", MICRO)
+    assert dcfg.block_size == 3 and dcfg.target_layer_ids == (1, 2) and dcfg.noise_token_id == MICRO.vocab_size - 1
+    _, params = load_run_params(tmp_path / "run")
+    exported = nnx.to_flat_state(nnx.state(drafter, nnx.Param))
+    trained = {tuple(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(params).items()}
+    assert len(trained) == len(exported)
+    for path, var in exported:
+        want = np.asarray(trained[tuple(map(str, path))]).astype(var[...].dtype)
+        np.testing.assert_array_equal(np.asarray(var[...]), want)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"drafter": {"kind": "medusa"}}, "drafter.kind: must be one of block, dspark; got 'medusa'"),
+    ({"drafter": {"kind": "dspark", "overrides": {"reducer": "gated"}}},
+     "drafter.overrides.reducer: unknown key (not a DSparkConfig field)"),
+    ({"drafter": {"kind": "dspark", "preset": "tiny-hyperdflash"}}, "drafter.preset: DSpark drafters have no presets"),
+    ({"dspark_loss": {"tv_weight": -1}}, "dspark_loss.tv_weight: must be >= 0, got -1.0"),
+])
+def test_dspark_training_config_errors_name_the_key(data, message):
+    from train.config import ConfigError
+    from train.drafter import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data)
+    assert str(e.value) == message

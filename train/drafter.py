@@ -1,4 +1,5 @@
-"""Distributed training of a block drafter (HyperDFlash / vanilla DFlash) against a frozen DeepSeek-V4 target.
+"""Distributed training of a drafter (HyperDFlash / vanilla DFlash, or DSpark with `drafter.kind: dspark`) against a
+frozen DeepSeek-V4 target.
 
     python -m train.drafter --config FILE [--override key=value ...] [--mesh data=2,fsdp=2,tensor=2]
         [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto] [--cpu-devices N]
@@ -32,6 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from hdflash_jax.drafter.checkpoint import save_drafter
+from hdflash_jax.dspark.checkpoint import save_dspark
 from hdflash_jax.fileio import atomic_write_text
 from train.checkpointing import Checkpointer
 from train.config import ConfigError, to_dict
@@ -147,7 +149,9 @@ def run(cfg: DrafterRunConfig, mesh=None, *, target=None) -> dict:
     trainer = Trainer(cfg, mesh, target=target)
     source, batches, total = trainer.dataset()
     trainer.setup_optimizer(total)
-    log(f"drafter {trainer.dcfg.conditioning}/{trainer.dcfg.reducer}, B={trainer.block_size}, "
+    design = ("dspark/" + trainer.dcfg.pooling if trainer.is_dspark
+              else f"{trainer.dcfg.conditioning}/{trainer.dcfg.reducer}")
+    log(f"drafter {design}, B={trainer.block_size}, "
         f"{trainer.n_params:,} trainable params; {len(source)} records, {total} steps of global batch "
         f"{trainer.global_batch}; mesh {dict(trainer.mesh.shape)}, {jax.process_count()} process(es), "
         f"rows {rows_str(trainer.rows)} here")
@@ -200,7 +204,8 @@ def _export(trainer: Trainer, params, out_dir: Path) -> None:
         log("note: export_drafter skipped with several processes (train.drafter.load_run_params reads the "
             "latest checkpoint's params)")
         return
-    save_drafter(out_dir / "drafter", trainer.drafter_module(params), trainer.dcfg, overwrite=True)
+    save = save_dspark if trainer.is_dspark else save_drafter
+    save(out_dir / "drafter", trainer.drafter_module(params), trainer.dcfg, overwrite=True)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
 from train.config import CheckpointConfig, LogConfig, OptimConfig, check, check_fields_of, load
+from train.dspark_loss import DSparkLossConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,16 +29,27 @@ class TargetSection:
         object.__setattr__(self, "overrides", check_fields_of(self.overrides, TargetConfig, "overrides"))
 
 
+DRAFTER_KINDS = ("block", "dspark")
+
+
 @dataclasses.dataclass(frozen=True)
 class DrafterSection:
-    """A drafter preset, or None: `DrafterConfig.for_target(target, **overrides)`; `init_from_target` copies the
-    target's hc_head into the gate and its final norm."""
+    """`kind` "block" (HyperDFlash / vanilla DFlash): a drafter preset, or None: `DrafterConfig.for_target(target,
+    **overrides)`; `init_from_target` copies the target's hc_head into the gate and its final norm. `kind` "dspark":
+    `DSparkConfig.for_target(target, mask_id, **overrides)` (DSparkConfig fields; no presets), trained with the
+    `dspark_loss` section; `init_from_target` copies hc_head (and the gated pooling's gates) and the final norm."""
+    kind: str = "block"
     preset: str | None = None
     overrides: dict = dataclasses.field(default_factory=dict)
     init_from_target: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "overrides", check_fields_of(self.overrides, DrafterConfig, "overrides"))
+        from hdflash_jax.dspark.config import DSparkConfig
+
+        check(self.kind in DRAFTER_KINDS, "kind", f"must be one of {', '.join(DRAFTER_KINDS)}; got {self.kind!r}")
+        check(self.kind == "block" or self.preset is None, "preset", "DSpark drafters have no presets")
+        fields_of = DSparkConfig if self.kind == "dspark" else DrafterConfig
+        object.__setattr__(self, "overrides", check_fields_of(self.overrides, fields_of, "overrides"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +149,8 @@ class DrafterRunConfig:
     drafter: DrafterSection = DrafterSection()
     data: DrafterData = DrafterData()
     train: DrafterTrain = DrafterTrain()
-    loss: LossSection = LossSection()
+    loss: LossSection = LossSection()  # the block drafters' loss
+    dspark_loss: DSparkLossConfig = DSparkLossConfig()  # drafter.kind "dspark": DeepSpec's loss
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalSection = EvalSection()

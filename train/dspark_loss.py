@@ -18,10 +18,18 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class DSparkLossConfig:
+    """The `dspark_loss` section of a drafter training config (train.drafter_config)."""
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     confidence_weight: float = 0.0  # > 0 trains the confidence head too
-    gamma: float = 4.0
+    gamma: float = 4.0  # <= 0: uniform slot weights
+
+    def __post_init__(self):
+        from train.config import check
+
+        for f in ("ce_weight", "tv_weight", "confidence_weight"):
+            check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+        check(self.ce_weight + self.tv_weight > 0, "ce_weight", "ce_weight + tv_weight must be > 0")
 
 
 def slot_weights(eval_mask, gamma: float):
@@ -39,15 +47,20 @@ def dspark_loss(out: dict, target_logits, cfg: DSparkLossConfig):
     logq = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logq, out["targets"][..., None], axis=-1)[..., 0]
     ce_loss = jnp.sum(ce * w) / den
-    loss, metrics = cfg.ce_weight * ce_loss, {"ce": ce_loss}
+    # per slot: teacher-forced top-1 accuracy of the Markov-corrected logits where slots 0..j are supervised
+    m = out["eval_mask"].astype(jnp.float32)
+    hit = (jnp.argmax(out["logits"], axis=-1) == out["targets"]).astype(jnp.float32) * m
+    flat = m.shape[-1]
+    count = jnp.sum(m.reshape(-1, flat), axis=0)
+    acc = jnp.sum(hit.reshape(-1, flat), axis=0) / jnp.maximum(count, 1.0)
+    loss, metrics = cfg.ce_weight * ce_loss, {"ce": ce_loss, "acc": acc, "acc_count": count, "n_tokens": jnp.sum(m)}
     if target_logits is not None:
         p = jax.lax.stop_gradient(jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1))
         l1 = jnp.sum(jnp.abs(p - jnp.exp(logq)), axis=-1)
         l1_loss = jnp.sum(l1 * w) / den
         accept = jnp.clip(1.0 - 0.5 * l1, 0.0, 1.0)
         loss = loss + cfg.tv_weight * l1_loss
-        mask = out["eval_mask"].astype(jnp.float32)
-        metrics.update(l1=l1_loss, accept_rate=jnp.sum(accept * mask) / (jnp.sum(mask) + 1e-6),
+        metrics.update(l1=l1_loss, accept_rate=jnp.sum(accept * m) / (jnp.sum(m) + 1e-6),
                        tau_expected=_expected_tau(accept, out["eval_mask"]))
         if cfg.confidence_weight > 0 and out.get("confidence") is not None:
             c = jnp.clip(out["confidence"], 1e-6, 1 - 1e-6)

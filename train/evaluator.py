@@ -1,4 +1,4 @@
-"""Held-out τ during drafter training, through the real speculative decoder (`Generator` + `BlockDrafterAdapter`)
+"""Held-out τ during drafter training, through the real speculative decoder (`Generator` + `Trainer.drafter_adapter`)
 with the drafter params of the moment; τ and the per-position acceptance are `hdflash_jax.decode.stats`'s."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hdflash_jax.decode.drafters import BlockDrafterAdapter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.decode.stats import AcceptanceStats
 from train import data as D
@@ -26,8 +25,7 @@ class Evaluator:
         if jax.process_count() > 1:
             target_params = host_tree(target_params)
         target = trainer.tpure.merge(target_params)
-        self.gen = Generator(target, BlockDrafterAdapter(trainer.dcfg, trainer.dcfg.block_size - 1),
-                             trainer.drafter_module(params),
+        self.gen = Generator(target, trainer.drafter_adapter(temperature), trainer.drafter_module(params),
                              settings=DecodeSettings(max_new_tokens=max_new_tokens, temperature=temperature,
                                                      eos_token_id=trainer.tokenizer.eos_id))
 

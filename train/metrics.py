@@ -4,6 +4,8 @@ killed run logged them), so the file reads as one uninterrupted run."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import json
 from pathlib import Path
 
@@ -86,6 +88,14 @@ def peak_flops(device=None) -> float | None:
         if name.lower() in kind.lower():
             return flops
     return None
+
+
+class DraftShape(NamedTuple):
+    """What `drafter_step_flops` reads of a drafter (a DrafterConfig has these fields; DSpark is described by one)."""
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    block_size: int
 
 
 def drafter_step_flops(n_target_active: int, n_drafter: int, dcfg, batch: int, seq: int, anchors: int,

@@ -27,16 +27,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import DrafterConfig, get_drafter_preset, get_preset
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
+from hdflash_jax.decode.drafters import BlockDrafterAdapter
+from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
 from hdflash_jax.drafter.model import block_token_ids, init_drafter, init_drafter_from_target, target_io
 from hdflash_jax.drafter.training import TrainAttention, train_hidden
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
+from hdflash_jax.dspark.config import DSparkConfig
+from hdflash_jax.dspark.model import init_dspark, init_dspark_from_target
 from hdflash_jax.sharding import batch_sharding, make_mesh, parse_mesh
 from hdflash_jax.tokenizer import load_tokenizer
 from train import data as D
 from train.distributed import host_tree, log, place, process_rows
+from train.dspark_loss import dspark_batch_loss, dspark_target_inputs
 from train.drafter_config import DrafterRunConfig, TargetSection
 from train.losses import LossConfig, loss_function
-from train.metrics import drafter_step_flops
+from train.metrics import DraftShape, drafter_step_flops
 from train.optim import make_optimizer
 from train.pure import PureModule
 
@@ -123,6 +128,24 @@ def drafter_train_step(parts: StepParts, state, target_params, batch):
         hidden = train_hidden(drafter, embed, feats, anchors, block_tokens, keep, parts.attention)
         return loss_of(hidden, head, tokens, loss_mask, anchors, keep, lcfg, teacher)
 
+    return apply_gradients(parts, state, loss_fn)
+
+
+def dspark_train_step(parts: StepParts, state, target_params, batch):
+    """`drafter_train_step` for a DSpark drafter (`parts.dcfg` a DSparkConfig, `parts.lcfg` a DSparkLossConfig):
+    the frozen target's tapped streams and logits outside value_and_grad, DeepSpec's loss on the batch's anchors."""
+    target = parts.tpure.merge(target_params)
+    inputs = dspark_target_inputs(target, batch["tokens"], parts.dcfg.target_layer_ids)
+
+    def loss_fn(params):
+        drafter = parts.dpure.merge(parts.dpure.in_own_dtypes(params))
+        return dspark_batch_loss(drafter, inputs, batch, parts.lcfg)
+
+    return apply_gradients(parts, state, loss_fn)
+
+
+def apply_gradients(parts: StepParts, state, loss_fn):
+    """value_and_grad of `loss_fn(master params) -> (loss, metrics)`, then one optimizer update of the state."""
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = parts.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -146,10 +169,15 @@ def build_target(section: TargetSection, mesh=None):
     return cfg, model
 
 
-def build_drafter_config(cfg: DrafterRunConfig, tcfg, tokenizer=None) -> DrafterConfig:
+def build_drafter_config(cfg: DrafterRunConfig, tcfg, tokenizer=None) -> DrafterConfig | DSparkConfig:
     over = dict(cfg.drafter.overrides)
     if cfg.train.block_size:
         over["block_size"] = cfg.train.block_size
+    if cfg.drafter.kind == "dspark":
+        mask = getattr(tokenizer, "mask_id", None)
+        dcfg = DSparkConfig.for_target(tcfg, mask, **over)
+        dcfg.check_target(tcfg, where="drafter config")
+        return dcfg
     if cfg.drafter.preset:
         dcfg = get_drafter_preset(cfg.drafter.preset, **over)
     else:
@@ -183,13 +211,17 @@ class Trainer:
             raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} exceeds the target's "
                              f"{self.tcfg.vocab_size}")
         self.dcfg = build_drafter_config(cfg, self.tcfg, self.tokenizer)
+        self.is_dspark = isinstance(self.dcfg, DSparkConfig)
         self.block_size = self.dcfg.block_size
         self.loss_cfg, self.attention = train_options(cfg, self.block_size)
         self.seed = cfg.seed
-        if cfg.drafter.init_from_target:
-            drafter = init_drafter_from_target(target, self.dcfg, self.seed)
+        if self.is_dspark:
+            self.loss_cfg = cfg.dspark_loss
+            init = init_dspark_from_target if cfg.drafter.init_from_target else (
+                lambda t, c, s: init_dspark(c, t.cfg, s))
         else:
-            drafter = init_drafter(self.dcfg, self.seed)
+            init = init_drafter_from_target if cfg.drafter.init_from_target else (lambda t, c, s: init_drafter(c, s))
+        drafter = init(target, self.dcfg, self.seed)
         self.n_target_active = _active_params(self.tcfg, target)
         self.tpure = PureModule(target)
         self.dpure = PureModule(drafter, params_only=True)
@@ -221,9 +253,21 @@ class Trainer:
         self._step_fn = None
 
     def step_flops(self) -> float:
-        """Model FLOPs of one step (`train.metrics.drafter_step_flops`)."""
-        return drafter_step_flops(self.n_target_active, self.n_params, self.dcfg, self.global_batch,
+        """Model FLOPs of one step (`train.metrics.drafter_step_flops`; a DSpark block counts as a draft layer of
+        the target's attention shape)."""
+        shape = self.dcfg
+        if self.is_dspark:
+            shape = DraftShape(self.dcfg.num_blocks, self.tcfg.n_heads, self.tcfg.head_dim, self.block_size)
+        return drafter_step_flops(self.n_target_active, self.n_params, shape, self.global_batch,
                                   self.cfg.data.max_len, self.cfg.data.num_anchors)
+
+    def drafter_adapter(self, temperature: float = 0.0):
+        """The decoder's `Drafter` for this drafter at its training block (a DSpark block of B slots drafts B)."""
+        sampled = temperature > 0
+        temp = temperature if sampled else 1.0
+        if self.is_dspark:
+            return DSparkDrafterAdapter(self.dcfg, self.block_size, sampled=sampled, temperature=temp)
+        return BlockDrafterAdapter(self.dcfg, self.block_size - 1, sampled=sampled, temperature=temp)
 
     def init_state(self) -> dict:
         """The initial train state, placed: params (the drafter's initial Params), optimizer state, step 0, RNG."""
@@ -250,7 +294,8 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------------------------
     def _step(self, state, target_params, batch):
-        return drafter_train_step(self.parts, state, target_params, batch)
+        step = dspark_train_step if self.is_dspark else drafter_train_step
+        return step(self.parts, state, target_params, batch)
 
     @property
     def step_fn(self):

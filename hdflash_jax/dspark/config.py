@@ -68,6 +68,17 @@ class DSparkConfig:
     def num_blocks(self) -> int:
         return self.n_blocks if self.n_blocks is not None else len(self.target_layer_ids)
 
+    @classmethod
+    def for_target(cls, tcfg: TargetConfig, noise_token_id: int | None = None, **overrides) -> "DSparkConfig":
+        """The V4 realization scaled to a target: the last three layers tapped (V4-Flash: 40, 41, 42 of 43), one
+        block per tapped layer, the noise token the drafters' mask id (default: the last id of the vocabulary),
+        the Markov rank dim / 16 (V4-Flash: 256 of 4096) but at least 8; `overrides` are fields."""
+        k = min(3, tcfg.n_layers)
+        base = dict(target_layer_ids=tuple(range(tcfg.n_layers - k, tcfg.n_layers)),
+                    noise_token_id=tcfg.vocab_size - 1 if noise_token_id is None else noise_token_id,
+                    markov_rank=max(8, tcfg.dim // 16))
+        return cls(**{**base, **overrides})
+
     def replace(self, **changes) -> "DSparkConfig":
         return dataclasses.replace(self, **changes)
 
