@@ -404,11 +404,13 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     for size_name, size in SP.SIZES.items():
         for v in size["variants"]:
             cfg = load_config(data=SP.drafter_config(v, size, tmp_path))
-            over, loss_over, block = SP.VARIANTS[v]
-            assert cfg.train.block_size == block and cfg.train.steps == size["drafter"]["steps"]
+            var = SP.VARIANTS[v]
+            assert cfg.train.block_size == var.block and cfg.train.steps == size["drafter"]["steps"]
             assert cfg.eval.num_prompts == cfg.eval.batch_size == size["drafter"]["eval_prompts"]
-            assert all(cfg.drafter.overrides[k] == x for k, x in over.items())
-            assert cfg.loss.kl_alpha == loss_over.get("kl_alpha", 0.1)
+            assert cfg.drafter.kind == var.kind and all(cfg.drafter.overrides[k] == x for k, x in var.overrides.items())
+            assert cfg.loss.kl_alpha == var.loss.get("kl_alpha", 0.1)
+            assert cfg.data.train.endswith(f"{SP.REGEN_DIRS[var.regen]}/train.jsonl")
+            assert cfg.eval.temperature == (1.0 if var.regen == "t1" else 0.0)
         pcfg = P.load_config(None, size["pretrain"])
         cmd = SP.pretrain_command("python", size, tmp_path, None)
         assert cmd.count("--override") == len(size["pretrain"])
@@ -422,3 +424,10 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     load_config(data=seeded)
     runs = SP.eval_runs(size, tmp_path, ("hyperdflash", "dflash"), (1, 2))
     assert "hyperdflash-s1,hyperdflash-s2,dflash-s1,dflash-s2" in runs["seeds"]
+    # the full comparison: DSpark in the main runs, the T = 1 drafters in the T = 1 run only, ablations apart
+    runs = SP.eval_runs(size, tmp_path, tuple(SP.VARIANTS))
+    method = lambda run: runs[run][runs[run].index("--method") + 1].split(",")  # noqa: E731
+    assert method("greedy") == list(SP.MAIN_METHODS)
+    assert method("t1") == list(SP.MAIN_METHODS) + ["hyperdflash-t1", "dflash-t1"]
+    assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16"]
+    assert all(f"{m}=" in " ".join(runs["t1"]) for m in ("dspark-gated", "dflash-t1"))

@@ -25,6 +25,7 @@ sequence length, optimizer and draft-layer shapes; only the named difference cha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -42,18 +43,35 @@ from train.drafter_config import load_config as load_drafter_config
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", "report")
 
-# Drafter variants: name -> (DrafterConfig overrides, loss overrides, block size). Everything else is shared.
-# 'hyperdflash' and 'dflash' are the two methods of the paper; the rest are ablations, each differing
-# from one of them in one thing.
-VARIANTS: dict[str, tuple[dict, dict, int]] = {
-    "hyperdflash": ({"conditioning": "final_streams", "reducer": "gated"}, {}, 8),
-    "dflash": ({"conditioning": "layers", "reducer": "linear", "post_norm": False}, {}, 8),
-    "hd-linear": ({"conditioning": "final_streams", "reducer": "linear", "post_norm": False}, {}, 8),  # vs gated
-    "hd-layers": ({"conditioning": "layers", "reducer": "gated"}, {}, 8),  # final streams vs several layers
-    "hd-nokl": ({"conditioning": "final_streams", "reducer": "gated"}, {"kl_alpha": 0.0}, 8),  # without KL
-    "hd-b16": ({"conditioning": "final_streams", "reducer": "gated"}, {}, 16),  # block 16 vs 8
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One drafter of the comparison: what differs from the shared budget (everything else is `SIZES[...]`)."""
+    overrides: dict  # DrafterConfig fields (kind "block") or DSparkConfig fields (kind "dspark")
+    loss: dict = dataclasses.field(default_factory=dict)  # the block loss's overrides
+    block: int = 8  # the training block (a DSpark block of B slots drafts B tokens: B = 7 is the others' budget)
+    kind: str = "block"
+    regen: str = "greedy"  # the regenerated responses it trains on: "greedy" or "t1" (sampled at T = 1)
+
+
+# 'hyperdflash' and 'dflash' are the two methods of the paper; the ablations each differ from one of them in one
+# thing; 'dspark' / 'dspark-gated' are DeepSeek's block drafter (mean pooling / the inherited hc_head gate) at the
+# same draft budget (7 drafts a step) and depth (2 blocks); the '-t1' drafters train on responses sampled at T = 1.
+DSPARK_SHAPE = {"n_blocks": 2, "markov_rank": 32}
+VARIANTS: dict[str, Variant] = {
+    "hyperdflash": Variant({"conditioning": "final_streams", "reducer": "gated"}),
+    "dflash": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}),
+    "hd-linear": Variant({"conditioning": "final_streams", "reducer": "linear", "post_norm": False}),  # vs gated
+    "hd-layers": Variant({"conditioning": "layers", "reducer": "gated"}),  # final streams vs several layers
+    "hd-nokl": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_alpha": 0.0}),  # without KL
+    "hd-b16": Variant({"conditioning": "final_streams", "reducer": "gated"}, block=16),  # block 16 vs 8
+    "dspark": Variant({**DSPARK_SHAPE, "pooling": "mean"}, block=7, kind="dspark"),
+    "dspark-gated": Variant({**DSPARK_SHAPE, "pooling": "gated"}, block=7, kind="dspark"),
+    "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
+    "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
 }
-SHIPPED = ("hyperdflash", "dflash")
+SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
+MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
+REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
 
 SIZES: dict[str, dict] = {
     "full": {
@@ -148,23 +166,26 @@ def seeded_name(variant: str, seed: int | None) -> str:
 def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) -> dict:
     """The training config of variant `name`; `seed` (None: the shipped run, seed 0) seeds the drafter's init, the
     RNG and the data order, and names the run `<name>-s<seed>`."""
-    over, loss_over, block = VARIANTS[name]
-    d = size["drafter"]
+    v, d = VARIANTS[name], size["drafter"]
+    regen = out / REGEN_DIRS[v.regen]
+    drafter = ({"kind": "dspark", "overrides": dict(v.overrides)} if v.kind == "dspark" else
+               {"preset": None, "overrides": {**d["overrides"], **v.overrides}, "init_from_target": True})
     return {
         "out_dir": str(out / "drafters" / seeded_name(name, seed)),
         "seed": 0 if seed is None else seed,
         "target": {"checkpoint": str(out / "target" / "model")},
-        "drafter": {"preset": None, "overrides": {**d["overrides"], **over}, "init_from_target": True},
-        "data": {"train": str(out / "regen" / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
+        "drafter": drafter,
+        "data": {"train": str(regen / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
                  "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"],
                  "shuffle_seed": 0 if seed is None else seed},
-        "train": {"global_batch": d["global_batch"], "steps": d["steps"], "block_size": block},
-        "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **loss_over},
+        "train": {"global_batch": d["global_batch"], "steps": d["steps"], "block_size": v.block},
+        "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **v.loss},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
         "checkpoint": {"every": 100, "max_to_keep": 1},
-        # τ of the untrained drafter, then of the trained one
+        # τ of the untrained drafter, then of the trained one (T = 1 drafters: sampled τ)
         "eval": {"every": d["steps"], "at_start": True, "num_prompts": d["eval_prompts"],
-                 "batch_size": d["eval_prompts"], "max_new_tokens": d["eval_max_new_tokens"]},
+                 "batch_size": d["eval_prompts"], "max_new_tokens": d["eval_max_new_tokens"],
+                 "temperature": 1.0 if v.regen == "t1" else 0.0},
         "log": {"every": 10, "tensorboard": False, "progress": False},
         "compilation_cache": os.environ.get("HDFLASH_JAX_CACHE", ".jax_cache"),
     }
@@ -173,19 +194,24 @@ def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) ->
 # ---- stage 6: evaluation runs ----------------------------------------------------------------------------------
 
 def eval_runs(size: dict, out: Path, variants: tuple[str, ...], seeds: tuple[int, ...] = ()) -> dict[str, list[str]]:
-    """name -> eval.run arguments. Main comparison greedy and at T = 1; ablations greedy; with `seeds`, a greedy
-    run of every variant's `-s<seed>` drafters (the training-seed intervals)."""
+    """name -> eval.run arguments. Main comparison greedy and at T = 1 (there with the '-t1' drafters too);
+    ablations greedy; with `seeds`, a greedy run of every variant's `-s<seed>` drafters (the training-seed
+    intervals)."""
     e = size["eval"]
     common = ["--target", str(out / "target" / "model"), "--tokenizer", str(out / "tokenizer"), "--suite", "all",
               "--limit", str(e["limit"]), "--max-new-tokens", str(e["max_new_tokens"]),
               "--batch-size", str(e["batch_size"]), "--prompt-buckets", e["buckets"], "--overwrite"]
     drafter = lambda n: ["--drafter", f"{n}=" + str(out / "drafters" / n / "drafter")]  # noqa: E731
-    main = ["--method", "ar,mtp3,mtp7,dflash,hyperdflash"] + drafter("hyperdflash") + drafter("dflash")
-    runs = {"greedy": common + main, "t1": common + main + ["--temperature", "1.0"]}
-    ablations = [v for v in variants if v not in SHIPPED]
+
+    def methods(names):
+        return ["--method", ",".join(names)] + [a for n in names if n in VARIANTS for a in drafter(n)]
+
+    main = [m for m in MAIN_METHODS if m not in VARIANTS or m in variants or m in ("dflash", "hyperdflash")]
+    t1 = main + [v for v in variants if VARIANTS[v].regen == "t1"]
+    runs = {"greedy": common + methods(main), "t1": common + methods(t1) + ["--temperature", "1.0"]}
+    ablations = [v for v in variants if v not in MAIN_METHODS and VARIANTS[v].regen == "greedy"]
     if ablations:
-        runs["ablations"] = (common + ["--method", ",".join(["hyperdflash", *ablations])] + drafter("hyperdflash")
-                             + [a for v in ablations for a in drafter(v)])
+        runs["ablations"] = common + methods(["hyperdflash", *ablations])
     if seeds:
         names = [seeded_name(v, s) for v in variants for s in seeds]
         runs["seeds"] = common + ["--method", ",".join(names)] + [a for n in names for a in drafter(n)]
@@ -217,17 +243,25 @@ def render_report(merged: dict) -> str:
     lines.append("Cells: speedup over AR (wall clock, same prompts, same run) / τ; avg = mean over the suites.\n")
     if merged.get("drafter_training"):
         lines.append("### drafter variants: held-out τ before / after training (same budget)\n")
-        lines.append("| variant | conditioning / reducer | KL | B | params | τ untrained | τ trained | train s |")
+        lines.append("| variant | conditioning / reducer | loss | B | params | τ untrained | τ trained | train s |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for name, t in merged["drafter_training"].items():
-            over, loss_over, block = VARIANTS.get(name, ({}, {}, None))
-            kl = "no" if loss_over.get("kl_alpha") == 0.0 else "yes"
+            v = VARIANTS.get(name.rsplit("-s", 1)[0] if name not in VARIANTS else name)
             f = lambda x, spec: format(x, spec) if x is not None else "–"  # noqa: E731
-            lines.append(f"| {name} | {over.get('conditioning')} / {over.get('reducer')} | {kl} | {block} | "
+            if v is None:
+                design, kl, block = "–", "–", "–"
+            elif v.kind == "dspark":
+                design, kl, block = f"dspark / {v.overrides['pooling']} pooling", "TV+CE", v.block
+            else:
+                design = f"{v.overrides.get('conditioning')} / {v.overrides.get('reducer')}"
+                kl, block = ("no" if v.loss.get("kl_alpha") == 0.0 else "yes"), v.block
+            design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
+            lines.append(f"| {name} | {design} | {kl} | {block} | "
                          f"{f(t['n_params'], ',')} | {f(t['tau_start'], '.3f')} | {f(t['tau_end'], '.3f')} | "
                          f"{f(t['train_s'], '.0f')} |")
-        lines.append("\nHeld-out τ: greedy, the real speculative decoder, on held-out corpus prompts (train.drafter "
-                     "eval), block = the variant's B.\n")
+        lines.append("\nHeld-out τ: the real speculative decoder (greedy; T = 1 for the T=1-data drafters) on held-out "
+                     "corpus prompts (train.drafter eval), block = the variant's B; loss yes/no: the block loss with / "
+                     "without KL, TV+CE: DeepSpec's.\n")
     for name, cmd in merged["commands"].items():
         lines.append(f"- {name}: `{cmd}`")
     return "\n".join(lines) + "\n"
@@ -306,18 +340,20 @@ def pretrain_command(py: str, size: dict, out: Path, max_minutes: float | None) 
     return cmd
 
 
-def stage_regen(py: str, size: dict, out: Path, logs: Path) -> None:
-    r, regen = size["regen"], out / "regen"
+def stage_regen(py: str, size: dict, out: Path, logs: Path, kind: str = "greedy") -> None:
+    """The target's own answers to the training prompts: greedy (`regen/`) or sampled at T = 1 (`regen-t1/`)."""
+    r, regen = size["regen"], out / REGEN_DIRS[kind]
     done = regen / "done.json"
     if done.is_file():
-        _log(f"regen: cached at {regen}")
+        _log(f"regen {kind}: cached at {regen}")
         return
     write_prompts(out / "corpus", regen / "prompts.jsonl", "train", r["prompts"])
     write_prompts(out / "corpus", regen / "eval_prompts.jsonl", "heldout", r["eval_prompts"])
+    sampling = ["--temperature", "1.0", "--seed", "0"] if kind == "t1" else []
     run_cmd([py, "-m", "train.regenerate", "--target", str(out / "target" / "model"),
              "--data", str(regen / "prompts.jsonl"), "--out", str(regen / "train.jsonl"),
              "--tokenizer", str(out / "tokenizer"), "--max-new-tokens", str(r["max_new_tokens"]),
-             "--batch-size", str(r["batch_size"]), "--no-progress"], logs / "regen.log")
+             "--batch-size", str(r["batch_size"]), "--no-progress", *sampling], logs / f"regen-{kind}.log")
     n = sum(1 for _ in open(regen / "train.jsonl", encoding="utf-8"))
     done.write_text(json.dumps({"records": n}))
 
@@ -327,7 +363,7 @@ def stage_drafters(py: str, size: dict, out: Path, logs: Path, variants: tuple[s
     for v, seed in [(v, None) for v in variants] + [(v, s) for s in seeds for v in variants]:
         name = seeded_name(v, seed)
         d = out / "drafters" / name
-        if (d / "drafter" / "drafter_config.json").is_file() and (d / "summary.json").is_file():
+        if (d / "drafter").is_dir() and (d / "summary.json").is_file():
             _log(f"drafter {name}: cached at {d}")
             continue
         d.mkdir(parents=True, exist_ok=True)
@@ -386,7 +422,8 @@ def main(argv=None) -> int:
                 _log("pretraining stopped before the end (--max-pretrain-minutes); rerun to resume")
                 return 0
     if "regen" in stages:
-        stage_regen(py, size, out, logs)
+        for kind in sorted({"greedy"} | {VARIANTS[v].regen for v in args.variants}):
+            stage_regen(py, size, out, logs, kind)
     if "drafters" in stages:
         stage_drafters(py, size, out, logs, args.variants, args.seeds)
     if "ship" in stages and ship is not None:
