@@ -152,6 +152,9 @@ def test_sharded_cache_matches_unsharded(setup):
     with jax.set_mesh(mesh):
         fresh = jax.jit(lambda: adapter.init_state(None, None, b, MAX_LEN - 2))()["cache"]
     assert fresh["cond"].sharding.spec == sh["cond"].spec and fresh["length"].sharding.spec == sh["length"].spec
+    # and the Generator's loop state carries it in that layout (the adapter's own state_shardings, not the row rule)
+    own = adapter.state_shardings(mesh, jax.eval_shape(lambda: adapter.init_state(None, None, b, MAX_LEN - 2)))
+    assert {k: v.spec for k, v in own["cache"].items()} == {k: v.spec for k, v in sh.items()}
     np.testing.assert_allclose(got, want, **TOL)
     np.testing.assert_allclose(got_cache["cond"], want_cache["cond"], **TOL)  # the sharded reducer sums in another order
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
-from hdflash_jax.drafter.cache import constrain_draft_cache
+from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardings
 from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.deepseek_v4.cache import init_cache
@@ -152,6 +152,11 @@ class BlockDrafterAdapter:
 
     def init_state(self, target, modules, batch, max_len):
         return {"cache": constrain_draft_cache(init_draft_cache(self.cfg, batch, max_len))}
+
+    def state_shardings(self, mesh, abstract_state):
+        """The loop state's layout of the draft cache: the one `constrain_draft_cache` pins inside the step (so the
+        while loop carries it without resharding)."""
+        return {"cache": draft_cache_shardings(abstract_state["cache"], mesh)}
 
     def observe(self, target, modules, state, out, n_valid, next_tokens):
         feats = features_from_target(self.cfg, out)
