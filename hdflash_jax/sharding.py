@@ -211,10 +211,12 @@ def sequence_groups(n: int) -> int:
     return size if size > 1 and n % size == 0 else 1
 
 
-def constrain_groups(x: jax.Array) -> jax.Array:
-    """Shard the leading (chunk group) dimension over the sequence axes."""
+def constrain_groups(x: jax.Array, *, free_rest: bool = False) -> jax.Array:
+    """Shard the leading (chunk group) dimension over the sequence axes; the other dimensions replicated, or with
+    `free_rest` left to propagation (rows already sharded over the batch axes stay so: no gather)."""
     axes, size = _sequence_axes_size()
     if size == 1 or x.shape[0] % size:
         return x
     lead = axes if len(axes) > 1 else axes[0]
-    return jax.lax.with_sharding_constraint(x, P(lead, *([None] * (x.ndim - 1))))
+    rest = P.UNCONSTRAINED if free_rest else None
+    return jax.lax.with_sharding_constraint(x, P(lead, *([rest] * (x.ndim - 1))))

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hdflash_jax.sharding import constrain_groups, sequence_groups
+
 _NEG = -1e30
 
 
@@ -159,6 +161,21 @@ def _backward_chunk(qg, kb, vb, anchors_q, keep_q, ctx_k, ctx_v, out, lse, dout,
     return dq, dkb, dvb, dck, dcv
 
 
+def _scan_chunks(body, carry, xs):
+    """`jax.lax.scan(body, carry, xs)` over the query chunks (the leading axis of xs). On a mesh whose sequence
+    axes divide the chunk count, the chunks run as that many groups side by side, the group axis sharded over those
+    axes (else every device would run every chunk: the queries' activations are sharded there); each group starts
+    from `carry` and the groups' final carries are summed (the body only accumulates into it)."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    groups = sequence_groups(n)
+    if groups == 1:
+        return jax.lax.scan(body, carry, xs)
+    split = lambda x: constrain_groups(x.reshape(groups, n // groups, *x.shape[1:]), free_rest=True)
+    carries, ys = jax.vmap(lambda x: jax.lax.scan(body, carry, x))(jax.tree.map(split, xs))
+    ys = jax.tree.map(lambda y: constrain_groups(y, free_rest=True).reshape(n, *y.shape[2:]), ys)
+    return jax.tree.map(lambda c: jnp.sum(c, axis=0), carries), ys
+
+
 def _prepare(q, k, v, ctx_k, ctx_v, anchors, keep, lay: SparseLayout):
     """Pad blocks to a multiple of G and context to a multiple of C; split queries into chunks."""
     b, t, h, d = q.shape
@@ -191,7 +208,7 @@ def _sparse_fwd(q, k, v, ctx_k, ctx_v, anchors, keep, scale, lay):
         qg, kb, vb, a_q, keep_q = x
         return None, _forward_chunk(qg, kb, vb, a_q, keep_q, ck, cv, scale, lay)
 
-    _, (out, lse) = jax.lax.scan(body, None, xs)  # out [nc, b, KV, g, Q, d]
+    _, (out, lse) = _scan_chunks(body, None, xs)  # out [nc, b, KV, g, Q, d]
     o = jnp.moveaxis(out, 4, 2)  # [nc, b, Q, KV, g, d]
     o = _unchunk(o)[:, :t].reshape(b, t, h, d).astype(q.dtype)
     return o, (q, k, v, ctx_k, ctx_v, anchors, keep, out, lse)
@@ -213,7 +230,7 @@ def _sparse_bwd(scale, lay, res, g_out):
         return (dck, dcv), (dq, dkb, dvb)
 
     zeros = jnp.zeros(ck.shape, jnp.float32)
-    (dck, dcv), (dq, dkb, dvb) = jax.lax.scan(body, (zeros, zeros), xs + (out, lse, dout))
+    (dck, dcv), (dq, dkb, dvb) = _scan_chunks(body, (zeros, zeros), xs + (out, lse, dout))
     s = ctx_k.shape[1]
     dq = _unchunk(dq)[:, :t].reshape(b, t, h, d).astype(q.dtype)
     dkb = _unchunk(dkb)[:, :t].astype(k.dtype)

@@ -4,7 +4,9 @@ Block n (anchor a_n, slots at positions a_n..a_n+B−1) sees context keys k < a_
 else (`training_mask`). Two attention paths under that mask: 'block_sparse' (drafter/sparse_attention.py: blocked
 online softmax, nothing [N·B, S]-sized kept for the backward pass) and 'dense' (`concat_attend` under the dense
 mask: the reference). Each draft layer can be rematerialised in the backward pass under a named policy
-(`REMAT_POLICIES`). The layers and the inference path are in `drafter/model.py`.
+(`REMAT_POLICIES`). On a mesh the blocks' activations [b, N·B, D] are sharded over the rows' axes and the
+sequence axes (`expert`: the drafter has no experts; left replicated there, every expert shard held and computed
+a full copy of its rows). The layers and the inference path are in `drafter/model.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hdflash_jax.drafter.model import BlockDrafter, frozen_embed, frozen_head, concat_attend
 from hdflash_jax.drafter.sparse_attention import SparseLayout, block_sparse_attention
+from hdflash_jax.sharding import constrain_tokens
 
 ATTENTION_OUT = "drafter_attention"  # checkpoint name of each layer's attention output
 
@@ -96,10 +99,10 @@ def train_hidden(drafter: BlockDrafter, target_embed, ctx_feats, anchors, block_
         layer = nnx.merge(graphdef, layer_state)
         attend = attend_of(ck, cv)
         named = lambda q, k, v: checkpoint_name(attend(q, k, v), ATTENTION_OUT)
-        return layer(h, q_pos, named)
+        return constrain_tokens(layer(h, q_pos, named))
 
     policy = REMAT_POLICIES[how.remat]
-    h = h.astype(jnp.dtype(cfg.dtype))
+    h = constrain_tokens(h.astype(jnp.dtype(cfg.dtype)))
     for layer, (ck, cv) in zip(drafter.layers, ctx_kv):
         graphdef, layer_state = nnx.split(layer)
         fn = run_layer if how.remat == "none" else jax.checkpoint(run_layer, policy=policy, static_argnums=(4,))
