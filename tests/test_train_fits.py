@@ -96,6 +96,42 @@ def test_training_step_loss_and_grads_equal_dense(remat):
     assert float(jnp.abs(got[1]["layers"][0]["wk"]["weight"][...]).max()) > 0
 
 
+def test_training_step_on_an_expert_mesh_equals_one_device_and_shards_the_blocks():
+    """On a mesh with an `expert` axis (the drafter has no experts) the training forward's token activations are
+    sharded over it and the block-sparse attention's query chunks run in groups over it: loss and every gradient
+    equal the single-device ones."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from hdflash_jax.sharding import make_mesh, sequence_groups
+
+    cfg, d, feats, embed, head, tokens, anchors, loss_mask = _drafter_setup()
+    anchors, keep = anchors[:, :4], KEEP[:, :4]  # 4 blocks: 2 per expert shard
+    blocks = block_token_ids(jnp.take_along_axis(jnp.asarray(tokens), anchors, 1), cfg.block_size,
+                             cfg.mask_token_id)
+    teacher = jnp.asarray(np.random.RandomState(3).randn(2, 4, 2, cfg.dim), jnp.float32)
+    graph, params = nnx.split(d, nnx.Param)
+    lcfg = LossConfig(block_size=cfg.block_size, kl_alpha=0.5, kl_slots=2, vocab_chunk=96)
+    how = TrainAttention(impl="block_sparse", q_blocks=1, k_chunk=4)  # 4 query chunks: 2 groups of 2
+
+    def step(params, feats, blocks):
+        def loss(params):
+            hidden = train_hidden(nnx.merge(graph, params), embed, feats, anchors, blocks, keep, how)
+            return decayed_ce_kl(hidden, head, tokens, loss_mask, anchors, keep, lcfg, teacher)[0], hidden
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (ref, _), ref_g = jax.jit(step)(params, feats, blocks)
+    mesh = make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    rows = lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp")))
+    with jax.set_mesh(mesh):
+        assert sequence_groups(4) == 2  # the grouped attention path runs
+        (got, hidden), got_g = jax.jit(step)(params, rows(feats), rows(blocks))
+    assert abs(float(ref) - float(got)) < TOL
+    assert _maxdiff(ref_g, got_g) < TOL
+    # the hidden [b, N, B, D]: rows over fsdp and blocks over expert (not a copy per expert shard)
+    assert tuple(hidden.sharding.spec)[:2] == ("fsdp", "expert"), hidden.sharding.spec
+    assert hidden.addressable_shards[0].data.shape[:2] == (1, 2)
+
+
 @pytest.mark.parametrize("chunk", [5, 16, 37])
 def test_vocab_chunked_loss_equals_full_logits(chunk):
     rng = np.random.RandomState(0)
