@@ -328,6 +328,10 @@ class DrafterConfig:
     target_layer_ids: tuple[int, ...] | None = None  # 'layers' only; None → build_target_layer_ids(L, n_layers)
     reducer: str = "gated"
     post_norm: bool = True  # RMSNorm after the gated reducer, initialised from the target's final norm
+    # gate variants (final_streams + gated; the comparison's ablations): a learnt RMSNorm per stream before the
+    # gate (weights [n, D], ones), and a low-rank residual c += U V vec(H) (U zero-initialised: c starts as hc_head)
+    gate_path_norm: bool = False
+    gate_residual_rank: int = 0
     # -- inference draft cache ----------------------------------------------------------------------------
     # what the cache keeps per context position: 'cond' (c [D] once, K/V recomputed per step; exact), 'kv' (every
     # layer's K/V; exact, 2.5x the bytes at V4-Flash width, no recompute), 'cond_fp8' (c in fp8 + a per-position
@@ -408,6 +412,12 @@ class DrafterConfig:
             bad("draft_cache", f"unknown {self.draft_cache!r}; one of {DRAFT_CACHES}")
         if self.draft_chunk < 1:
             bad("draft_chunk", f"must be >= 1, got {self.draft_chunk}")
+        if self.gate_residual_rank < 0:
+            bad("gate_residual_rank", f"must be >= 0, got {self.gate_residual_rank}")
+        if (self.gate_path_norm or self.gate_residual_rank) and (self.reducer, self.conditioning) != (
+                "gated", "final_streams"):
+            bad("gate_path_norm" if self.gate_path_norm else "gate_residual_rank",
+                "applies to the gated reducer on final_streams only")
         if self.post_norm and self.reducer != "gated":
             bad("post_norm", "applies to the gated reducer only (the linear compressor always ends in its RMSNorm)")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.hc_norm_eps <= 0 or self.hc_eps < 0:

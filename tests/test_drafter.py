@@ -132,6 +132,32 @@ def test_gated_reducer_equals_target_hc_head():
         init_drafter_from_target(t, get_drafter_preset("v4-flash-hyperdflash"))
 
 
+def test_gate_variants_start_where_they_should():
+    """The low-rank residual starts as the inherited gate (U = 0) and then moves it; the per-path norm starts as the
+    gate over RMS-normalised streams; both are refused outside final_streams + gated, naming the field."""
+    from hdflash_jax.deepseek_v4.mhc import hc_head
+    from hdflash_jax.deepseek_v4.model import init_target
+
+    t = init_target(get_preset("tiny"), seed=0)
+    streams = 2.0 * jax.random.normal(jax.random.key(3), (2, 7, t.cfg.hc_mult, t.cfg.dim))
+    ref = t.collapse(streams)
+    res = init_drafter_from_target(t, get_drafter_preset("tiny-hyperdflash", post_norm=False,
+                                                         gate_residual_rank=4), seed=4)
+    np.testing.assert_allclose(res.reducer(streams), ref, rtol=0, atol=1e-7)
+    res.reducer.res_up[...] = jnp.ones_like(res.reducer.res_up[...])
+    assert float(jnp.abs(res.reducer(streams) - ref).max()) > 1e-2
+    pn = init_drafter_from_target(t, get_drafter_preset("tiny-hyperdflash", post_norm=False, gate_path_norm=True),
+                                  seed=4)
+    normed = streams * jax.lax.rsqrt(jnp.mean(streams * streams, axis=-1, keepdims=True) + t.cfg.norm_eps)
+    g = t.hc_head
+    want = hc_head(normed, g.fn[...], g.base[...], g.scale[...], norm_eps=t.cfg.norm_eps, hc_eps=t.cfg.hc_eps)
+    np.testing.assert_allclose(pn.reducer(streams), want, rtol=1e-6, atol=1e-6)
+    for field in ("gate_path_norm", "gate_residual_rank"):
+        with pytest.raises(ValueError, match=f"DrafterConfig.{field}: applies to the gated reducer on final_streams"):
+            get_drafter_preset("tiny-hyperdflash", reducer="linear", post_norm=False,
+                               **{field: True if field == "gate_path_norm" else 2})
+
+
 # ---- (c) training mask ---------------------------------------------------------------------------------------
 
 def test_training_mask_layout():

@@ -66,11 +66,15 @@ VARIANTS: dict[str, Variant] = {
     "hd-b16": Variant({"conditioning": "final_streams", "reducer": "gated"}, block=16),  # block 16 vs 8
     "dspark": Variant({**DSPARK_SHAPE, "pooling": "mean"}, block=7, kind="dspark"),
     "dspark-gated": Variant({**DSPARK_SHAPE, "pooling": "gated"}, block=7, kind="dspark"),
+    # why the gate loses here: a learnt RMSNorm per stream before the gate; the gate plus a rank-32 residual
+    "hd-pathnorm": Variant({"conditioning": "final_streams", "reducer": "gated", "gate_path_norm": True}),
+    "hd-lowrank": Variant({"conditioning": "final_streams", "reducer": "gated", "gate_residual_rank": 32}),
     "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
     "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
 }
 SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
+GATE_VARIANTS = ("hd-pathnorm", "hd-lowrank")  # evaluated beside hyperdflash and dflash in their own run
 REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
 
 SIZES: dict[str, dict] = {
@@ -209,9 +213,12 @@ def eval_runs(size: dict, out: Path, variants: tuple[str, ...], seeds: tuple[int
     main = [m for m in MAIN_METHODS if m not in VARIANTS or m in variants or m in ("dflash", "hyperdflash")]
     t1 = main + [v for v in variants if VARIANTS[v].regen == "t1"]
     runs = {"greedy": common + methods(main), "t1": common + methods(t1) + ["--temperature", "1.0"]}
-    ablations = [v for v in variants if v not in MAIN_METHODS and VARIANTS[v].regen == "greedy"]
+    ablations = [v for v in variants if v not in MAIN_METHODS + GATE_VARIANTS and VARIANTS[v].regen == "greedy"]
     if ablations:
         runs["ablations"] = common + methods(["hyperdflash", *ablations])
+    gates = [v for v in GATE_VARIANTS if v in variants]
+    if gates:
+        runs["gates"] = common + methods(["hyperdflash", "dflash", *gates])
     if seeds:
         names = [seeded_name(v, s) for v in variants for s in seeds]
         runs["seeds"] = common + ["--method", ",".join(names)] + [a for n in names for a in drafter(n)]
@@ -254,6 +261,9 @@ def render_report(merged: dict) -> str:
                 design, kl, block = f"dspark / {v.overrides['pooling']} pooling", "TV+CE", v.block
             else:
                 design = f"{v.overrides.get('conditioning')} / {v.overrides.get('reducer')}"
+                design += " + per-stream norm" if v.overrides.get("gate_path_norm") else ""
+                rank = v.overrides.get("gate_residual_rank")
+                design += f" + rank-{rank} residual" if rank else ""
                 kl, block = ("no" if v.loss.get("kl_alpha") == 0.0 else "yes"), v.block
             design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
             lines.append(f"| {name} | {design} | {kl} | {block} | "

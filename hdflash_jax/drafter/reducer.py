@@ -34,18 +34,32 @@ def _gate_params(rngs: nnx.Rngs, n: int, dim: int):
 
 
 class GatedReducer(nnx.Module):
-    """HyperDFlash's gated residual reducer: c = [RMSNorm](hc_head(H; fn, base, scale)), fp32 throughout."""
+    """HyperDFlash's gated residual reducer: c = [RMSNorm](hc_head(H; fn, base, scale)), fp32 throughout.
+
+    Variants (ablations, off by default): `gate_path_norm` normalises each stream H_j by its own learnt RMSNorm
+    before the gate; `gate_residual_rank` r > 0 adds U V vec(H) (V [r, nD], U [D, r] zero at init) to the gate."""
 
     def __init__(self, cfg: DrafterConfig, *, rngs: nnx.Rngs):
         self.hc_mult, self.dim = cfg.hc_mult, cfg.dim
-        self.hc_norm_eps, self.hc_eps = cfg.hc_norm_eps, cfg.hc_eps
+        self.hc_norm_eps, self.hc_eps, self.norm_eps = cfg.hc_norm_eps, cfg.hc_eps, cfg.norm_eps
         self.fn, self.base, self.scale = _gate_params(rngs, cfg.hc_mult, cfg.dim)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=jnp.float32) if cfg.post_norm else None
+        self.path_norm = (param(rngs, (cfg.hc_mult, cfg.dim), ("hc", None), jnp.float32, init="ones")
+                          if cfg.gate_path_norm else None)
+        r = cfg.gate_residual_rank
+        self.res_down = param(rngs, (r, cfg.hc_mult * cfg.dim), (None, "hc_in"), jnp.float32) if r else None
+        self.res_up = param(rngs, (cfg.dim, r), ("embed", None), jnp.float32, init="zeros") if r else None
 
     def collapse(self, streams: jax.Array) -> jax.Array:
         """The gate alone: [.., n, D] → [.., D] fp32 (equals the target's `collapse` at init)."""
-        return hc_head(streams.astype(jnp.float32), self.fn[...], self.base[...], self.scale[...],
-                       norm_eps=self.hc_norm_eps, hc_eps=self.hc_eps)
+        h = streams.astype(jnp.float32)
+        if self.path_norm is not None:
+            h = rms_norm(h, self.path_norm[...], self.norm_eps)
+        y = hc_head(h, self.fn[...], self.base[...], self.scale[...], norm_eps=self.hc_norm_eps, hc_eps=self.hc_eps)
+        if self.res_down is not None:
+            z = jnp.einsum("...i,ri->...r", h.reshape(*h.shape[:-2], -1), self.res_down[...])
+            y = y + jnp.einsum("...r,dr->...d", z, self.res_up[...])
+        return y
 
     def __call__(self, feats: jax.Array) -> jax.Array:
         y = self.collapse(feats)
