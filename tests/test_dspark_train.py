@@ -82,6 +82,24 @@ def test_loss_matches_numpy():
     assert 1.0 <= float(metrics["tau_expected"]) <= 5.0
 
 
+def test_blocks_running_past_the_sequence_end_keep_the_loss_finite(setup):
+    """Anchors whose blocks reach past the last token (their tail slots unsupervised): loss, metrics and gradients
+    finite, eagerly and under jit (an out-of-range gather of the target's logits fills NaN, and NaN · 0 = NaN)."""
+    target, drafter, tokens, _ = setup
+    batch = {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, bool), "keep": jnp.ones((2, 4), bool),
+             "anchors": jnp.array([[3, 9, L - 3, L - 2], [0, 5, 12, L - 1]], jnp.int32)}
+    inputs = dspark_target_inputs(target, tokens, DCFG.target_layer_ids)
+    graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
+
+    def loss_fn(p):
+        return dspark_batch_loss(nnx.merge(graphdef, p, rest), inputs, batch, DSparkLossConfig())
+
+    _, metrics = loss_fn(params)
+    assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values()), metrics
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 @pytest.mark.slow
 def test_a_few_steps_lower_the_loss(setup):
     import optax

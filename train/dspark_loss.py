@@ -102,7 +102,9 @@ def dspark_batch_loss(drafter, inputs: dict, batch: dict, cfg: DSparkLossConfig)
                         lambda h: jnp.einsum("...d,vd->...v", h.astype(head.dtype), head,
                                              preferred_element_type=jnp.float32),
                         inputs["streams"], batch["tokens"], batch["anchors"], batch["keep"], batch["loss_mask"])
-    b = batch["tokens"].shape[0]
-    pos = out["positions"].reshape(b, -1)
+    b, length = batch["tokens"].shape
+    # slots past the sequence end are unsupervised (eval_mask) but must read finite logits: an out-of-range gather
+    # fills NaN, and NaN · 0 is NaN
+    pos = jnp.clip(out["positions"].reshape(b, -1), 0, length - 1)
     tl = jnp.take_along_axis(inputs["logits"], pos[..., None], axis=1).reshape(out["logits"].shape)
     return dspark_loss(out, tl, cfg)
