@@ -154,6 +154,35 @@ def save_atomically(path: str | Path, state, write_meta, *, overwrite: bool = Fa
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
+def read_typed_config(path: str | Path, file_name: str, cls, what: str):
+    """`cls.from_dict` of the JSON object `path/file_name` (a drafter checkpoint's config), every field's value
+    checked against its annotation first, so a bad one is refused by name here, not crashed on in a later trace.
+    Errors name the folder or file; `what` names the kind of checkpoint ("drafter", "DSpark drafter")."""
+    import dataclasses
+
+    from hdflash_jax.config_hf import typed
+
+    path = Path(path)
+    f = path / file_name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} checkpoint not found")
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a {what} checkpoint (no {file_name})")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a JSON object of {cls.__name__} fields, got a {type(d).__name__}")
+    try:
+        for field in dataclasses.fields(cls):
+            if field.name in d:
+                typed(field.name, d[field.name], field.type)
+        return cls.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
 def is_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()

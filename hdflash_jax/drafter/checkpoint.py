@@ -14,16 +14,14 @@ finite (NaN/Inf: one error naming the folder and the parameter).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from hdflash_jax.checkpoint import restore_strict, save_atomically
+from hdflash_jax.checkpoint import read_typed_config, restore_strict, save_atomically
 from hdflash_jax.config import DrafterConfig, TargetConfig
-from hdflash_jax.config_hf import typed
 
 DRAFTER_CONFIG_FILE = "drafter_config.json"
 PARAMS_DIR = "params"
@@ -47,25 +45,7 @@ def save_drafter(path: str | Path, drafter, cfg: DrafterConfig | None = None, *,
 
 def load_drafter_config(path: str | Path) -> DrafterConfig:
     """The `DrafterConfig` of a drafter checkpoint (no weights read)."""
-    path = Path(path)
-    f = path / DRAFTER_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: drafter checkpoint not found")
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: not a drafter checkpoint (no {DRAFTER_CONFIG_FILE})")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a JSON object of DrafterConfig fields, got a {type(d).__name__}")
-    try:
-        for field in dataclasses.fields(DrafterConfig):  # refused by name here, not crashed on in a later trace
-            if field.name in d:
-                typed(field.name, d[field.name], field.type)
-        return DrafterConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{f}: {e}") from None
+    return read_typed_config(path, DRAFTER_CONFIG_FILE, DrafterConfig, "drafter")
 
 
 def load_drafter(path: str | Path, target_cfg: TargetConfig | None = None):

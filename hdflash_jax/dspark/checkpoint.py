@@ -4,16 +4,14 @@ the embedding and head stay the target's. Writes are atomic; loading is strict a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from hdflash_jax.checkpoint import restore_strict, save_atomically
+from hdflash_jax.checkpoint import read_typed_config, restore_strict, save_atomically
 from hdflash_jax.config import TargetConfig
-from hdflash_jax.config_hf import typed
 from hdflash_jax.dspark.config import DSparkConfig
 
 DSPARK_CONFIG_FILE = "dspark_config.json"
@@ -32,23 +30,7 @@ def save_dspark(path: str | Path, state, cfg: DSparkConfig, *, overwrite: bool =
 
 
 def load_dspark_config(path: str | Path) -> DSparkConfig:
-    path = Path(path)
-    f = path / DSPARK_CONFIG_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: not a DSpark drafter checkpoint (no {DSPARK_CONFIG_FILE})")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a JSON object of DSparkConfig fields, got a {type(d).__name__}")
-    try:
-        for field in dataclasses.fields(DSparkConfig):
-            if field.name in d:
-                typed(field.name, d[field.name], field.type)
-        return DSparkConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{f}: {e}") from None
+    return read_typed_config(path, DSPARK_CONFIG_FILE, DSparkConfig, "DSpark drafter")
 
 
 def load_dspark(path: str | Path, target_cfg: TargetConfig):
