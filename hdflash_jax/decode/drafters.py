@@ -101,7 +101,7 @@ class MTPDrafter:
         keys = jax.random.split(key, self.num_drafts)
 
         def choose(logits, k):
-            return _choose(logits, k, self.sampled, self.temperature)
+            return choose_drafts(logits, k, self.sampled, self.temperature)
 
         first, first_p = choose(state["logits"], keys[0])
 
@@ -119,7 +119,7 @@ class MTPDrafter:
         return drafts, probs, state
 
 
-def _choose(logits, key, sampled: bool, temperature: float):
+def choose_drafts(logits, key, sampled: bool, temperature: float):
     """Greedy drafts (point masses) or samples with their probabilities (for standard rejection sampling)."""
     if not sampled:
         return jnp.argmax(logits, -1).astype(jnp.int32), None
@@ -165,6 +165,6 @@ class BlockDrafterAdapter:
     def propose(self, target, modules, state, anchor, position, key):
         _, logits = draft_block(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
         keys = jax.random.split(key, self.num_drafts)
-        tokens, probs = jax.vmap(lambda l, k: _choose(l, k, self.sampled, self.temperature), in_axes=(1, 0),
+        tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), in_axes=(1, 0),
                                  out_axes=1)(logits, keys)
         return tokens, probs, state

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hdflash_jax.config import TargetConfig
-from hdflash_jax.decode.drafters import _choose
+from hdflash_jax.decode.drafters import choose_drafts
 from hdflash_jax.dspark.config import DSparkConfig
 from hdflash_jax.dspark.model import draft_hidden, extend_dspark_cache, init_dspark_cache, markov_draft
 
@@ -48,5 +48,5 @@ class DSparkDrafterAdapter:
         base = modules.base_logits(target.head_logits, x)
         keys = jax.random.split(key, self.num_drafts)
         tokens, _, probs = markov_draft(modules, base, anchor,
-                                        lambda l, k: _choose(l, k, self.sampled, self.temperature), keys)
+                                        lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), keys)
         return tokens.astype(jnp.int32), probs, state

@@ -129,7 +129,7 @@ def _window_mask(q_pos, k_pos, window: int):
     return (rel >= 0) & (rel < window)  # [B, Tq, S]
 
 
-def _sink_softmax(scores, sink):
+def sink_softmax(scores, sink):
     """Softmax over the last axis with a per-head sink [H] that only adds to the denominator."""
     sink = sink[None, :, None, None]
     top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
@@ -155,7 +155,7 @@ def dense_core(a: AttentionInputs, sink, window: int, ratio: int, select):
         c_scores = jnp.where(causal[:, None], c_scores, NEG_INF)
     if ratio:
         scores = jnp.concatenate([scores, c_scores], axis=-1)
-    p = _sink_softmax(scores * (1.0 / math.sqrt(d)), sink).astype(q.dtype)
+    p = sink_softmax(scores * (1.0 / math.sqrt(d)), sink).astype(q.dtype)
     n_win = keys.shape[1]
     out = jnp.einsum("bhts,bsd->bthd", p[..., :n_win], keys)
     if ratio and select is not None:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hdflash_jax.config import TargetConfig, yarn_inv_freq
-from hdflash_jax.deepseek_v4.attention import NEG_INF, Attention, _sink_softmax
+from hdflash_jax.deepseek_v4.attention import NEG_INF, Attention, sink_softmax
 from hdflash_jax.deepseek_v4.cache import ring_merge, ring_positions
 from hdflash_jax.deepseek_v4.layers import KeyGen, Linear, RMSNorm, apply_rope, param, rms_norm, rope_angles
 from hdflash_jax.deepseek_v4.mhc import HyperHead, hc_head, hc_post
@@ -136,7 +136,7 @@ def _attention(attn: Attention, cfg: TargetConfig, x, positions, ctx_kv, mask):
     keys = jnp.concatenate([ctx_kv.astype(kv.dtype), kv], axis=1)
     s = jnp.einsum("bthd,bsd->bhts", q, keys, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
     s = jnp.where(mask[:, None], s, NEG_INF)
-    p = _sink_softmax(s, attn.attn_sink[...].astype(jnp.float32)).astype(q.dtype)
+    p = sink_softmax(s, attn.attn_sink[...].astype(jnp.float32)).astype(q.dtype)
     out = apply_rope(jnp.einsum("bhts,bsd->bthd", p, keys), cos, sin, inverse=True)
     g = cfg.o_groups
     wo_a = attn.wo_a.weight[...].reshape(g, cfg.o_lora_rank, h * d // g)
