@@ -6,7 +6,9 @@
   every parameter gradient;
 * the vocabulary-chunked decayed CE + KL == `drafter_loss` on full logits (value, parts, gradient);
 * the teacher from the gathered hidden states == the full target's logits at the KL slots;
-* fp32 master params: the compute copy is the drafter's own dtype again.
+* fp32 master params: the compute copy is the drafter's own dtype again;
+* on an fsdp x expert x tensor mesh the training forward's blocks are sharded over expert, loss and gradients
+  equal to one device.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ block, nothing else. Queries go in chunks of G blocks; each chunk loops over con
 the chunk's largest anchor (the mask as block indices: the rest is never computed), then over its blocks' own keys.
 Nothing of size [N·B, S] is kept: the forward pass saves the output and the log-sum-exp per query, the backward
 pass recomputes each score tile (flash attention's recipe) and accumulates the context keys' gradients over the
-query chunks. `concat_attend` under `training_mask` (drafter/model.py, drafter/training.py) is the reference.
+query chunks. On a mesh with sequence axes (`expert`) the query chunks run in groups side by side, one group per
+shard (`_scan_chunks`). `concat_attend` under `training_mask` (drafter/model.py, drafter/training.py) is the
+reference.
 """
 
 from __future__ import annotations
