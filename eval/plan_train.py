@@ -12,6 +12,10 @@ this module with `--train-override key.path=value` (the trainer's own override s
 
 `--drafter-only` (also before the planner's flags) makes the target's features and KL-slot hidden states inputs of
 the step instead of computing them: the drafter half alone (what offline features would train).
+
+The planner traces the step under `jax.set_mesh(mesh)`: the activation constraints (`sharding.constrain_tokens`,
+the drafter's grouped attention) see the mesh's axes only in such a context, so `Trainer._step` must trace under
+the mesh too for these figures to be the trainer's.
 """
 
 from __future__ import annotations
