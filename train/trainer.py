@@ -295,7 +295,10 @@ class Trainer:
     # -- the step ---------------------------------------------------------------------------------------------
     def _step(self, state, target_params, batch):
         step = dspark_train_step if self.is_dspark else drafter_train_step
-        return step(self.parts, state, target_params, batch)
+        # traced under the mesh's axes: without them the activation constraints (`sharding.constrain_tokens`, the
+        # drafter's grouped attention) are no-ops and every expert shard computes a full copy of its rows
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return step(self.parts, state, target_params, batch)
 
     @property
     def step_fn(self):
