@@ -126,25 +126,28 @@ def run_units(blocks, plan: LayerPlan, streams, tokens, positions, start, n_new,
     blocks: one stacked `Block` per unit position; caches: one stacked cache dict per position. `taps`: canonical
     layer indices (inside the scanned range) whose output streams are wanted; they are kept in a carried buffer,
     each written at its own unit, so the cost is one select per tap and layer, never a stream per unit.
+    The stacked caches ride in the carry, each unit's slice read and written back in place: as scan outputs they
+    would be a second stacked copy of every cache (the loop cannot write its outputs into the donated inputs).
     Returns (streams, new stacked caches, dropped expert assignments, tapped streams in the order of `taps`).
     """
     graphdefs, states = zip(*(nnx.split(b) for b in blocks))
     where = [plan.locate(i)[1:] for i in taps]  # (position, unit) per tap
 
     def body(carry, xs):
-        streams, dropped, kept = carry
-        unit, unit_states, unit_caches = xs
+        streams, dropped, kept, caches = carry
+        unit, unit_states = xs
         new_caches = []
         for pos in range(plan.period):
             block = nnx.merge(graphdefs[pos], unit_states[pos])
-            streams, c, d = block(constrain_tokens(streams), tokens, positions, start, n_new, unit_caches[pos])
-            new_caches.append(c)
+            mine = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, unit, 0, keepdims=False), caches[pos])
+            streams, c, d = block(constrain_tokens(streams), tokens, positions, start, n_new, mine)
+            new_caches.append(jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, unit, 0),
+                                           caches[pos], c))
             dropped = dropped + d
             kept = tuple(jnp.where(unit == u, streams, k) if p == pos else k for k, (p, u) in zip(kept, where))
-        return (streams, dropped, kept), tuple(new_caches)
+        return (streams, dropped, kept, tuple(new_caches)), None
 
     kept0 = tuple(jnp.zeros_like(streams) for _ in taps)
-    init = (streams, jnp.zeros((), jnp.int32), kept0)
-    (streams, dropped, kept), new_caches = jax.lax.scan(
-        body, init, (jnp.arange(plan.n_units), tuple(states), tuple(caches)))
+    init = (streams, jnp.zeros((), jnp.int32), kept0, tuple(caches))
+    (streams, dropped, kept, new_caches), _ = jax.lax.scan(body, init, (jnp.arange(plan.n_units), tuple(states)))
     return streams, list(new_caches), dropped, kept
