@@ -363,7 +363,7 @@ TAU_FLOOR = 1.5
 
 def test_shipped_small_model_is_complete():
     """models/small (what `--target small` and the README's main command load) holds every piece, at the sizes
-    its manifest states."""
+    its manifest states: the target, its tokenizer, HyperDFlash, DFlash, DSpark and DSpark-gated."""
     from hdflash_jax.checkpoint import load_config
     from hdflash_jax.drafter.checkpoint import load_drafter_config
     from hdflash_jax.tokenizer import load_tokenizer
@@ -380,6 +380,11 @@ def test_shipped_small_model_is_complete():
     for name, want in (("hyperdflash", ("final_streams", "gated")), ("dflash", ("layers", "linear"))):
         d = load_drafter_config(SHIPPED / "drafters" / name)
         assert (d.conditioning, d.reducer) == want and d.mask_token_id == tok.mask_id
+    from hdflash_jax.dspark.checkpoint import load_dspark_config
+
+    for name, pooling in (("dspark", "mean"), ("dspark-gated", "gated")):
+        d = load_dspark_config(SHIPPED / "drafters" / name)
+        assert d.pooling == pooling and d.noise_token_id == tok.mask_id and d.block_size == 7
 
 
 def test_shipped_small_model_speculates_losslessly(tmp_path):
