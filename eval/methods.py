@@ -99,9 +99,9 @@ def num_drafts(method: str, sources: dict[str, DrafterSource], mtp_k: int, block
     depth = mtp_depth(method, mtp_k)
     if depth is not None:
         return depth
-    if block_size is None and is_dspark(sources[method]):
-        return sources[method].config.block_size
-    return (block_size or sources[method].config.block_size) - 1
+    from hdflash_jax.decode.drafters import default_num_drafts
+
+    return default_num_drafts(sources[method].config) if block_size is None else block_size - 1
 
 
 @dataclasses.dataclass
@@ -118,8 +118,7 @@ class Method:
 def build_methods(names: list[str], sources: dict[str, DrafterSource], target, settings, *, mtp_k: int,
                   block_size: int | None, seed: int) -> dict[str, Method]:
     """One `Generator` per method over the loaded target (block drafters' weights are loaded here)."""
-    from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter
-    from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
+    from hdflash_jax.decode.drafters import MTPDrafter, NoDrafter, drafter_adapter
     from hdflash_jax.decode.generate import Generator, mesh_of
 
     sampled = settings.temperature > 0
@@ -135,8 +134,7 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
         else:
             src = sources[m]
             modules, origin = src.load(target, seed), src.origin
-            adapter = DSparkDrafterAdapter if is_dspark(src) else BlockDrafterAdapter
-            drafter = adapter(src.config, k, sampled=sampled, temperature=temp)
+            drafter = drafter_adapter(src.config, k, settings.temperature)
         out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
                         drafter.num_drafts + 1, origin)
     return out

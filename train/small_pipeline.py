@@ -36,7 +36,9 @@ from pathlib import Path
 
 import yaml
 
+from eval.methods import is_builtin
 from eval.report import summary_table
+from eval.results import SEED_SUFFIX
 from hdflash_jax.fileio import atomic_dir, atomic_write_text
 from train.drafter_config import load_config as load_drafter_config
 
@@ -207,8 +209,8 @@ def eval_runs(size: dict, out: Path, variants: tuple[str, ...], seeds: tuple[int
               "--batch-size", str(e["batch_size"]), "--prompt-buckets", e["buckets"], "--overwrite"]
     drafter = lambda n: ["--drafter", f"{n}=" + str(out / "drafters" / n / "drafter")]  # noqa: E731
 
-    def methods(names):
-        return ["--method", ",".join(names)] + [a for n in names if n in VARIANTS for a in drafter(n)]
+    def methods(names):  # the --method list and a --drafter for every name that is not a built-in method
+        return ["--method", ",".join(names)] + [a for n in names if not is_builtin(n) for a in drafter(n)]
 
     main = [m for m in MAIN_METHODS if m not in VARIANTS or m in variants or m in ("dflash", "hyperdflash")]
     t1 = main + [v for v in variants if VARIANTS[v].regen == "t1"]
@@ -220,8 +222,7 @@ def eval_runs(size: dict, out: Path, variants: tuple[str, ...], seeds: tuple[int
     if gates:
         runs["gates"] = common + methods(["hyperdflash", "dflash", *gates])
     if seeds:
-        names = [seeded_name(v, s) for v in variants for s in seeds]
-        runs["seeds"] = common + ["--method", ",".join(names)] + [a for n in names for a in drafter(n)]
+        runs["seeds"] = common + methods([seeded_name(v, s) for v in variants for s in seeds])
     return runs
 
 
@@ -253,7 +254,8 @@ def render_report(merged: dict) -> str:
         lines.append("| variant | conditioning / reducer | loss | B | params | τ untrained | τ trained | train s |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for name, t in merged["drafter_training"].items():
-            v = VARIANTS.get(name.rsplit("-s", 1)[0] if name not in VARIANTS else name)
+            seeded = SEED_SUFFIX.match(name)
+            v = VARIANTS.get(name) or (VARIANTS.get(seeded.group("variant")) if seeded else None)
             f = lambda x, spec: format(x, spec) if x is not None else "–"  # noqa: E731
             if v is None:
                 design, kl, block = "–", "–", "–"

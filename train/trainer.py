@@ -27,8 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import DrafterConfig, get_drafter_preset, get_preset
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
-from hdflash_jax.decode.drafters import BlockDrafterAdapter
-from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
+from hdflash_jax.decode.drafters import drafter_adapter
 from hdflash_jax.drafter.model import block_token_ids, init_drafter, init_drafter_from_target, target_io
 from hdflash_jax.drafter.training import TrainAttention, train_hidden
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
@@ -215,13 +214,14 @@ class Trainer:
         self.block_size = self.dcfg.block_size
         self.loss_cfg, self.attention = train_options(cfg, self.block_size)
         self.seed = cfg.seed
+        inherit = cfg.drafter.init_from_target
         if self.is_dspark:
             self.loss_cfg = cfg.dspark_loss
-            init = init_dspark_from_target if cfg.drafter.init_from_target else (
-                lambda t, c, s: init_dspark(c, t.cfg, s))
+            drafter = (init_dspark_from_target(target, self.dcfg, self.seed) if inherit
+                       else init_dspark(self.dcfg, self.tcfg, self.seed))
         else:
-            init = init_drafter_from_target if cfg.drafter.init_from_target else (lambda t, c, s: init_drafter(c, s))
-        drafter = init(target, self.dcfg, self.seed)
+            drafter = (init_drafter_from_target(target, self.dcfg, self.seed) if inherit
+                       else init_drafter(self.dcfg, self.seed))
         self.n_target_active = _active_params(self.tcfg, target)
         self.tpure = PureModule(target)
         self.dpure = PureModule(drafter, params_only=True)
@@ -262,12 +262,8 @@ class Trainer:
                                   self.cfg.data.max_len, self.cfg.data.num_anchors)
 
     def drafter_adapter(self, temperature: float = 0.0):
-        """The decoder's `Drafter` for this drafter at its training block (a DSpark block of B slots drafts B)."""
-        sampled = temperature > 0
-        temp = temperature if sampled else 1.0
-        if self.is_dspark:
-            return DSparkDrafterAdapter(self.dcfg, self.block_size, sampled=sampled, temperature=temp)
-        return BlockDrafterAdapter(self.dcfg, self.block_size - 1, sampled=sampled, temperature=temp)
+        """The decoder's `Drafter` for this drafter at its training block (`decode.drafters.drafter_adapter`)."""
+        return drafter_adapter(self.dcfg, temperature=temperature)
 
     def init_state(self) -> dict:
         """The initial train state, placed: params (the drafter's initial Params), optimizer state, step 0, RNG."""

@@ -168,3 +168,23 @@ class BlockDrafterAdapter:
         tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), in_axes=(1, 0),
                                  out_axes=1)(logits, keys)
         return tokens, probs, state
+
+
+def default_num_drafts(cfg) -> int:
+    """Drafts per step of a trained drafter at its own block: B − 1 for a block drafter ([anchor, mask × (B − 1)]),
+    B for DSpark (slot j of a block of B drafts the token j + 1 after the anchor)."""
+    from hdflash_jax.dspark.config import DSparkConfig
+
+    return cfg.block_size if isinstance(cfg, DSparkConfig) else cfg.block_size - 1
+
+
+def drafter_adapter(cfg, num_drafts: int | None = None, temperature: float = 0.0):
+    """The decoder's `Drafter` for a trained drafter's config: `DSparkDrafterAdapter` for a DSparkConfig, else
+    `BlockDrafterAdapter`; `num_drafts` None: `default_num_drafts`; sampled drafts when temperature > 0."""
+    from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter  # it imports this module
+    from hdflash_jax.dspark.config import DSparkConfig
+
+    k = default_num_drafts(cfg) if num_drafts is None else num_drafts
+    sampled = temperature > 0
+    adapter = DSparkDrafterAdapter if isinstance(cfg, DSparkConfig) else BlockDrafterAdapter
+    return adapter(cfg, k, sampled=sampled, temperature=temperature if sampled else 1.0)
