@@ -56,5 +56,5 @@ def build(name, cfg, args, mesh) -> Program:
         fn = functools.partial(_generate, graph, None, NoDrafter(), settings, s + new + 1)
         lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
         key = jax.eval_shape(lambda: jax.random.key(0))
-        return Program(lambda st, p, n, k: fn(st, None, p, n, k), (state, tokens, lengths, key), (), 0.0)
+        return Program(lambda st, p, n, k: fn(st, None, p, n, k, new), (state, tokens, lengths, key), (), 0.0)
     raise ValueError(f"not a target program: {name!r}")

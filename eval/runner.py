@@ -11,8 +11,8 @@ Per suite (and per MT-Bench turn), per method:
     first execution of an XLA program has one-off costs); both are reported as compile_s. Then the real runs
     are timed (wall_s: generation only);
   * each compiled shape's prefill (the target's prompt pass, the drafter's observe of it and the first token) is
-    also compiled apart and timed (median of a few runs): its cost depends on the padded shape only, so a batch's
-    decode time is its wall time minus its shape's prefill time;
+    timed with the same program run for 0 verify steps (median of a few runs): its cost depends on the padded
+    shape only, so a batch's decode time is its wall time minus its shape's prefill time;
   * per sample (all its turns): tokens, verify steps, accepted tokens, its share of its batches' wall and decode
     seconds (exact at batch 1) — what eval.bootstrap resamples for the intervals.
 """
@@ -20,7 +20,6 @@ Per suite (and per MT-Bench turn), per method:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import statistics
 import sys
@@ -75,30 +74,14 @@ class Cell:
     per_sample: dict = dataclasses.field(default_factory=dict)
 
 
-def _prefill_program(gen, max_len: int, tstate, dstate, prompt, prompt_len, key):
-    """The generate program's first part alone: target prefill, drafter observe, first token."""
-    from flax import nnx
-
-    from hdflash_jax.decode.generate import _prefill
-
-    target = nnx.merge(gen.tgraph, tstate)
-    modules = nnx.merge(gen.dgraph, dstate) if gen.dgraph is not None else None
-    return _prefill(target, modules, gen.drafter, gen.settings, max_len, prompt, prompt_len, key)
-
-
 def prefill_seconds(gen, batch: list[list[int]], seed: int, repeats: int = PREFILL_REPEATS) -> float:
-    """Median wall time of the prefill of `batch`'s shape (compiled and run once untimed first)."""
-    import jax
-    import jax.numpy as jnp
-
-    padded, lengths, plan = gen.prepare(batch)
-    fn = jax.jit(functools.partial(_prefill_program, gen, plan.max_len))
-    args = (gen.tstate, gen.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed))
-    jax.block_until_ready(fn(*args))
+    """Median wall time of the prefill of `batch`'s shape: the compiled generate program itself run with a budget
+    of 0 verify steps (prefill, the drafter's observe of it, the first token; no second program to compile)."""
+    gen.generate(batch, seed=seed, max_steps=0)  # untimed: the first execution's one-off costs
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        gen.generate(batch, seed=seed, max_steps=0)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -126,6 +126,24 @@ def test_no_recompilation_for_a_second_prompt_of_the_same_bucket(target):
     assert g.compile_count == 2
 
 
+def test_a_step_budget_runs_the_same_program_for_fewer_steps(target, ar_runs):
+    """`max_steps` is an argument of the compiled program, not part of its shape: 0 steps is the prefill and
+    first token (what eval times a shape's prefill with), 5 steps the first 5 tokens more, both without a
+    recompile and equal to the full run's prefix."""
+    prompts = _prompts(3)
+    g = Generator(target, settings=DecodeSettings(max_new_tokens=40))
+    full = g.generate(prompts)
+    none = g.generate(prompts, max_steps=0)
+    five = g.generate(prompts, max_steps=5)
+    assert g.compile_count == 1
+    assert none.lengths.tolist() == [1, 1, 1] and none.steps.tolist() == [0, 0, 0]
+    assert five.lengths.tolist() == [6, 6, 6] and five.steps.tolist() == [5, 5, 5]
+    for r in range(3):
+        assert full.row_tokens(r) == ar_runs[3].row_tokens(r)
+        assert none.row_tokens(r) == full.row_tokens(r)[:1]
+        assert five.row_tokens(r) == full.row_tokens(r)[:6]
+
+
 def test_block_drafter_sampled_drafts_are_lossless_too(sampling_target):
     """Sampled drafts with their probabilities (standard rejection sampling) against AR."""
     from hdflash_jax.config import DrafterConfig

@@ -237,25 +237,28 @@ def _running(st: LoopState, max_steps: int) -> jax.Array:
 
 
 def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
-              tstate, dstate, prompt, prompt_len, key, *, loop_shardings=None):
-    """Prefill, then the while_loop. `loop_shardings` (a `LoopState` of shardings, on a mesh) pins the loop
-    state's layout, so the carry — both caches included — keeps one sharding and is updated in place."""
+              tstate, dstate, prompt, prompt_len, key, max_steps, *, loop_shardings=None):
+    """Prefill, then the while_loop for at most `max_steps` verify steps (a traced scalar, so a caller can run
+    the same compiled program with 0 steps: its prefill alone). `loop_shardings` (a `LoopState` of shardings, on
+    a mesh) pins the loop state's layout, so the carry — both caches included — keeps one sharding and is updated
+    in place."""
     target = nnx.merge(tgraph, tstate)
     modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
     pin = ((lambda s: jax.lax.with_sharding_constraint(s, loop_shardings)) if loop_shardings is not None
            else (lambda s: s))
     st = pin(_prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key))
-    st = jax.lax.while_loop(lambda s: _running(s, settings.max_new_tokens),
-                            lambda s: pin(_step(target, modules, drafter, settings, s)), st)
+    limit = jnp.minimum(max_steps, settings.max_new_tokens)  # never past the accepted-length log's rows
+    st = jax.lax.while_loop(lambda s: _running(s, limit), lambda s: pin(_step(target, modules, drafter, settings, s)),
+                            st)
     return st.out, st.n_out, st.accepted, st.prefill_finite
 
 
-def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len, seed, *,
-                     loop_shardings=None):
+def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len, seed,
+                     max_steps, *, loop_shardings=None):
     """`_generate` with the PRNG key made inside from an int32 seed (a plain array places on any mesh and
     process; `jax.random.key(seed)` inside equals it outside)."""
     return _generate(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len,
-                     jax.random.key(seed), loop_shardings=loop_shardings)
+                     jax.random.key(seed), max_steps, loop_shardings=loop_shardings)
 
 
 class Generator:
@@ -326,7 +329,8 @@ class Generator:
         mesh, b = self.mesh, plan.batch
         params = lambda st: jax.tree.map(lambda x: x.sharding, st) if st is not None else None  # noqa: E731
         rep = rows_sharding(mesh, 1, 0)
-        ins = (params(self.tstate), params(self.dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep)
+        ins = (params(self.tstate), params(self.dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep,
+               rep)
         outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
                 rows_sharding(mesh, b, 1))
         return ins, outs
@@ -362,17 +366,19 @@ class Generator:
             padded[r, : len(p)] = ids
         return padded, lengths, plan
 
-    def _inputs(self, prompts, seed: int):
-        """The program's arguments: parameters, then prompts, lengths and seed (global arrays on a mesh)."""
+    def _inputs(self, prompts, seed: int, max_steps: int | None):
+        """The program's arguments: parameters, then prompts, lengths, seed and the step budget (global arrays on
+        a mesh). `max_steps` None: until every row is done (at most max_new_tokens steps)."""
         padded, lengths, plan = self.prepare(prompts)
         seed = np.int32(seed)
+        steps = np.int32(self.settings.max_new_tokens if max_steps is None else max_steps)
         if self.mesh is not None:
             ins, _ = self._io_shardings(plan)
-            padded, lengths, seed = (place(x, sh) for x, sh in zip((padded, lengths, seed), ins[2:]))
-        return plan, (self.tstate, self.dstate, padded, lengths, seed)
+            padded, lengths, seed, steps = (place(x, sh) for x, sh in zip((padded, lengths, seed, steps), ins[2:]))
+        return plan, (self.tstate, self.dstate, padded, lengths, seed, steps)
 
     def lower(self, prompts, seed: int = 0):
-        plan, args = self._inputs(prompts, seed)
+        plan, args = self._inputs(prompts, seed, None)
         with self._mesh_context():
             return self._fn(plan).lower(*args)
 
@@ -395,8 +401,10 @@ class Generator:
                 st = step(self.tstate, self.dstate, st)
         return self._result(st.out, st.n_out, st.accepted, st.prefill_finite)
 
-    def generate(self, prompts, seed: int = 0) -> GenerateResult:
-        plan, args = self._inputs(prompts, seed)
+    def generate(self, prompts, seed: int = 0, max_steps: int | None = None) -> GenerateResult:
+        """Generate for every prompt. `max_steps` caps the verify steps (0: the prefill and first token only, from
+        the same compiled program — what eval times a shape's prefill with)."""
+        plan, args = self._inputs(prompts, seed, max_steps)
         with self._mesh_context():
             return self._result(*self._fn(plan)(*args))
 
