@@ -16,6 +16,10 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    # rows of decode state (caches, activations): the expert axis too. A decode step's attention and caches have
+    # no expert dimension, so without it every expert group would hold a full copy of every row's cache ("DP
+    # attention + EP MoE"); the MoE's all-to-all takes the tokens from there.
+    "decode_batch": ("data", "fsdp", "expert"),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "embed_out": ("tensor",),
@@ -133,16 +137,21 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def row_axes(mesh: Mesh, batch: int) -> tuple[str, ...]:
-    """The mesh axes that shard `batch` rows of decode state (caches, tokens, outputs): the batch rule's axes
-    present in the mesh, each kept while the product still divides `batch` (rows that do not split stay whole)."""
+def _greedy_axes(sizes, rule: str, dim: int) -> tuple[str, ...]:
+    """The rule's axes present in the mesh, each kept while the product still divides `dim`."""
     axes, size = [], 1
-    for a in RULES["batch"]:
-        n = mesh.shape.get(a, 1)
-        if n > 1 and batch % (size * n) == 0:
+    for a in RULES[rule]:
+        n = sizes.get(a, 1)
+        if n > 1 and dim % (size * n) == 0:
             axes.append(a)
             size *= n
     return tuple(axes)
+
+
+def row_axes(mesh: Mesh, batch: int) -> tuple[str, ...]:
+    """The mesh axes that shard `batch` rows of decode state (caches, tokens, outputs): the decode batch rule's
+    axes, each kept while the product still divides `batch` (rows that do not split stay whole)."""
+    return _greedy_axes(dict(mesh.shape), "decode_batch", batch)
 
 
 def rows_sharding(mesh: Mesh, batch: int, ndim: int, dim: int = 0) -> NamedSharding:
@@ -172,49 +181,54 @@ def row_shardings(mesh: Mesh, make, batch: int):
     return jax.tree.map(one, at, more)
 
 
-# activations [B, T, ...]: rows over the data-parallel axes, positions over the expert axis (at batch 1 the expert
-# axis would otherwise hold a full copy of every token's streams; the MoE gathers tokens for its experts anyway)
+# activations [B, T, ...]: rows over the decode batch axes; positions over the expert axis when the rows did not
+# take it (at batch 1 the expert axis would otherwise hold a full copy of every token's streams; the MoE gathers
+# tokens for its experts anyway)
 SEQUENCE_AXES = ("expert",)
 
 
+def _spec(axes):
+    return None if not axes else (axes if len(axes) > 1 else axes[0])
+
+
 def constrain_tokens(x: jax.Array) -> jax.Array:
-    """Shard an activation [B, T, ...] over the current mesh's batch and sequence axes where they divide it;
-    unchanged outside a mesh context."""
+    """Shard an activation [B, T, ...] over the current mesh's row axes (`decode_batch`, greedy) and the sequence
+    axes the rows left free, where they divide it; unchanged outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     sizes = dict(mesh.shape)
-
-    def fit(axes, dim):
-        axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
-        n = int(np.prod([sizes[a] for a in axes])) if axes else 1
-        if not axes or dim % n:
-            return None
-        return axes if len(axes) > 1 else axes[0]
-
-    spec = P(fit(RULES["batch"], x.shape[0]), fit(SEQUENCE_AXES, x.shape[1]), *([None] * (x.ndim - 2)))
+    rows = _greedy_axes(sizes, "decode_batch", x.shape[0])
+    seq = _free_sequence_axes(sizes, rows)
+    n = int(np.prod([sizes[a] for a in seq])) if seq else 1
+    spec = P(_spec(rows), _spec(seq) if seq and x.shape[1] % n == 0 else None, *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _sequence_axes_size() -> tuple[tuple[str, ...], int]:
+def _free_sequence_axes(sizes, rows) -> tuple[str, ...]:
+    return tuple(a for a in SEQUENCE_AXES if sizes.get(a, 1) > 1 and a not in rows)
+
+
+def _sequence_axes_size(batch: int) -> tuple[tuple[str, ...], int]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return (), 1
     sizes = dict(mesh.shape)
-    axes = tuple(a for a in SEQUENCE_AXES if sizes.get(a, 1) > 1)
+    axes = _free_sequence_axes(sizes, _greedy_axes(sizes, "decode_batch", batch))
     return axes, int(np.prod([sizes[a] for a in axes])) if axes else 1
 
 
-def sequence_groups(n: int) -> int:
-    """How many groups of `n` sequence chunks run side by side: the sequence axes' size if it divides n, else 1."""
-    _, size = _sequence_axes_size()
+def sequence_groups(n: int, batch: int) -> int:
+    """How many groups of `n` sequence chunks of `batch` rows run side by side: the size of the sequence axes the
+    rows left free (`constrain_tokens`' rule) if it divides n, else 1."""
+    _, size = _sequence_axes_size(batch)
     return size if size > 1 and n % size == 0 else 1
 
 
-def constrain_groups(x: jax.Array, *, free_rest: bool = False) -> jax.Array:
-    """Shard the leading (chunk group) dimension over the sequence axes; the other dimensions replicated, or with
-    `free_rest` left to propagation (rows already sharded over the batch axes stay so: no gather)."""
-    axes, size = _sequence_axes_size()
+def constrain_groups(x: jax.Array, batch: int, *, free_rest: bool = False) -> jax.Array:
+    """Shard the leading (chunk group) dimension over the sequence axes that `batch` rows left free; the other
+    dimensions replicated, or with `free_rest` left to propagation (rows already sharded stay so: no gather)."""
+    axes, size = _sequence_axes_size(batch)
     if size == 1 or x.shape[0] % size:
         return x
     lead = axes if len(axes) > 1 else axes[0]

@@ -32,8 +32,8 @@ def _run(out: Path, *extra: str, monkeypatch=None) -> tuple[list[dict], dict, li
 
     calls, generate = [], Generator.generate
 
-    def recorded(self, prompts, seed=0):
-        res = generate(self, prompts, seed=seed)
+    def recorded(self, prompts, seed=0, max_steps=None):
+        res = generate(self, prompts, seed=seed, max_steps=max_steps)
         calls.append((self.drafter.num_drafts, res.tokens.tolist(), res.accepted.tolist()))
         return res
 
@@ -95,6 +95,32 @@ def test_generator_on_a_mesh_is_sharded_and_equal(tmp_path):
     t_one = single.lower(prompts, seed=7).compile().memory_analysis().temp_size_in_bytes
     t_mesh = compiled.memory_analysis().temp_size_in_bytes
     assert t_mesh < 0.75 * t_one, (t_mesh, t_one)
+
+
+def test_decode_rows_take_the_expert_axis_too(tmp_path):
+    """On a mesh with an expert axis the decode state's rows are sharded over data AND expert ("DP attention + EP
+    MoE": attention and caches have no expert dimension, so otherwise every expert group keeps a full copy of every
+    row's cache); tokens and acceptance still equal one device, greedy with a block-sized MTP chain."""
+    from hdflash_jax.config import get_preset
+    from hdflash_jax.decode.drafters import MTPDrafter
+    from hdflash_jax.decode.generate import DecodeSettings, Generator
+    from hdflash_jax.deepseek_v4.model import init_target
+
+    cfg = get_preset("tiny").replace(moe_dispatch="expert_parallel")
+    target = init_target(cfg, 3)
+    settings = DecodeSettings(max_new_tokens=10, prompt_buckets=(16,))
+    prompts = [[5, 9, 33, 4, 7], [8, 2], [3, 3, 3, 60], [11]]
+    mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    single = Generator(target, MTPDrafter(3), settings=settings)
+    sharded = Generator(target, MTPDrafter(3), settings=settings, mesh=mesh)
+    a, b = single.generate(prompts), sharded.generate(prompts)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.accepted, b.accepted)
+    plan = sharded.plan([len(p) for p in prompts])
+    specs = {e for s in jax.tree.leaves(sharded._loop_shardings(plan).cache) for e in s.spec if e is not None}
+    assert specs == {("data", "expert")}, specs  # the row dimension of every cache array, stacked ones included
+    compiled = sharded.lower(prompts).compile()
+    assert compiled.input_shardings[0][2].spec[0] == ("data", "expert")  # prompt rows
 
 
 def test_mesh_argument_errors(tmp_path):

@@ -266,10 +266,10 @@ def chunked_core(a: AttentionInputs, sink, window: int, ratio: int, select, chun
 
     if n_chunks == 1:
         return one(0)[:, :t]
-    groups = sequence_groups(n_chunks)
+    groups = sequence_groups(n_chunks, b)
     if groups > 1:  # chunk groups side by side over the sequence axis of the mesh, each group's chunks in turn
-        ids = constrain_groups(jnp.arange(n_chunks).reshape(groups, n_chunks // groups))
-        out = constrain_groups(jax.vmap(lambda row: jax.lax.map(one, row))(ids)).reshape(n_chunks, b, c, h, d)
+        ids = constrain_groups(jnp.arange(n_chunks).reshape(groups, n_chunks // groups), b)
+        out = constrain_groups(jax.vmap(lambda row: jax.lax.map(one, row))(ids), b).reshape(n_chunks, b, c, h, d)
     else:
         out = jax.lax.map(one, jnp.arange(n_chunks))  # [n_chunks, B, c, H, d]
     return jnp.moveaxis(out, 0, 1).reshape(b, t_pad, h, d)[:, :t]

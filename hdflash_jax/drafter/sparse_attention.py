@@ -168,13 +168,13 @@ def _scan_chunks(body, carry, xs):
     axes divide the chunk count, the chunks run as that many groups side by side, the group axis sharded over those
     axes (else every device would run every chunk: the queries' activations are sharded there); each group starts
     from `carry` and the groups' final carries are summed (the body only accumulates into it)."""
-    n = jax.tree.leaves(xs)[0].shape[0]
-    groups = sequence_groups(n)
+    n, b = jax.tree.leaves(xs)[0].shape[:2]  # xs: [chunks, rows, ...]
+    groups = sequence_groups(n, b)
     if groups == 1:
         return jax.lax.scan(body, carry, xs)
-    split = lambda x: constrain_groups(x.reshape(groups, n // groups, *x.shape[1:]), free_rest=True)
+    split = lambda x: constrain_groups(x.reshape(groups, n // groups, *x.shape[1:]), b, free_rest=True)
     carries, ys = jax.vmap(lambda x: jax.lax.scan(body, carry, x))(jax.tree.map(split, xs))
-    ys = jax.tree.map(lambda y: constrain_groups(y, free_rest=True).reshape(n, *y.shape[2:]), ys)
+    ys = jax.tree.map(lambda y: constrain_groups(y, b, free_rest=True).reshape(n, *y.shape[2:]), ys)
     return jax.tree.map(lambda c: jnp.sum(c, axis=0), carries), ys
 
 
