@@ -53,6 +53,11 @@ class PlanResult:
     loop_dot_flops: float  # matmul FLOPs with loop bodies counted per iteration (cost_analysis counts them once)
     active_flops: float  # 2 · active parameters · tokens / devices: what a perfectly split matmul program costs
     chunk: int = 0  # prefill chunk (0: one call over the whole prompt)
+    # temp of the same program compiled with fp32 target weights (`--accelerator-temp`; 0: not measured). XLA:CPU
+    # has no bf16 dot, so it keeps an fp32 copy of every bf16 weight it multiplies, most of them live from the
+    # start: with weights already fp32 there is nothing to copy, and that program's temp is what a chip with bf16
+    # matmuls (TPU, GPU) would need on top of the bf16 arguments
+    temp_fp32_weights_bytes: int = 0
 
     @property
     def flops_ratio(self) -> float:
@@ -83,6 +88,9 @@ def _parse(argv):
     ap.add_argument("--json", help="write one object per program to this file")
     ap.add_argument("--fits", choices=sorted(ACCELERATORS), help="check the per-device bytes against this chip")
     ap.add_argument("--hlo", help="write the compiled HLO text of the (last) program here")
+    ap.add_argument("--accelerator-temp", action="store_true",
+                    help="prefill/verify/generate: compile again with fp32 target weights and report that temp "
+                         "(the CPU's bf16->fp32 weight copies removed) beside the CPU's, with the fit it gives")
     return ap.parse_args(argv)
 
 
@@ -220,15 +228,25 @@ def _builder(name: str):
     return m.build
 
 
-def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
+def _compile(name: str, cfg, args, mesh):
     import jax
 
     prog = _builder(name)(name, cfg, args, mesh)
-    fn, abstract_args, donate = prog.fn, prog.args, prog.donate
-    t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = jax.jit(fn, donate_argnums=donate).lower(*abstract_args)
-        compiled = lowered.compile()
+        return prog, jax.jit(prog.fn, donate_argnums=prog.donate).lower(*prog.args).compile()
+
+
+def temp_with_fp32_weights(name: str, cfg, args, mesh) -> int:
+    """Temp bytes of program `name` with the target's weights in fp32 (see `PlanResult.temp_fp32_weights_bytes`)."""
+    return int(_compile(name, cfg.replace(param_dtype="float32"), args, mesh)[1].memory_analysis().temp_size_in_bytes)
+
+
+def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
+    fp32_weights = getattr(args, "accelerator_temp", False)
+    if fp32_weights and name not in ("prefill", "verify", "generate"):
+        raise SystemExit(f"--accelerator-temp: only for the target's programs, not {name!r}")
+    t0 = time.perf_counter()
+    prog, compiled = _compile(name, cfg, args, mesh)
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     if args.hlo:
@@ -247,7 +265,9 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
         hlo_chars=len(hlo), loop_dot_flops=loop_flops,
-        active_flops=prog.active_flops, chunk=(args.chunk or 0) if name == "prefill" else 0)
+        active_flops=prog.active_flops, chunk=(args.chunk or 0) if name == "prefill" else 0,
+        temp_fp32_weights_bytes=(temp_with_fp32_weights(name, cfg, args, mesh)
+                                 if fp32_weights and cfg.param_dtype != "float32" else 0))
 
 
 def _gib(x) -> str:
@@ -272,6 +292,11 @@ def report(r: PlanResult, fits: str | None) -> str:
         verdict = "fits" if need <= hbm else "does NOT fit"
         lines.append(f"  {fits}: needs {_gib(need)} of {_gib(hbm)} -> {verdict}; bandwidth floor "
                      f"{r.bytes_accessed / bw * 1e3:.3f} ms")
+        if r.temp_fp32_weights_bytes:
+            need = r.argument_bytes + r.output_bytes + r.temp_fp32_weights_bytes - r.alias_bytes
+            verdict = "fits" if need <= hbm else "does NOT fit"
+            lines.append(f"  without the CPU's fp32 weight copies (temp {_gib(r.temp_fp32_weights_bytes)}, compiled "
+                         f"with fp32 weights): needs {_gib(need)} -> {verdict}")
     return "\n".join(lines)
 
 

@@ -52,3 +52,17 @@ def test_loop_bodies_count_once_per_iteration():
     compiled = jax.jit(lambda x: jax.lax.map(lambda a: a @ a, x)).lower(x).compile()
     flops, unknown = mesh_plan.loop_dot_flops(compiled.as_text())
     assert unknown == 0 and flops == 16 * 2 * 64 ** 3
+
+
+def test_accelerator_temp_removes_the_cpus_fp32_weight_copies(capsys):
+    """bf16 weights on XLA:CPU: the program keeps fp32 copies of the weights it multiplies, so its temp exceeds the
+    same program's with fp32 weights (which have nothing to copy) by at least the copies of one layer's experts;
+    the report gives both fits."""
+    r = mesh_plan.main(["--preset", "tiny", "--layers", "3", "--mesh", "expert=2", "--program", "verify",
+                        "--batch", "2", "--seq", "8", "--context", "256", "--fits", "h100", "--accelerator-temp",
+                        "--override", "param_dtype=bfloat16", "--override", "dtype=bfloat16"])[0]
+    assert 0 < r.temp_fp32_weights_bytes < r.temp_bytes
+    assert "without the CPU's fp32 weight copies" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="only for the target's programs"):
+        mesh_plan.main(["--preset", "tiny", "--mesh", "expert=2", "--program", "draft", "--seq", "8",
+                        "--accelerator-temp"])
