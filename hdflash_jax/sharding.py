@@ -16,8 +16,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    # rows of decode state (caches, activations): the expert axis too. A decode step's attention and caches have
-    # no expert dimension, so without it every expert group would hold a full copy of every row's cache ("DP
+    # rows of decode state (both caches, activations): the expert axis too. A decode step's attention and caches
+    # have no expert dimension, so without it every expert group would hold a full copy of every row's cache ("DP
     # attention + EP MoE"); the MoE's all-to-all takes the tokens from there.
     "decode_batch": ("data", "fsdp", "expert"),
     "vocab": ("tensor",),
@@ -34,8 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "hc": (),
     "hc_in": ("fsdp",),
     "layers": (),  # the stacked axis of scanned layers: never sharded (the scan slices it)
-    # the draft cache: the drafter has no experts, so its rows take the expert axis too
-    "draft_batch": ("data", "fsdp", "expert"),
+    # the draft cache's rows follow "decode_batch"; its features and KV heads:
     "draft_embed": ("tensor",),
     "draft_kv": ("tensor",),
 }
@@ -148,6 +147,11 @@ def _greedy_axes(sizes, rule: str, dim: int) -> tuple[str, ...]:
     return tuple(axes)
 
 
+def _spec(axes):
+    """A PartitionSpec entry for these mesh axes: None, one name, or the tuple."""
+    return None if not axes else (axes if len(axes) > 1 else axes[0])
+
+
 def row_axes(mesh: Mesh, batch: int) -> tuple[str, ...]:
     """The mesh axes that shard `batch` rows of decode state (caches, tokens, outputs): the decode batch rule's
     axes, each kept while the product still divides `batch` (rows that do not split stay whole)."""
@@ -158,8 +162,8 @@ def rows_sharding(mesh: Mesh, batch: int, ndim: int, dim: int = 0) -> NamedShard
     """Dimension `dim` (of `ndim`) holds `batch` rows: shard it by `row_axes`, everything else replicated."""
     axes = row_axes(mesh, batch)
     spec = [None] * ndim
-    if axes:
-        spec[dim] = axes if len(axes) > 1 else axes[0]
+    if axes:  # none for a scalar (ndim 0)
+        spec[dim] = _spec(axes)
     return NamedSharding(mesh, P(*spec))
 
 
@@ -185,10 +189,6 @@ def row_shardings(mesh: Mesh, make, batch: int):
 # take it (at batch 1 the expert axis would otherwise hold a full copy of every token's streams; the MoE gathers
 # tokens for its experts anyway)
 SEQUENCE_AXES = ("expert",)
-
-
-def _spec(axes):
-    return None if not axes else (axes if len(axes) > 1 else axes[0])
 
 
 def constrain_tokens(x: jax.Array) -> jax.Array:
@@ -231,6 +231,6 @@ def constrain_groups(x: jax.Array, batch: int, *, free_rest: bool = False) -> ja
     axes, size = _sequence_axes_size(batch)
     if size == 1 or x.shape[0] % size:
         return x
-    lead = axes if len(axes) > 1 else axes[0]
+    lead = _spec(axes)
     rest = P.UNCONSTRAINED if free_rest else None
     return jax.lax.with_sharding_constraint(x, P(lead, *([rest] * (x.ndim - 1))))

@@ -62,14 +62,14 @@ def draft_cache_bytes_per_token(cfg: DrafterConfig, dtype=None) -> int:
 
 def _logical_axes(cache: dict) -> dict:
     """Logical axis names of every leaf (same structure as the cache)."""
-    out = {"length": ("draft_batch",)}
+    out = {"length": ("decode_batch",)}
     if "layers" in cache:
-        kv = ("draft_batch", None, "draft_kv", None)
+        kv = ("decode_batch", None, "draft_kv", None)
         out["layers"] = [{"k": kv, "v": kv} for _ in cache["layers"]]
     if "cond" in cache:
-        out["cond"] = ("draft_batch", None, "draft_embed")
+        out["cond"] = ("decode_batch", None, "draft_embed")
     if "scale" in cache:
-        out["scale"] = ("draft_batch", None)
+        out["scale"] = ("decode_batch", None)
     return out
 
 
