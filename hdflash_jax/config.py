@@ -315,7 +315,9 @@ class DrafterConfig:
     # -- the draft layers ---------------------------------------------------------------------------------
     n_layers: int = 5  # DFlash's default (its depth ablation: 5 is fastest); HyperDFlash does not report depth
     n_heads: int = 32
-    n_kv_heads: int = 8
+    # two KV heads of 128: K and V keep 512 values per token per layer, as a V4 layer's one shared 512-wide KV latent
+    # does (DFlash's Qwen3 drafters keep their target's 8; HyperDFlash does not report its drafter's attention)
+    n_kv_heads: int = 2
     head_dim: int = 128
     inter_dim: int = 12288
     rope_theta: float = 10000.0  # the target's θ (DFlash uses the target's); full-width RoPE over head_dim
@@ -334,8 +336,8 @@ class DrafterConfig:
     gate_residual_rank: int = 0
     # -- inference draft cache ----------------------------------------------------------------------------
     # what the cache keeps per context position: 'cond' (c [D] once, K/V recomputed per step; exact), 'kv' (every
-    # layer's K/V; exact, 2.5x the bytes at V4-Flash width, no recompute), 'cond_fp8' (c in fp8 + a per-position
-    # scale; lossy, half of 'cond')
+    # layer's K/V; exact, no recompute; at V4-Flash width 5,120 B against cond's 8,192 and the target's 6,880, so
+    # the V4-Flash presets use it), 'cond_fp8' (c in fp8 + a per-position scale; lossy, half of 'cond')
     draft_cache: str = "cond"
     draft_chunk: int = 256  # context positions per step of the draft step's online-softmax loop
     # -- from the target (for_target fills these) --------------------------------------------------------
@@ -474,9 +476,9 @@ def _tiny_drafter(**kw) -> DrafterConfig:
 DRAFTER_PRESETS: dict[str, Any] = {
     "tiny-hyperdflash": lambda: _tiny_drafter(),
     "tiny-dflash": lambda: _tiny_drafter(conditioning="layers", reducer="linear"),
-    "v4-flash-hyperdflash": lambda: DrafterConfig.for_target(PRESETS["v4-flash"]),
+    "v4-flash-hyperdflash": lambda: DrafterConfig.for_target(PRESETS["v4-flash"], draft_cache="kv"),
     "v4-flash-dflash": lambda: DrafterConfig.for_target(PRESETS["v4-flash"], conditioning="layers",
-                                                        reducer="linear"),
+                                                        reducer="linear", draft_cache="kv"),
 }
 
 

@@ -51,7 +51,7 @@ def test_reducer_param_counts_v4_flash():
 def test_full_drafter_sizes_v4_flash():
     cfg = get_drafter_preset("v4-flash-hyperdflash", n_layers=1)
     m = dm.abstract_drafter(cfg)
-    per_layer = 4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
+    per_layer = 4096 * 4096 * 2 + 2 * 4096 * 256 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128  # q, o; k, v (2 heads)
     assert count_params(m.layers[0]) == per_layer
     assert count_params(m) == per_layer + 65_541 + 4096 + 4096
     state = nnx.state(m, nnx.Param)
@@ -70,7 +70,7 @@ def test_layer_id_rule_and_config():
     assert DrafterConfig.for_target(get_preset("tiny"), conditioning="layers", reducer="linear",
                                     n_layers=1).layer_ids == (3,)
     hyper = get_drafter_preset("v4-flash-hyperdflash")
-    assert hyper == DrafterConfig() and hyper.layer_ids == () and hyper.n_drafts == 7
+    assert hyper == DrafterConfig(draft_cache="kv") and hyper.layer_ids == () and hyper.n_drafts == 7
     assert DrafterConfig.from_dict(cfg.to_dict()) == cfg
     for bad, match in [(dict(n_heads=6, n_kv_heads=4), "n_kv_heads"), (dict(block_size=1), "block_size"),
                        (dict(mask_token_id=129280), "mask_token_id"), (dict(reducer="conv"), "reducer"),
@@ -368,7 +368,7 @@ def test_drafter_sizes_script(tmp_path, capsys):
     assert rows["hyperdflash"]["reducer_core_params"] == 65_541
     assert rows["final_streams+linear"]["reducer_core_params"] == 67_108_864
     assert rows["dflash"]["target_layer_ids"] == [1, 11, 20, 30, 40]
-    assert rows["hyperdflash"]["total_params"] == 5 * 192_946_432 + 65_541 + 4096 + 4096
+    assert rows["hyperdflash"]["total_params"] == 5 * 186_654_976 + 65_541 + 4096 + 4096  # a layer: q, k, v (2 KV heads), o, MLP, norms
     assert "1024x" in capsys.readouterr().out
 
 
