@@ -147,3 +147,25 @@ def test_intervals_and_seed_groups_in_tables_and_json(tmp_path):
     back = Results.from_json(data)
     assert back.seed_groups["hd"]["gsm8k"] == g and back.suites["gsm8k"]["hd-s1"].per_prompt[0].decode_s == 0.25
     assert json.loads(json.dumps(back.to_json())) == data
+
+
+def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
+    from eval.merge_runs import main, merge_runs
+
+    res = seeded_results().to_json()
+    su = res["suites"]["gsm8k"]
+    run0 = {**res, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s0"]}}}
+    run1 = {**res, "suites": {"gsm8k": {"ar": su["ar"], "hd-s1": su["hd-s1"]}}}
+    for name, r in (("a", run0), ("b", run1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    (tmp_path / "pipe.json").write_text(json.dumps({"runs": {"seeds": run1}}))
+    assert main([str(tmp_path / "m"), str(tmp_path / "a"), f"{tmp_path / 'pipe.json'}#seeds"]) == 0
+    data = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert data["seed_groups"]["hd"]["gsm8k"]["tau_by_seed"] == [2.0, 3.0]  # one run each, one group
+    # a method seen twice must agree; other prompts or settings stop the merge
+    clash = {**run1, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s1"]}}}
+    other = {**run1, "config": {"argv": ["--max-new-tokens", "64"]}}
+    for bad, match in ((clash, "differs from the same method"), (other, "settings")):
+        with pytest.raises(SystemExit, match=match):
+            merge_runs([Results.from_json(run0), Results.from_json(bad)], ["a", "bad"])

@@ -1,0 +1,82 @@
+"""Merge the cells of several `eval.run` results into one report, so that a variant's training seeds evaluated in
+different runs (trained at different times) form one seed group:
+
+    python -m eval.merge_runs OUT RUN [RUN ...]
+
+RUN is a run folder or its results.json; `FILE#NAME` picks run NAME of a pipeline's merged results.json
+(`{"runs": {NAME: results}}`). Runs must agree on what τ depends on: the same prompts per suite (the per-prompt ids)
+and the same settings (--max-new-tokens, --temperature, --block-size). A method in two runs must have the same
+per-prompt τ (greedy decoding is deterministic), else the merge stops. Cells keep their own wall-clock figures,
+which are not comparable across runs; the seed tables read τ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eval.report import seed_groups, write_results
+from eval.results import Results
+
+_SETTINGS = ("--max-new-tokens", "--temperature", "--block-size")
+
+
+def read_run(spec: str) -> Results:
+    path, _, name = spec.partition("#")
+    p = Path(path)
+    d = json.loads((p / "results.json" if p.is_dir() else p).read_text(encoding="utf-8"))
+    if name:
+        if name not in d.get("runs", {}):
+            raise SystemExit(f"{spec}: no run {name!r}; runs: {sorted(d.get('runs', {}))}")
+        d = d["runs"][name]
+    return Results.from_json(d)
+
+
+def _settings(r: Results) -> dict:
+    argv = list(r.config.get("argv") or [])
+    return {k: argv[argv.index(k) + 1] if k in argv[:-1] else None for k in _SETTINGS}
+
+
+def _ids(cell) -> tuple:
+    return tuple(p.id for p in cell.per_prompt or ())
+
+
+def merge_runs(runs: list[Results], names: list[str]) -> Results:
+    """One `Results`: the union of the runs' cells per suite (first run's order), seed groups recomputed."""
+    first = runs[0]
+    suites = {su: dict(cells) for su, cells in first.suites.items()}
+    for r, name in zip(runs[1:], names[1:]):
+        if _settings(r) != _settings(first):
+            raise SystemExit(f"{name}: settings {_settings(r)} differ from {names[0]}'s {_settings(first)}")
+        for su, cells in r.suites.items():
+            if su not in suites:
+                raise SystemExit(f"{name}: suite {su!r} is not in {names[0]}")
+            ref = next(iter(suites[su].values()))
+            for m, c in cells.items():
+                if _ids(c) != _ids(ref):
+                    raise SystemExit(f"{name}: {su}/{m} ran other prompts than {names[0]}")
+                if m in suites[su]:
+                    old = [p.steps for p in suites[su][m].per_prompt or ()]
+                    if [p.steps for p in c.per_prompt or ()] != old:
+                        raise SystemExit(f"{name}: {su}/{m} differs from the same method in an earlier run")
+                    continue
+                suites[su][m] = c
+    config = {**first.config, "merged_from": names}
+    return Results(config, first.versions, suites, seed_groups=seed_groups(suites))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.merge_runs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("runs", nargs="+")
+    args = ap.parse_args(argv)
+    merged = merge_runs([read_run(s) for s in args.runs], args.runs)
+    write_results(args.out, merged, overwrite=True)
+    print(f"wrote {args.out}: {sum(len(c) for c in merged.suites.values())} cells, "
+          f"seed groups {sorted(merged.seed_groups)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
