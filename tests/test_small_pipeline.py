@@ -413,7 +413,7 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
             assert cfg.train.block_size == var.block and cfg.train.steps == size["drafter"]["steps"]
             assert cfg.eval.num_prompts == cfg.eval.batch_size == size["drafter"]["eval_prompts"]
             assert cfg.drafter.kind == var.kind and all(cfg.drafter.overrides[k] == x for k, x in var.overrides.items())
-            assert cfg.loss.kl_alpha == var.loss.get("kl_alpha", 0.1)
+            assert cfg.loss.kl_alpha == var.loss.get("kl_alpha", 0.1) and cfg.loss.kl_slots == var.loss.get("kl_slots", 2)
             assert cfg.data.train.endswith(f"{SP.REGEN_DIRS[var.regen]}/train.jsonl")
             assert cfg.eval.temperature == (1.0 if var.regen == "t1" else 0.0)
         pcfg = P.load_config(None, size["pretrain"])
@@ -433,7 +433,8 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     runs = SP.eval_runs(size, tmp_path, tuple(SP.VARIANTS))
     method = lambda run: runs[run][runs[run].index("--method") + 1].split(",")  # noqa: E731
     assert method("greedy") == list(SP.MAIN_METHODS)
-    assert method("t1") == list(SP.MAIN_METHODS) + ["hyperdflash-t1", "dflash-t1"]
+    assert method("t1") == list(SP.MAIN_METHODS) + ["hyperdflash-t1", "dflash-t1", "hyperdflash-t1-kl7",
+                                                    "hyperdflash-t1-kl7a1"]
     assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16"]
     assert all(f"{m}=" in " ".join(runs["t1"]) for m in ("dspark-gated", "dflash-t1"))
     assert method("gates") == ["hyperdflash", "dflash", "hd-pathnorm", "hd-lowrank"]

@@ -73,6 +73,10 @@ VARIANTS: dict[str, Variant] = {
     "hd-lowrank": Variant({"conditioning": "final_streams", "reducer": "gated", "gate_residual_rank": 32}),
     "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
     "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
+    # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
+    "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
+    "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
+                                    {"kl_slots": 7, "kl_alpha": 1.0}, regen="t1"),
 }
 SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
@@ -266,14 +270,15 @@ def render_report(merged: dict) -> str:
                 design += " + per-stream norm" if v.overrides.get("gate_path_norm") else ""
                 rank = v.overrides.get("gate_residual_rank")
                 design += f" + rank-{rank} residual" if rank else ""
-                kl, block = ("no" if v.loss.get("kl_alpha") == 0.0 else "yes"), v.block
+                alpha, slots = v.loss.get("kl_alpha", 0.1), v.loss.get("kl_slots", 2)
+                kl, block = ("no" if alpha == 0.0 else f"KL {alpha:g} × {slots} slots"), v.block
             design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
             lines.append(f"| {name} | {design} | {kl} | {block} | "
                          f"{f(t['n_params'], ',')} | {f(t['tau_start'], '.3f')} | {f(t['tau_end'], '.3f')} | "
                          f"{f(t['train_s'], '.0f')} |")
         lines.append("\nHeld-out τ: the real speculative decoder (greedy; T = 1 for the T=1-data drafters) on held-out "
-                     "corpus prompts (train.drafter eval), block = the variant's B; loss yes/no: the block loss with / "
-                     "without KL, TV+CE: DeepSpec's.\n")
+                     "corpus prompts (train.drafter eval), block = the variant's B; loss: the decayed CE with "
+                     "KL α × slots (or none), TV+CE: DeepSpec's.\n")
     for name, cmd in merged["commands"].items():
         lines.append(f"- {name}: `{cmd}`")
     return "\n".join(lines) + "\n"
