@@ -410,7 +410,7 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
         for v in size["variants"]:
             cfg = load_config(data=SP.drafter_config(v, size, tmp_path))
             var = SP.VARIANTS[v]
-            assert cfg.train.block_size == var.block and cfg.train.steps == size["drafter"]["steps"]
+            assert cfg.train.block_size == var.block and cfg.train.steps == size["drafter"]["steps"] * var.budget
             assert cfg.eval.num_prompts == cfg.eval.batch_size == size["drafter"]["eval_prompts"]
             assert cfg.drafter.kind == var.kind and all(cfg.drafter.overrides[k] == x for k, x in var.overrides.items())
             assert cfg.loss.kl_alpha == var.loss.get("kl_alpha", 0.1) and cfg.loss.kl_slots == var.loss.get("kl_slots", 2)
@@ -435,6 +435,7 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     assert method("greedy") == list(SP.MAIN_METHODS)
     assert method("t1") == list(SP.MAIN_METHODS) + ["hyperdflash-t1", "dflash-t1", "hyperdflash-t1-kl7",
                                                     "hyperdflash-t1-kl7a1"]
-    assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16"]
+    assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16", "hyperdflash-x2",
+                                   "dflash-x2"]
     assert all(f"{m}=" in " ".join(runs["t1"]) for m in ("dspark-gated", "dflash-t1"))
     assert method("gates") == ["hyperdflash", "dflash", "hd-pathnorm", "hd-lowrank"]

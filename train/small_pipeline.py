@@ -53,6 +53,7 @@ class Variant:
     block: int = 8  # the training block (a DSpark block of B slots drafts B tokens: B = 7 is the others' budget)
     kind: str = "block"
     regen: str = "greedy"  # the regenerated responses it trains on: "greedy" or "t1" (sampled at T = 1)
+    budget: int = 1  # training steps = budget × the size's steps (same batch, lr schedule stretched)
 
 
 # 'hyperdflash' and 'dflash' are the two methods of the paper; the ablations each differ from one of them in one
@@ -74,6 +75,9 @@ VARIANTS: dict[str, Variant] = {
     "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
     "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
     # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
+    # twice the training budget: is the gate's deficit one of convergence speed?
+    "hyperdflash-x2": Variant({"conditioning": "final_streams", "reducer": "gated"}, budget=2),
+    "dflash-x2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=2),
     "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
     "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
                                     {"kl_slots": 7, "kl_alpha": 1.0}, regen="t1"),
@@ -188,12 +192,12 @@ def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) ->
         "data": {"train": str(regen / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
                  "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"],
                  "shuffle_seed": 0 if seed is None else seed},
-        "train": {"global_batch": d["global_batch"], "steps": d["steps"], "block_size": v.block},
+        "train": {"global_batch": d["global_batch"], "steps": d["steps"] * v.budget, "block_size": v.block},
         "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **v.loss},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
         "checkpoint": {"every": 100, "max_to_keep": 1},
         # τ of the untrained drafter, then of the trained one (T = 1 drafters: sampled τ)
-        "eval": {"every": d["steps"], "at_start": True, "num_prompts": d["eval_prompts"],
+        "eval": {"every": d["steps"] * v.budget, "at_start": True, "num_prompts": d["eval_prompts"],
                  "batch_size": d["eval_prompts"], "max_new_tokens": d["eval_max_new_tokens"],
                  "temperature": 1.0 if v.regen == "t1" else 0.0},
         "log": {"every": 10, "tensorboard": False, "progress": False},
@@ -273,6 +277,7 @@ def render_report(merged: dict) -> str:
                 alpha, slots = v.loss.get("kl_alpha", 0.1), v.loss.get("kl_slots", 2)
                 kl, block = ("no" if alpha == 0.0 else f"KL {alpha:g} × {slots} slots"), v.block
             design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
+            design += f" ({v.budget}× steps)" if v is not None and v.budget > 1 else ""
             lines.append(f"| {name} | {design} | {kl} | {block} | "
                          f"{f(t['n_params'], ',')} | {f(t['tau_start'], '.3f')} | {f(t['tau_end'], '.3f')} | "
                          f"{f(t['train_s'], '.0f')} |")
