@@ -42,6 +42,11 @@ def _ids(cell) -> tuple:
     return tuple(p.id for p in cell.per_prompt or ())
 
 
+def _taus(cell) -> tuple:
+    """What a prompt's τ is made of: its verify steps and accepted tokens."""
+    return tuple((p.steps, p.accepted_tokens) for p in cell.per_prompt or ())
+
+
 def merge_runs(runs: list[Results], names: list[str]) -> Results:
     """One `Results`: the union of the runs' cells per suite (first run's order), seed groups recomputed."""
     first = runs[0]
@@ -57,8 +62,7 @@ def merge_runs(runs: list[Results], names: list[str]) -> Results:
                 if _ids(c) != _ids(ref):
                     raise SystemExit(f"{name}: {su}/{m} ran other prompts than {names[0]}")
                 if m in suites[su]:
-                    old = [p.steps for p in suites[su][m].per_prompt or ()]
-                    if [p.steps for p in c.per_prompt or ()] != old:
+                    if _taus(c) != _taus(suites[su][m]):
                         raise SystemExit(f"{name}: {su}/{m} differs from the same method in an earlier run")
                     continue
                 suites[su][m] = c

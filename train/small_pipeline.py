@@ -74,10 +74,10 @@ VARIANTS: dict[str, Variant] = {
     "hd-lowrank": Variant({"conditioning": "final_streams", "reducer": "gated", "gate_residual_rank": 32}),
     "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
     "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
-    # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
     # twice the training budget: is the gate's deficit one of convergence speed?
     "hyperdflash-x2": Variant({"conditioning": "final_streams", "reducer": "gated"}, budget=2),
     "dflash-x2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=2),
+    # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
     "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
     "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
                                     {"kl_slots": 7, "kl_alpha": 1.0}, regen="t1"),
@@ -86,6 +86,7 @@ SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
 GATE_VARIANTS = ("hd-pathnorm", "hd-lowrank")  # evaluated beside hyperdflash and dflash in their own run
 REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
+BASE_LOSS = {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0}  # a Variant's `loss` overrides it
 
 SIZES: dict[str, dict] = {
     "full": {
@@ -193,7 +194,7 @@ def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) ->
                  "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"],
                  "shuffle_seed": 0 if seed is None else seed},
         "train": {"global_batch": d["global_batch"], "steps": d["steps"] * v.budget, "block_size": v.block},
-        "loss": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0, **v.loss},
+        "loss": {**BASE_LOSS, **v.loss},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
         "checkpoint": {"every": 100, "max_to_keep": 1},
         # τ of the untrained drafter, then of the trained one (T = 1 drafters: sampled τ)
@@ -274,7 +275,8 @@ def render_report(merged: dict) -> str:
                 design += " + per-stream norm" if v.overrides.get("gate_path_norm") else ""
                 rank = v.overrides.get("gate_residual_rank")
                 design += f" + rank-{rank} residual" if rank else ""
-                alpha, slots = v.loss.get("kl_alpha", 0.1), v.loss.get("kl_slots", 2)
+                loss = {**BASE_LOSS, **v.loss}
+                alpha, slots = loss["kl_alpha"], loss["kl_slots"]
                 kl, block = ("no" if alpha == 0.0 else f"KL {alpha:g} × {slots} slots"), v.block
             design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
             design += f" ({v.budget}× steps)" if v is not None and v.budget > 1 else ""
