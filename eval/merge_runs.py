@@ -6,14 +6,18 @@ different runs (trained at different times) form one seed group:
 RUN is a run folder or its results.json; `FILE#NAME` picks run NAME of a pipeline's merged results.json
 (`{"runs": {NAME: results}}`). Runs must agree on what τ depends on: the same prompts per suite (the per-prompt ids)
 and the same settings (--max-new-tokens, --temperature, --block-size). A method in two runs must have the same
-per-prompt τ (greedy decoding is deterministic), else the merge stops. Cells keep their own wall-clock figures,
-which are not comparable across runs; the seed tables read τ.
+per-prompt τ (greedy decoding is deterministic), else the merge stops. Cells keep their own wall-clock figures
+(speedup and its interval against their own run's AR), which are not comparable across runs; the merged report
+pairs per-prompt seconds with the first run's AR, so a later run's cells lose theirs (NaN) and get no re-drawn
+speedup interval. The seed tables read τ.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 from eval.report import seed_groups, write_results
@@ -47,6 +51,13 @@ def _taus(cell) -> tuple:
     return tuple((p.steps, p.accepted_tokens) for p in cell.per_prompt or ())
 
 
+def _without_seconds(cell):
+    """The cell without per-prompt seconds: they were timed against another run's AR."""
+    nan = math.nan
+    return dataclasses.replace(cell, per_prompt=tuple(dataclasses.replace(p, wall_s=nan, decode_s=nan)
+                                                      for p in cell.per_prompt))
+
+
 def merge_runs(runs: list[Results], names: list[str]) -> Results:
     """One `Results`: the union of the runs' cells per suite (first run's order), seed groups recomputed."""
     first = runs[0]
@@ -65,7 +76,7 @@ def merge_runs(runs: list[Results], names: list[str]) -> Results:
                     if _taus(c) != _taus(suites[su][m]):
                         raise SystemExit(f"{name}: {su}/{m} differs from the same method in an earlier run")
                     continue
-                suites[su][m] = c
+                suites[su][m] = _without_seconds(c)
     config = {**first.config, "merged_from": names}
     return Results(config, first.versions, suites, seed_groups=seed_groups(suites))
 

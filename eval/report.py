@@ -68,8 +68,8 @@ def _per_prompt(c: CellResult, ar: CellResult, cols: str) -> np.ndarray | None:
     if cols == "tau":
         return np.array([[p.accepted_tokens, p.steps] for p in c.per_prompt], np.float64)
     pairs = [(base[p.id], p) for p in c.per_prompt if p.id in base]
-    if not pairs:
-        return None
+    if not pairs or not all(math.isfinite(x) for b, p in pairs for x in (b.wall_s, p.wall_s)):
+        return None  # no seconds to pair (eval.merge_runs drops a later run's: another AR timed them)
     if cols == "speedup":
         return np.array([[b.wall_s, p.wall_s] for b, p in pairs], np.float64)
     return np.array([[b.decode_s, max(b.tokens - 1, 0), p.decode_s, max(p.tokens - 1, 0)] for b, p in pairs])

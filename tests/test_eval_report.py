@@ -155,7 +155,9 @@ def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
     res = seeded_results().to_json()
     su = res["suites"]["gsm8k"]
     run0 = {**res, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s0"]}}}
-    run1 = {**res, "suites": {"gsm8k": {"ar": su["ar"], "hd-s1": su["hd-s1"]}}}
+    # the second run's AR took twice as long (a loaded machine): the same tokens, other seconds
+    slow_ar = {**su["ar"], "per_prompt": [{**p, "wall_s": 2 * p["wall_s"]} for p in su["ar"]["per_prompt"]]}
+    run1 = {**res, "suites": {"gsm8k": {"ar": slow_ar, "hd-s1": su["hd-s1"]}}}
     for name, r in (("a", run0), ("b", run1)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
@@ -163,6 +165,14 @@ def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
     assert main([str(tmp_path / "m"), str(tmp_path / "a"), f"{tmp_path / 'pipe.json'}#seeds"]) == 0
     data = json.loads((tmp_path / "m" / "results.json").read_text())
     assert data["seed_groups"]["hd"]["gsm8k"]["tau_by_seed"] == [2.0, 3.0]  # one run each, one group
+    # hd-s1 keeps the speedup against its own run's AR; its seconds would pair with the first run's AR, so they
+    # are dropped and nothing is re-drawn from them (no avg interval, no seed speedup interval)
+    s1 = data["suites"]["gsm8k"]["hd-s1"]
+    assert s1["speedup"] == 4.0 and all(p["wall_s"] is None for p in s1["per_prompt"])
+    assert data["seed_groups"]["hd"]["gsm8k"]["speedup"] == 3.0
+    assert data["seed_groups"]["hd"]["gsm8k"]["speedup_ci"] is None
+    md = (tmp_path / "m" / "results.md").read_text()
+    assert "| hd-s1 | 4.00× / 3.00 | 4.00× / 3.00 [3.00, 3.00] |" in md  # avg: no speedup interval
     # a method seen twice must agree; other prompts or settings stop the merge
     clash = {**run1, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s1"]}}}
     other = {**run1, "config": {"argv": ["--max-new-tokens", "64"]}}
