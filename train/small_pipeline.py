@@ -74,9 +74,11 @@ VARIANTS: dict[str, Variant] = {
     "hd-lowrank": Variant({"conditioning": "final_streams", "reducer": "gated", "gate_residual_rank": 32}),
     "hyperdflash-t1": Variant({"conditioning": "final_streams", "reducer": "gated"}, regen="t1"),
     "dflash-t1": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, regen="t1"),
-    # twice the training budget: is the gate's deficit one of convergence speed?
+    # two and four times the training budget: is the gate's deficit one of convergence speed?
     "hyperdflash-x2": Variant({"conditioning": "final_streams", "reducer": "gated"}, budget=2),
     "dflash-x2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=2),
+    "hyperdflash-x4": Variant({"conditioning": "final_streams", "reducer": "gated"}, budget=4),
+    "dflash-x4": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=4),
     # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
     "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
     "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
