@@ -86,6 +86,11 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    for spec in args.runs:  # OUT is replaced whole: a run inside it would be deleted by the write
+        run = Path(spec.partition("#")[0]).resolve()
+        if run == out or out in run.parents:
+            raise SystemExit(f"{spec} is inside OUT {args.out}, which the merge replaces; write elsewhere")
     merged = merge_runs([read_run(s) for s in args.runs], args.runs)
     write_results(args.out, merged, overwrite=True)
     print(f"wrote {args.out}: {sum(len(c) for c in merged.suites.values())} cells, "

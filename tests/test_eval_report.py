@@ -173,6 +173,9 @@ def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
     assert data["seed_groups"]["hd"]["gsm8k"]["speedup_ci"] is None
     md = (tmp_path / "m" / "results.md").read_text()
     assert "| hd-s1 | 4.00× / 3.00 | 4.00× / 3.00 [3.00, 3.00] |" in md  # avg: no speedup interval
+    with pytest.raises(SystemExit, match="inside OUT"):  # the write replaces OUT: never merge a run into itself
+        main([str(tmp_path), str(tmp_path / "a")])
+    assert (tmp_path / "a" / "results.json").is_file()
     # a method seen twice must agree; other prompts or settings stop the merge
     clash = {**run1, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s1"]}}}
     other = {**run1, "config": {"argv": ["--max-new-tokens", "64"]}}
