@@ -1,7 +1,8 @@
 """Methods of an evaluation: their names, the expansion of `--method`, and one `Generator` per method.
 
 Names: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times, so `mtp3,mtp7`
-compare depths in one run), and the block drafters by name (a target's own or `--drafter NAME=CKPT`): HyperDFlash /
+compare depths in one run), `replay` (AR's own greedy answer proposed at no cost: the ceiling that the verify step
+alone allows, greedy runs only), and the block drafters by name (a target's own or `--drafter NAME=CKPT`): HyperDFlash /
 DFlash (`DrafterConfig`) and DSpark (`DSparkConfig`: `dspark`, `dspark-gated`, a converted checkpoint's `dspark`).
 """
 
@@ -16,9 +17,10 @@ from eval.errors import UsageError, log
 if TYPE_CHECKING:
     from eval.targets import DrafterSource, TargetSpec
 
-BUILTIN_METHODS = ("ar", "mtp")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3, mtp7): see mtp_depth
+BUILTIN_METHODS = ("ar", "mtp", "replay")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3, mtp7): see mtp_depth
 MTP_K = re.compile(r"^mtp([1-9][0-9]*)$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+REPLAY_DRAFTS = 7  # the replay ceiling's drafts per step without --block-size: B = 8, the built-in drafters' block
 # the design a method name promises: (conditioning, reducer) of its DrafterConfig
 EXPECTED_DESIGN = {"hyperdflash": ("final_streams", "gated"), "dflash": ("layers", "linear")}
 
@@ -35,8 +37,10 @@ def mtp_depth(method: str, default_k: int) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSource]) -> tuple[list[str], bool]:
-    """'ar,mtp,...' or 'all' → method names (AR first, added if missing); returns (methods, ar_added)."""
+def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSource],
+                   greedy: bool = True) -> tuple[list[str], bool]:
+    """'ar,mtp,...' or 'all' → method names (AR first, added if missing); returns (methods, ar_added). `greedy`:
+    the run's temperature is 0 (`replay` needs it)."""
     known = {**target.drafters, **drafters}
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
@@ -54,6 +58,9 @@ def expand_methods(spec: str, target: TargetSpec, drafters: dict[str, DrafterSou
             if m not in out:
                 out.append(m)
     for m in out:
+        if m == "replay" and not greedy:
+            raise UsageError("--method replay: the replay ceiling proposes AR's greedy answer, so it is defined for "
+                             "greedy runs only (--temperature 0)")
         if mtp_depth(m, 1) is not None and target.config.n_mtp_layers < 1:
             raise UsageError(f"--method {m}: the target {target.name!r} has no MTP layer (n_mtp_layers = 0)")
     ar_added = "ar" not in out
@@ -96,6 +103,8 @@ def num_drafts(method: str, sources: dict[str, DrafterSource], mtp_k: int, block
     a DSpark block of B slots drafts B tokens, so its own default is B drafts."""
     if method == "ar":
         return 0
+    if method == "replay":
+        return REPLAY_DRAFTS if block_size is None else block_size - 1
     depth = mtp_depth(method, mtp_k)
     if depth is not None:
         return depth
@@ -113,12 +122,15 @@ class Method:
     origin: str
     compiled: set = dataclasses.field(default_factory=set)
     compile_s: float = 0.0
+    replays_ar: bool = False  # the replay ceiling: its drafter's reference is AR's output, set per batch
 
 
 def build_methods(names: list[str], sources: dict[str, DrafterSource], target, settings, *, mtp_k: int,
                   block_size: int | None, seed: int) -> dict[str, Method]:
     """One `Generator` per method over the loaded target (block drafters' weights are loaded here)."""
-    from hdflash_jax.decode.drafters import MTPDrafter, NoDrafter, drafter_adapter
+    import numpy as np
+
+    from hdflash_jax.decode.drafters import MTPDrafter, NoDrafter, ReplayDrafter, ReplayTokens, drafter_adapter
     from hdflash_jax.decode.generate import Generator, mesh_of
 
     sampled = settings.temperature > 0
@@ -131,10 +143,13 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
         elif mtp_depth(m, mtp_k) is not None:
             drafter, modules = MTPDrafter(k, sampled=sampled, temperature=temp), None
             origin = f"the target's MTP layer chained {k}x"
+        elif m == "replay":  # the reference is a placeholder until the runner sets each batch's AR output
+            drafter, modules = ReplayDrafter(k), ReplayTokens(np.zeros((1, 1), np.int32))
+            origin = f"AR's greedy output replayed {k} tokens a step (the verify step's ceiling)"
         else:
             src = sources[m]
             modules, origin = src.load(target, seed), src.origin
             drafter = drafter_adapter(src.config, k, settings.temperature)
         out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
-                        drafter.num_drafts + 1, origin)
+                        drafter.num_drafts + 1, origin, replays_ar=m == "replay")
     return out

@@ -152,7 +152,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     cli_drafters = parse_drafter_args(args.drafter, spec.config)
-    methods, ar_added = expand_methods(args.method, spec, cli_drafters)
+    methods, ar_added = expand_methods(args.method, spec, cli_drafters, greedy=args.temperature == 0)
     known = {**spec.drafters, **cli_drafters}
     drafters = {m: known[m] for m in methods if m in known}
     warn_on_design(methods, drafters)

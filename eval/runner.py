@@ -100,17 +100,34 @@ def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> N
     cell.warmup_s += t_warm - t_compiled
 
 
+def set_replay_reference(method: Method, batch: list[list[int]], answers: list[list[int]], max_len: int) -> None:
+    """The replay ceiling's reference for one batch: each row's prompt, then AR's answer to it."""
+    from hdflash_jax.decode.drafters import ReplayTokens
+
+    ref = np.zeros((len(batch), max_len), np.int32)
+    for r, (p, a) in enumerate(zip(batch, answers)):
+        ref[r, : len(p)] = p
+        ref[r, len(p): len(p) + len(a)] = a
+    method.generator.set_drafter_modules(ReplayTokens(ref))
+
+
 def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
-                seed0: int, bar, prefill_by_shape: dict | None = None) -> tuple[dict[int, list[int]], dict[int, tuple]]:
+                seed0: int, bar, prefill_by_shape: dict | None = None,
+                ar_answers: list[list[int]] | None = None) -> tuple[dict[int, list[int]], dict[int, tuple]]:
     """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)} and
     {row: (tokens, steps, accepted tokens, wall seconds, decode seconds)}, a batch's time split evenly over
-    its real rows. `prefill_by_shape` (shape -> prefill seconds) is the method's, filled as shapes compile."""
+    its real rows. `prefill_by_shape` (shape -> prefill seconds) is the method's, filled as shapes compile.
+    `ar_answers` (per row, the replay ceiling only): AR's output for each prompt, the replay's reference."""
     prefill_by_shape = {} if prefill_by_shape is None else prefill_by_shape
     outs: dict[int, list[int]] = {}
     figs: dict[int, tuple] = {}
     for bi, (rows, plan) in enumerate(batches):
         batch = [prompts[r] for r in rows]
-        batch += [batch[-1]] * (plan.batch - len(batch))  # pad: one shape per bucket
+        pad = plan.batch - len(batch)
+        batch += [batch[-1]] * pad  # pad: one shape per bucket
+        if ar_answers is not None:
+            answers = [ar_answers[r] for r in rows]
+            set_replay_reference(method, batch, answers + [answers[-1]] * pad, plan.max_len)
         seed = seed0 + bi
         if plan.shape not in method.compiled:
             bar.set_postfix_str(f"compiling {method.name} {plan.shape}")
@@ -158,8 +175,9 @@ def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells:
             batches = plan_batches([len(p) for p in prompts], plan.args.batch_size, meth.generator.plan)
         except ValueError as e:
             raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
+        answers = [cells["ar"].outputs[i][turn] for i in rows] if meth.replays_ar else None  # AR ran first
         outs, figs = run_prompts(meth, prompts, batches, cell, plan.args.seed + SEED_STRIDE * phase, bar,
-                                 prefill.setdefault(m, {}))
+                                 prefill.setdefault(m, {}), answers)
         for r, i in enumerate(rows):
             cell.outputs.setdefault(i, []).append(outs[r])
             acc = cell.per_sample.setdefault(i, [0, 0, 0, 0.0, 0.0])
@@ -224,8 +242,9 @@ def _greedy_check(su: str, m: str, samples: list[Sample], ar: Cell, c: Cell) -> 
 def training_seeds(meth: Method) -> tuple[int, ...]:
     """The training seed behind a method's drafter: `<variant>-s<seed>` names say it; otherwise the `seed` of the
     training run's config.yaml next to the exported drafter (train.drafter writes <run>/config.yaml and
-    <run>/drafter), or the small pipeline's seed 0 for the shipped drafters. AR / MTP: () (no drafter training)."""
-    if meth.name == "ar" or meth.origin.startswith("the target's MTP layer"):
+    <run>/drafter), or the small pipeline's seed 0 for the shipped drafters. AR / MTP / replay: () (no drafter
+    training)."""
+    if meth.name == "ar" or meth.replays_ar or meth.origin.startswith("the target's MTP layer"):
         return ()
     m = SEED_SUFFIX.match(meth.name)
     if m:

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 exec .venv/bin/python -m eval.run --target small --suite all --limit 8 --max-new-tokens 96 \
-    --method ar,mtp3,mtp7,dflash,hyperdflash --prompt-buckets 256,512 --out runs/main --overwrite "$@"
+    --method ar,mtp3,mtp7,dflash,hyperdflash,replay --prompt-buckets 256,512 --out runs/main --overwrite "$@"

@@ -46,6 +46,19 @@ def test_markdown_table_cells():
     assert "| dflash | 8 | 2.38 | 0.875 | 0.500 |" in md
 
 
+def test_wall_clock_table_marks_the_replay_ceiling():
+    r = make_results()
+    for su, ar_prefill in (("gsm8k", 0.5), ("mbpp", 1.5)):
+        cells = r["suites"][su]
+        cells["ar"].update(decode_speedup=1.0, prefill_s=ar_prefill)
+        cells["dflash"].update(decode_speedup=3.0, prefill_s=0.5)
+        cells["replay"] = {**cell(4.0, [1.0, 1.0], [0, 0, 4], 3.5), "decode_speedup": 5.0, "prefill_s": 0.5}
+    md = render_markdown(r)
+    # decode speedup / τ = 3 / 2.375 and 5 / 4; prefill share of AR's wall = (0.5 + 1.5) / (2 + 2)
+    assert "| dflash | 2.50× | 3.00× | 2.38 | 1.26 | 50% |" in md
+    assert "| replay (ceiling) | 3.50× | 5.00× | 4.00 | 1.25 | 50% |" in md
+
+
 def test_write_results_files(tmp_path):
     out = write_results(tmp_path / "run", make_results())
     assert sorted(p.name for p in out.iterdir()) == [

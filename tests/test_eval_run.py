@@ -233,6 +233,7 @@ def _err(capsys, argv):
     (["--drafter", "mtp=/x"], "built-in method"),
     (["--block-size", "1"], "--block-size must be >= 2"),
     (["--prompt-buckets", "16"], "exceeds the largest bucket"),
+    (["--method", "replay", "--temperature", "1.0"], "greedy runs only (--temperature 0)"),
 ])
 def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -300,11 +301,12 @@ def fast_compile():
 
 @pytest.fixture(scope="module")
 def e2e(drafter_ckpt, tmp_path_factory, fast_compile):
-    """AR + HyperDFlash (from a drafter checkpoint) on GSM8K and MT-Bench: 3 prompts each, one batch padded to 4."""
+    """AR + HyperDFlash (from a drafter checkpoint) + the replay ceiling on GSM8K and MT-Bench: 3 prompts each, one
+    batch padded to 4."""
     out = tmp_path_factory.mktemp("eval") / "out"
     path, _ = drafter_ckpt
     t = time.perf_counter()
-    rc = ev.main(["--suite", "gsm8k,mt_bench", "--method", "hyperdflash", "--drafter", f"hyperdflash={path}",
+    rc = ev.main(["--suite", "gsm8k,mt_bench", "--method", "hyperdflash,replay", "--drafter", f"hyperdflash={path}",
                   "--limit", "3", "--score", "--out", str(out), *E2E])
     return rc, out, time.perf_counter() - t
 
@@ -317,7 +319,7 @@ def test_end_to_end_writes_the_report(e2e):
         assert (out / f).stat().st_size > 0, f
     r = _results(out)
     assert list(r["suites"]) == ["gsm8k", "mt_bench"]
-    assert r["config"]["methods"] == ["ar", "hyperdflash"] and r["config"]["ar_added_as_baseline"]
+    assert r["config"]["methods"] == ["ar", "hyperdflash", "replay"] and r["config"]["ar_added_as_baseline"]
     assert r["config"]["samples"] == {"gsm8k": 3, "mt_bench": 3}
     md = (out / "results.md").read_text()
     assert "| hyperdflash |" in md and "| gsm8k | mt_bench | avg |" in md
@@ -352,7 +354,7 @@ def test_end_to_end_writes_the_report(e2e):
         assert r["suites"]["gsm8k"][m]["score"] == pytest.approx(np.mean([x["score"] for x in mine]), abs=1e-12)
     assert r["suites"]["mt_bench"]["ar"]["score"] is None
     assert all(x["score"] is None for x in recs if x["suite"] == "mt_bench")
-    assert len(recs) == 2 * 3 * 2
+    assert len(recs) == 3 * 3 * 2
     assert {len(x["turns"]) for x in recs if x["suite"] == "mt_bench"} == {2}
 
 
@@ -365,6 +367,23 @@ def test_end_to_end_greedy_outputs_match_ar(e2e):
     by = {(x["suite"], x["id"], x["method"]): x["turns"] for x in recs}
     for (suite, sid, m), turns in by.items():
         assert turns == by[(suite, sid, "ar")]
+
+
+def test_replay_ceiling_accepts_every_draft(e2e):
+    """The replay ceiling proposes AR's own answer, so every verify step accepts all B - 1 drafts: a turn of n
+    generated tokens (the first comes from the prefill) takes exactly ceil((n - 1) / B) steps; one wrong draft
+    anywhere (a stale or misaligned reference) costs a step."""
+    rc, out, _ = e2e
+    r = _results(out)
+    turns = {(x["suite"], x["id"]): [t["tokens"] for t in x["turns"]] for x in _records(out) if x["method"] == "replay"}
+    for suite in ("gsm8k", "mt_bench"):
+        c = r["suites"][suite]["replay"]
+        b = c["block_size"]
+        assert b == 8 and c["greedy_match_ar"] is True
+        for p in c["per_prompt"]:
+            ns = turns[(suite, p["id"])]
+            assert p["steps"] == sum(-(-(n - 1) // b) for n in ns)
+        assert c["tau"] > r["suites"][suite]["hyperdflash"]["tau"]
 
 
 def test_end_to_end_refuses_to_overwrite(e2e, capsys):

@@ -285,17 +285,25 @@ class Generator:
         if self.drafter.num_drafts < 0:
             raise ValueError("num_drafts must be >= 0")
         self.tgraph, self.tstate = nnx.split(target)
-        if drafter_modules is not None:
-            self.dgraph, self.dstate = nnx.split(drafter_modules)
-        else:
-            self.dgraph, self.dstate = None, None
         if mesh is not None:
             from hdflash_jax.sharding import shard_state
 
             self.tstate = shard_state(self.tstate, mesh)
-            self.dstate = shard_state(self.dstate, mesh) if self.dstate is not None else None
+        self.dgraph, self.dstate = None, None
+        if drafter_modules is not None:
+            self.set_drafter_modules(drafter_modules)
         self._compiled = {}
         self.compile_count = 0
+
+    def set_drafter_modules(self, drafter_modules) -> None:
+        """Use these drafter modules' state from the next call on (placed as in __init__). The same graph with
+        arrays of the same shapes reuses the compiled programs (the replay ceiling's reference, set per batch)."""
+        graph, state = nnx.split(drafter_modules)
+        if self.mesh is not None:
+            from hdflash_jax.sharding import shard_state
+
+            state = shard_state(state, self.mesh)
+        self.dgraph, self.dstate = graph, state
 
     def plan(self, prompt_lengths, batch: int | None = None) -> DecodePlan:
         """Bucket, batch and cache length of a generate call on prompts of these lengths (see `plan_decode`)."""
