@@ -2,8 +2,9 @@
 
 Names: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times, so `mtp3,mtp7`
 compare depths in one run), `replay` (AR's own greedy answer proposed at no cost: the ceiling that the verify step
-alone allows, greedy runs only), and the block drafters by name (a target's own or `--drafter NAME=CKPT`): HyperDFlash /
-DFlash (`DrafterConfig`) and DSpark (`DSparkConfig`: `dspark`, `dspark-gated`, a converted checkpoint's `dspark`).
+alone allows, greedy runs only), and the block drafters by name (a target's own or `--drafter NAME=CKPT`):
+HyperDFlash / DFlash (`DrafterConfig`) and DSpark (`DSparkConfig`: `dspark`, `dspark-gated`, a converted
+checkpoint's `dspark`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from eval.errors import UsageError, log
 if TYPE_CHECKING:
     from eval.targets import DrafterSource, TargetSpec
 
-BUILTIN_METHODS = ("ar", "mtp", "replay")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3, mtp7): see mtp_depth
+BUILTIN_METHODS = ("ar", "mtp", "replay")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3): see mtp_depth
 MTP_K = re.compile(r"^mtp([1-9][0-9]*)$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 REPLAY_DRAFTS = 7  # the replay ceiling's drafts per step without --block-size: B = 8, the built-in drafters' block

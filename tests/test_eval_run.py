@@ -375,7 +375,8 @@ def test_replay_ceiling_accepts_every_draft(e2e):
     anywhere (a stale or misaligned reference) costs a step."""
     rc, out, _ = e2e
     r = _results(out)
-    turns = {(x["suite"], x["id"]): [t["tokens"] for t in x["turns"]] for x in _records(out) if x["method"] == "replay"}
+    turns = {(x["suite"], x["id"]): [t["tokens"] for t in x["turns"]]
+             for x in _records(out) if x["method"] == "replay"}
     for suite in ("gsm8k", "mt_bench"):
         c = r["suites"][suite]["replay"]
         b = c["block_size"]
