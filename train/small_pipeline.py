@@ -79,6 +79,9 @@ VARIANTS: dict[str, Variant] = {
     "dflash-x2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=2),
     "hyperdflash-x4": Variant({"conditioning": "final_streams", "reducer": "gated"}, budget=4),
     "dflash-x4": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}, budget=4),
+    # the other two corners of the 2 x 2 at four times the budget: which half is the 4x residual?
+    "hd-linear-x4": Variant({"conditioning": "final_streams", "reducer": "linear", "post_norm": False}, budget=4),
+    "hd-layers-x4": Variant({"conditioning": "layers", "reducer": "gated"}, budget=4),
     # the KL term on every draft slot (the paper: 2) for sampling, where acceptance is 1 − TV(target, draft) per slot
     "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
     "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
