@@ -46,11 +46,8 @@ def _speculative(cfg, target, prompts, ar, settings, args) -> dict:
     """name -> (drafter, modules): MTP, the two untrained block drafters and the replay ceiling."""
     k = args.block_size - 1
     # the replay reference: each prompt, then AR's continuation, as long as the decoder's cache for K drafts
-    ref = np.zeros((args.batch, plan_decode(settings, k, cfg.max_seq_len, [len(p) for p in prompts]).max_len),
-                   np.int32)
-    for r, p in enumerate(prompts):
-        ref[r, : len(p)] = p
-        ref[r, len(p): len(p) + args.new_tokens] = ar.tokens[r]
+    ref = ReplayTokens.of_answers(prompts, [ar.tokens[r] for r in range(len(prompts))],
+                                  plan_decode(settings, k, cfg.max_seq_len, [len(p) for p in prompts]).max_len)
     small = dict(n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=128, block_size=args.block_size)
     hyper = DrafterConfig.for_target(cfg, **small)
     vanilla = DrafterConfig.for_target(cfg, conditioning="layers", reducer="linear", **small)
@@ -58,7 +55,7 @@ def _speculative(cfg, target, prompts, ar, settings, args) -> dict:
         f"mtp (k={args.mtp_k})": (MTPDrafter(args.mtp_k), None),
         "hyperdflash (untrained)": (BlockDrafterAdapter(hyper, k), init_drafter_from_target(target, hyper)),
         "dflash (untrained)": (BlockDrafterAdapter(vanilla, k), init_drafter_from_target(target, vanilla)),
-        "replay ceiling": (ReplayDrafter(k), ReplayTokens(ref)),
+        "replay ceiling": (ReplayDrafter(k), ref),
     }
 
 

@@ -100,17 +100,6 @@ def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> N
     cell.warmup_s += t_warm - t_compiled
 
 
-def set_replay_reference(method: Method, batch: list[list[int]], answers: list[list[int]], max_len: int) -> None:
-    """The replay ceiling's reference for one batch: each row's prompt, then AR's answer to it."""
-    from hdflash_jax.decode.drafters import ReplayTokens
-
-    ref = np.zeros((len(batch), max_len), np.int32)
-    for r, (p, a) in enumerate(zip(batch, answers)):
-        ref[r, : len(p)] = p
-        ref[r, len(p): len(p) + len(a)] = a
-    method.generator.set_drafter_modules(ReplayTokens(ref))
-
-
 def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
                 seed0: int, bar, prefill_by_shape: dict | None = None,
                 ar_answers: list[list[int]] | None = None) -> tuple[dict[int, list[int]], dict[int, tuple]]:
@@ -125,9 +114,12 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         batch = [prompts[r] for r in rows]
         pad = plan.batch - len(batch)
         batch += [batch[-1]] * pad  # pad: one shape per bucket
-        if ar_answers is not None:
+        if ar_answers is not None:  # the replay ceiling: this batch's prompts, then AR's answers to them
+            from hdflash_jax.decode.drafters import ReplayTokens
+
             answers = [ar_answers[r] for r in rows]
-            set_replay_reference(method, batch, answers + [answers[-1]] * pad, plan.max_len)
+            method.generator.set_drafter_modules(
+                ReplayTokens.of_answers(batch, answers + [answers[-1]] * pad, plan.max_len))
         seed = seed0 + bi
         if plan.shape not in method.compiled:
             bar.set_postfix_str(f"compiling {method.name} {plan.shape}")

@@ -124,6 +124,13 @@ def test_no_recompilation_for_a_second_prompt_of_the_same_bucket(target):
     assert g.compile_count == 1
     g.generate([[5] * 20, [7] * 3, [9] * 17])  # next bucket: one more program
     assert g.compile_count == 2
+    # a new reference of the same shape is new state for the same programs; another structure is refused (the
+    # compiled programs hold the drafter's graph)
+    g.set_drafter_modules(ReplayTokens(np.full((3, 64), 2, np.int32)))
+    g.generate(_prompts(3, seed=3))
+    assert g.compile_count == 2
+    with pytest.raises(ValueError, match="structure differs"):
+        g.set_drafter_modules(_block_drafter(target, "final_streams")[1])
 
 
 def test_a_step_budget_runs_the_same_program_for_fewer_steps(target, ar_runs):

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
@@ -65,6 +66,15 @@ class ReplayTokens(nnx.Module):
 
     def __init__(self, tokens):
         self.reference = nnx.Variable(jnp.asarray(tokens, jnp.int32))
+
+    @classmethod
+    def of_answers(cls, prompts, answers, max_len: int) -> "ReplayTokens":
+        """The reference [len(prompts), max_len]: each row's prompt, then its answer (AR's output, for the ceiling)."""
+        ref = np.zeros((len(prompts), max_len), np.int32)
+        for r, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            ref[r, : len(p)] = p
+            ref[r, len(p): len(p) + len(a)] = a
+        return cls(ref)
 
 
 @dataclasses.dataclass(frozen=True)

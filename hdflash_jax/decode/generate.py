@@ -297,8 +297,12 @@ class Generator:
 
     def set_drafter_modules(self, drafter_modules) -> None:
         """Use these drafter modules' state from the next call on (placed as in __init__). The same graph with
-        arrays of the same shapes reuses the compiled programs (the replay ceiling's reference, set per batch)."""
+        arrays of the same shapes reuses the compiled programs (the replay ceiling's reference, set per batch); the
+        compiled programs hold the graph, so another structure needs another Generator."""
         graph, state = nnx.split(drafter_modules)
+        if self.dgraph is not None and graph != self.dgraph:
+            raise ValueError("set_drafter_modules: these modules' structure differs from the Generator's drafter; "
+                             "build a new Generator for them")
         if self.mesh is not None:
             from hdflash_jax.sharding import shard_state
 
