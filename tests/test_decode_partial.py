@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from hdflash_jax.config import get_preset
 from hdflash_jax.decode.drafters import ReplayDrafter, ReplayTokens
@@ -149,7 +148,7 @@ def test_partial_acceptance_each_prompt_alone_equals_batch3(target, prompts, ar_
     ref = corrupted_reference(prompts, ar_long, [e.corrupt for e in exp], MICRO.vocab_size, 128)
     g = Generator(target, ReplayDrafter(K), ReplayTokens(ref[:1]), settings=settings)
     for r in range(3):
-        g.dstate = nnx.state(ReplayTokens(ref[r: r + 1]))  # the reference is explicit state: no recompile
+        g.set_drafter_modules(ReplayTokens(ref[r: r + 1]))  # the reference is explicit state: no recompile
         res = g.generate([prompts[r]])
         _check_row(res, 0, exp[r], ar_long[r])
     assert g.compile_count == 1  # one batch-1 program for the three prompts (one bucket)
