@@ -19,7 +19,9 @@ with one error naming the folder and the parameter.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,82 @@ REPORT_FILE = "report.json"
 def _ocp():
     from orbax.checkpoint import v1 as ocp
 
+    quiet_closed_loop_noise()
     return ocp
+
+
+def quiet_closed_loop_noise() -> None:
+    """After a failed read, TensorStore's pending reads end in noise under the one real error: unraisable
+    `RuntimeError('Event loop is closed')` tracebacks at exit (dozens), the abandoned sibling reads' "Encountered
+    error while reading array index" and asyncio's "Future exception was never retrieved" for them. Those alone
+    are dropped; every other unraisable exception and asyncio message still gets through."""
+    import logging
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_hdflash_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc, text = unraisable.exc_value, str(unraisable.exc_value)
+        if isinstance(exc, RuntimeError) and text == "Event loop is closed":
+            return
+        if "Encountered error while reading array index" in text or "OCDBT" in text:  # a sibling read's failure
+            return
+        previous(unraisable)
+
+    def sibling_read(record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else record.__dict__.get("exception")
+        text = str(record.msg) + " " + str(getattr(record, "args", "")) + " " + str(exc)
+        return not ("never retrieved" in text and ("OCDBT" in text or "TensorStore" in text))
+
+    hook._hdflash_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(sibling_read)
+
+
+@contextlib.contextmanager
+def orbax_log():
+    """Collect (instead of printing) what orbax logs meanwhile: for a corrupt tree it logs the reason and returns
+    None, and the reason names the parameter."""
+    import logging
+
+    logger, lines = logging.getLogger("absl"), []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, propagate = Keep(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+_UNREADABLE = re.compile(r'Error reading "([^"/]+)/')
+
+
+def unreadable(folder: Path | str, e: BaseException, what: str = "parameter") -> ValueError:
+    """A failed orbax/TensorStore read as one line naming the folder and, when the error says it, the parameter
+    (the reason is the failing read's last clause, e.g. "Requested byte range [0, 9) is not valid ...")."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(str(x))
+        x = x.__cause__ or x.__context__
+    lines = [ln.strip() for msg in chain for ln in msg.splitlines() if ln.strip()]
+    for ln in lines:
+        m = _UNREADABLE.search(ln)
+        if m:
+            reason = ln.rsplit('": ', 1)[-1].split(" [tensorstore_spec=")[0]
+            return ValueError(f"{folder}: {what} {m.group(1)!r} cannot be read (a corrupt or truncated file: "
+                              f"{reason[:160]})")
+    detail = next((ln.removeprefix("Error details:").strip() for ln in lines if ln.startswith("Error details:")),
+                  lines[0] if lines else type(e).__name__)
+    return ValueError(f"{folder}: cannot be read (a corrupt or truncated checkpoint: {detail[:160]})")
 
 
 # ---- the model's tree ---------------------------------------------------------------------------------------
@@ -257,9 +334,12 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
     ocp = _ocp()
     params = Path(params).resolve()  # orbax reads no metadata through a relative path
     try:
-        meta = ocp.metadata(params).metadata
+        with orbax_log() as logged:
+            meta = ocp.metadata(params).metadata
     except Exception as e:  # noqa: BLE001 — orbax raises several kinds for an unfinished folder
         raise ValueError(f"{params}: not a finished orbax checkpoint ({type(e).__name__}: {e})") from None
+    if meta is None:  # orbax logs the reason and returns None for a tree whose metadata it cannot read
+        raise unreadable(params, ValueError("\n".join(logged) or "its tree metadata cannot be read"))
     on_disk = flatten(meta)
     graphdef, state = nnx.split(abstract_module)
     flat = list(nnx.to_flat_state(state))
@@ -276,7 +356,10 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
         if shape != tuple(var.shape):
             raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
         abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(key, var))
-    restored = flatten(ocp.load(params, nest(abstract)))
+    try:
+        restored = flatten(ocp.load(params, nest(abstract)))
+    except Exception as e:  # noqa: BLE001 — TensorStore's errors for a corrupt file come as several kinds
+        raise unreadable(params, e) from None
     check_finite(restored, params)
     for p, var in flat:
         var.set_value(restored[dotted(p)])
