@@ -39,8 +39,10 @@ import numpy as np
 
 from convert.dspark_export import is_dspark_folder
 from convert.safetensors_io import CheckpointError, write_safetensors
+from hdflash_jax.cli import run_command
 from hdflash_jax.config import DrafterConfig
-from hdflash_jax.fileio import atomic_dir
+from hdflash_jax.errors import UsageError
+from hdflash_jax.fileio import OutputKind, atomic_dir, check_output, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -220,10 +222,38 @@ def _target_cfg(name: str | None):
     return load_config(name) if is_checkpoint(name) else get_preset(name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _is_zlab_folder(path: Path) -> bool:
+    f = path / CONFIG_FILE
+    try:
+        return f.is_file() and "dflash_config" in read_json(f) and (path / WEIGHTS_FILE).is_file()
+    except (ValueError, TypeError):
+        return False
+
+
+def _is_drafter_checkpoint(path: Path) -> bool:
+    from hdflash_jax.drafter.checkpoint import is_drafter_checkpoint
+    from hdflash_jax.dspark.checkpoint import is_dspark_checkpoint
+
+    return is_drafter_checkpoint(path) or is_dspark_checkpoint(path)
+
+
+OUTPUT_KINDS = {
+    "zlab": OutputKind("a z-lab DFlash folder (config.json with dflash_config + model.safetensors)", _is_zlab_folder),
+    "dspark": OutputKind("a DeepSpec DSpark folder (config.json with dspark_* keys)", lambda p: is_dspark_folder(p)),
+    "here": OutputKind("a drafter checkpoint (drafter_config.json or dspark_config.json + params/)",
+                       _is_drafter_checkpoint),
+}
+MULTI_STREAM_NOTE = ("fc is [D, K·n·D] for n = {n} streams per tapped layer (vec of each tapped layer's streams); "
+                     "z-lab's DFlashDraftModel builds fc as [D, K·D] and loads such a drafter only with hc_mult = 1")
+
+
+def _main(argv: list[str]) -> int:
     from convert.drafter_import import to_here
 
     args = _parser().parse_args(argv)
+    target = args.target if args.target is not None and Path(args.target).exists() else None
+    check_output(args.dst, flag="--dst", kind=OUTPUT_KINDS[args.to], overwrite=args.overwrite,
+                 inputs=[("the source --src", args.src), ("the --target", target)])
     try:
         if args.to == "dspark" or (args.to == "here" and is_dspark_folder(args.src)):
             return _dspark_main(args)
@@ -235,14 +265,24 @@ def main(argv: list[str] | None = None) -> int:
             res = to_here(args.src, args.dst, target_cfg=_target_cfg(args.target), stream_pooling=args.stream_pooling,
                           overwrite=args.overwrite)
     except (ExportError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(str(e)) from None  # a bad source folder: exit 2, before anything is written
+    loadable = args.to != "zlab" or (not res.gate_tensors and res.cfg.hc_mult == 1)
     print(json.dumps({"dst": str(res.dst), "tensors": res.n_tensors, "conditioning": res.cfg.conditioning,
                       "reducer": res.cfg.reducer, "block_size": res.cfg.block_size,
-                      "target_layer_ids": tapped_layers(res.cfg), "gate_tensors": list(res.gate_tensors)}))
-    if res.gate_tensors:
-        print(f"note: {GATE_NOTE}", file=sys.stderr)
+                      "target_layer_ids": tapped_layers(res.cfg), "gate_tensors": list(res.gate_tensors),
+                      **({"zlab_loadable": loadable} if args.to == "zlab" else {})}))
+    if args.to == "zlab" and res.gate_tensors:
+        print(f"note: z-lab's DFlashDraftModel cannot load this export: {GATE_NOTE}", file=sys.stderr)
+    elif args.to == "zlab" and res.cfg.hc_mult > 1:
+        print(f"note: z-lab's DFlashDraftModel cannot load this export: "
+              f"{MULTI_STREAM_NOTE.format(n=res.cfg.hc_mult)}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
 
 
 def _dspark_main(args) -> int:

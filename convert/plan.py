@@ -7,6 +7,8 @@ config. Any problem is one `CheckpointError` naming the file and key, raised bef
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from pathlib import Path
 
@@ -105,9 +107,39 @@ def _unexpected(ctx: _Ctx, info: TensorInfo, why: str):
                           f"{ctx.config_path}; pass --allow-unused to skip it{ctx.hint}")
 
 
+# the official config fields that set a tensor's shape (transformers names: `TargetConfig.to_hf_dict`)
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups",
+                "o_lora_rank", "index_n_heads", "index_head_dim", "n_routed_experts", "n_shared_experts",
+                "moe_inter_dim", "n_hash_layers", "hc_mult", "compress_ratios", "n_mtp_layers")
+
+
+def defaulted_note(config_path: Path, cfg) -> str:
+    """'; <config> does not set n_heads (the default 64 was used)...' for the shape-setting fields a config file
+    leaves out, so a shape mismatch caused by a missing field says so instead of blaming the tensor."""
+    from hdflash_jax.fileio import read_json
+
+    try:
+        raw = read_json(config_path)
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(raw, dict):
+        return ""
+    if "model_type" in raw or "hidden_size" in raw:
+        hf = cfg.to_hf_dict()
+        absent = [k for k in hf if k not in raw and k not in ("tie_word_embeddings", "bos_token_id", "eos_token_id")]
+        shown = {k: hf[k] for k in absent}
+    else:
+        shown = {k: getattr(cfg, k) for k in SHAPE_FIELDS if k not in raw}
+    if not shown:
+        return ""
+    return (f"; note: {config_path} does not set {', '.join(shown)}, so the defaults "
+            f"{', '.join(f'{k}={v!r}' for k, v in shown.items())} were used")
+
+
 def _bad_shape(ctx: _Ctx, info: TensorInfo, want, path: str, note: str = ""):
     raise CheckpointError(f"{info.file}: tensor {info.key!r} has shape {list(info.shape)}, the config "
-                          f"{ctx.config_path} expects {list(want)} for parameter {path!r}{note}")
+                          f"{ctx.config_path} expects {list(want)} for parameter {path!r}{note}"
+                          f"{defaulted_note(ctx.config_path, ctx.cfg)}")
 
 
 def _place(ctx: _Ctx, info: TensorInfo, off: str) -> tuple[list[Target], tuple, bool]:
@@ -242,8 +274,31 @@ def _check_coverage(ctx: _Ctx, cover: dict[str, set]) -> None:
         note = ""
         if path.startswith("mtp.") and not has_mtp:
             note = "; the checkpoint has no MTP weights (transformers does not save them): pass --no-mtp"
-        raise CheckpointError(f"{source_label(ctx.source)}: missing tensor {ctx.names_back(name)!r} (official name) for parameter "
-                              f"{path!r} of the config {ctx.config_path}{note}")
+        raise CheckpointError(f"{source_label(ctx.source)}: missing tensor {_file_key(ctx, ctx.names_back(name))} for "
+                              f"parameter {path!r} of the config {ctx.config_path}{note}")
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _file_key(ctx: _Ctx, official: str) -> str:
+    """A missing tensor as the source's own files would name it. The layouts rename by regex, one way; the file's
+    name is found by analogy with a present tensor whose official name differs only in its indices (layer,
+    expert, MTP depth), the same indices substituted into its key. Unique tensors (or no analogue) are shown by
+    their official name, said as such."""
+    if ctx.layout == "official":
+        return repr(official)
+    skeleton, idx = _DIGITS.sub("#", official), _DIGITS.findall(official)
+    for key, off in ctx.official.items():
+        if not idx or _DIGITS.sub("#", ctx.names_back(off)) != skeleton:
+            continue
+        have, key_digits = _DIGITS.findall(ctx.names_back(off)), _DIGITS.findall(key)
+        if key_digits != have:  # the key's numbers must be the official name's, in order, to swap them
+            continue
+        parts, new = _DIGITS.split(key), iter(idx)
+        guess = "".join(p + (next(new) if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+        return f"{guess!r} (official name {official!r})"
+    return f"{official!r} (official name; the {ctx.layout} file names it otherwise)"
 
 
 def make_plan(source, layout: str, leaves: dict, cfg, *, no_mtp: bool, allow_unused: bool, config_path: Path,

@@ -29,9 +29,11 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from hdflash_jax.errors import CommandError
 
-class CheckpointError(Exception):
-    """Bad input checkpoint; the message names the file (and key)."""
+
+class CheckpointError(CommandError):
+    """Bad input checkpoint; the message names the file (and key). Exit status 1."""
 
 
 DTYPES: dict[str, np.dtype] = {
@@ -135,6 +137,12 @@ class SafetensorsFile:
             out_shape = tuple(shape[:-1]) + (shape[-1] // 2,) if dt == "F4" else tuple(shape)
             self.infos[key] = TensorInfo(key, path, dt, out_shape)
             self._offsets[key] = (offs[0], offs[1])
+        # every tensor owns its bytes: overlapping ranges would let one tensor silently read another's data
+        ranges = sorted((b, e, k) for k, (b, e) in self._offsets.items() if e > b)
+        for (b0, e0, k0), (b1, e1, k1) in zip(ranges, ranges[1:]):
+            if b1 < e0:
+                raise CheckpointError(f"{path}: corrupt header: tensors {k0!r} (data bytes [{b0}, {e0})) and "
+                                      f"{k1!r} ([{b1}, {e1})) overlap; each tensor needs bytes of its own")
         self._mm: mmap.mmap | None = None
         self._fh = None
 

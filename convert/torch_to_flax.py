@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,9 @@ from convert.dspark_layout import mtp_layout
 from convert.plan import Job, Plan, Target, make_plan, source_label
 from convert.quant import dequant_fp4, dequant_fp8
 from convert.safetensors_io import CheckpointError, open_checkpoint
+from hdflash_jax.cli import run_command
 from hdflash_jax.config import ATTENTION_IMPLS, MOE_DISPATCHES
+from hdflash_jax.errors import UsageError
 
 LAYOUTS = ("official", "hf_disk", "hf_memory")
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -84,27 +85,16 @@ def target_config(config_path: Path, dtype: str, no_mtp: bool, compute: dict | N
 
 # ---- paths: refuse what would destroy the source or cannot be written --------------------------------------
 
-def check_paths(src: Path, dst: Path, *, overwrite: bool, config: str | Path | None = None) -> None:
-    """Before anything is read or written: DST must not be, lie inside or contain SRC (or --config), symlinks
-    resolved; an existing DST needs `overwrite`; DST's nearest existing ancestor must be a writable folder."""
-    d = dst.resolve()
-    for flag, p in (("--src", src), ("--config", config)):
-        if p is None:
-            continue
-        r = Path(p).resolve()
-        if d == r or r in d.parents or d in r.parents:
-            how = "is" if d == r else ("lies inside" if r in d.parents else "contains")
-            raise CheckpointError(f"--dst {dst}: {how} the source {flag} {p}; converting would replace it, "
-                                  f"choose a destination outside it")
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{dst}: destination exists (pass --overwrite to replace it)")
-    anc = d.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise CheckpointError(f"--dst {dst}: cannot be created: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--dst {dst}: cannot be created: the folder {anc} is not writable")
+def check_paths(src: Path, dst: str | Path, *, overwrite: bool, config: str | Path | None = None) -> None:
+    """Before anything is read or written: `hdflash_jax.fileio.check_output`'s rule for --dst (never SRC or
+    --config, the checkout, home or the current folder; an existing DST only if it is a converted checkpoint,
+    with --overwrite)."""
+    from hdflash_jax import checkpoint as ck
+    from hdflash_jax.fileio import OutputKind, check_output
+
+    kind = OutputKind("a converted checkpoint (config.json + params/)", ck.is_checkpoint)
+    check_output(dst, flag="--dst", kind=kind, inputs=[("the source --src", src), ("the source --config", config)],
+                 overwrite=overwrite)
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------
@@ -189,12 +179,12 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
     from hdflash_jax.keymap import detect_layout, to_official
 
     t0 = time.perf_counter()
+    check_paths(Path(src), dst, overwrite=overwrite, config=config)  # before Path('') becomes '.'
     src, dst = Path(src), Path(dst)
     if fmt not in ("auto",) + LAYOUTS:
         raise CheckpointError(f"--format: unknown layout {fmt!r}; one of auto, {', '.join(LAYOUTS)}")
     if dtype not in OUT_DTYPES:
         raise CheckpointError(f"--dtype: unknown {dtype!r}; one of {', '.join(OUT_DTYPES)}")
-    check_paths(src, dst, overwrite=overwrite, config=config)
     source = open_checkpoint(src)
     try:
         config_path = find_config(src, config)
@@ -383,22 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.flush_mb >= 0:
-        print("error: --flush-mb must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        convert(args.src, args.dst, fmt=args.format, dtype=args.dtype, no_mtp=args.no_mtp,
-                allow_unused=args.allow_unused, overwrite=args.overwrite, config=args.config,
-                flush_mb=args.flush_mb, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-                moe_dispatch=args.moe_dispatch, attention_impl=args.attention_impl)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError("--flush-mb must be >= 0")
+    convert(args.src, args.dst, fmt=args.format, dtype=args.dtype, no_mtp=args.no_mtp,
+            allow_unused=args.allow_unused, overwrite=args.overwrite, config=args.config,
+            flush_mb=args.flush_mb, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+            moe_dispatch=args.moe_dispatch, attention_impl=args.attention_impl)
     return 0
 
 
+def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup of the temp folder
     sys.exit(main())

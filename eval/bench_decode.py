@@ -11,7 +11,6 @@ approach the replay ceiling (see the README's results on the built-in small mode
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -23,6 +22,7 @@ from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayT
 from hdflash_jax.decode.generate import DecodeSettings, Generator, plan_decode
 from hdflash_jax.drafter.model import init_drafter_from_target
 from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.fileio import write_json_report
 
 
 def _timed(fn, repeats):
@@ -122,8 +122,7 @@ def main(argv=None):
         r["speedup_vs_ar"] = rows["ar"]["wall_s"] / r["wall_s"]
     _print(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": str(jax.devices()[0]), "rows": rows}, f, indent=2)
+        write_json_report(args.json, {"args": vars(args), "device": str(jax.devices()[0]), "rows": rows})
     return rows
 
 

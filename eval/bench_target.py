@@ -7,7 +7,6 @@ step, on the same `tiny` weights; prints tokens/s of both and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -19,6 +18,7 @@ from flax import nnx
 from hdflash_jax.config import get_preset
 from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.fileio import write_json_report
 
 
 def _best(fn, repeats):
@@ -97,8 +97,7 @@ def main(argv=None):
     for k, v in figures.items():
         print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        write_json_report(args.json, figures)
     return figures
 
 

@@ -9,7 +9,6 @@ Counts exclude the target's embedding and LM head (frozen, shared, never drafter
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from hdflash_jax.config import PRESETS, DrafterConfig, get_preset
 from hdflash_jax.drafter.cache import draft_cache_bytes_per_token
 from hdflash_jax.drafter.model import abstract_drafter, count_params
-from hdflash_jax.fileio import atomic_write_text
+from hdflash_jax.fileio import write_json_report
 
 DESIGNS = {
     "hyperdflash": dict(conditioning="final_streams", reducer="gated"),
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
           f"{rows['final_streams+linear']['reducer_core_params'] / h['reducer_core_params']:.0f}x; "
           f"vanilla DFlash fc taps {v['target_layer_ids']}")
     if args.json:
-        atomic_write_text(args.json, json.dumps({"target": args.target, "designs": rows}, indent=2))
+        write_json_report(args.json, {"target": args.target, "designs": rows})
     return 0
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 import math
 from pathlib import Path
 
-from eval.report import seed_groups, write_results
+from eval.report import RESULTS_FOLDER, seed_groups, write_results
+from hdflash_jax.cli import run_command
+from hdflash_jax.errors import UsageError
+from hdflash_jax.fileio import check_output, read_json
 from eval.results import Results
 
 _SETTINGS = ("--max-new-tokens", "--temperature", "--block-size")
@@ -29,12 +32,18 @@ _SETTINGS = ("--max-new-tokens", "--temperature", "--block-size")
 def read_run(spec: str) -> Results:
     path, _, name = spec.partition("#")
     p = Path(path)
-    d = json.loads((p / "results.json" if p.is_dir() else p).read_text(encoding="utf-8"))
+    f = p / "results.json" if p.is_dir() else p
+    if not f.is_file():
+        raise UsageError(f"{spec}: no results.json there")
+    d = read_json(f)
     if name:
         if name not in d.get("runs", {}):
-            raise SystemExit(f"{spec}: no run {name!r}; runs: {sorted(d.get('runs', {}))}")
+            raise UsageError(f"{spec}: no run {name!r}; runs: {sorted(d.get('runs', {}))}")
         d = d["runs"][name]
-    return Results.from_json(d)
+    try:
+        return Results.from_json(d)
+    except ValueError as e:
+        raise UsageError(f"{f}: {e}") from None
 
 
 def _settings(r: Results) -> dict:
@@ -64,39 +73,41 @@ def merge_runs(runs: list[Results], names: list[str]) -> Results:
     suites = {su: dict(cells) for su, cells in first.suites.items()}
     for r, name in zip(runs[1:], names[1:]):
         if _settings(r) != _settings(first):
-            raise SystemExit(f"{name}: settings {_settings(r)} differ from {names[0]}'s {_settings(first)}")
+            raise UsageError(f"{name}: settings {_settings(r)} differ from {names[0]}'s {_settings(first)}")
         for su, cells in r.suites.items():
             if su not in suites:
-                raise SystemExit(f"{name}: suite {su!r} is not in {names[0]}")
+                raise UsageError(f"{name}: suite {su!r} is not in {names[0]}")
             ref = next(iter(suites[su].values()))
             for m, c in cells.items():
                 if _ids(c) != _ids(ref):
-                    raise SystemExit(f"{name}: {su}/{m} ran other prompts than {names[0]}")
+                    raise UsageError(f"{name}: {su}/{m} ran other prompts than {names[0]}")
                 if m in suites[su]:
                     if _taus(c) != _taus(suites[su][m]):
-                        raise SystemExit(f"{name}: {su}/{m} differs from the same method in an earlier run")
+                        raise UsageError(f"{name}: {su}/{m} differs from the same method in an earlier run")
                     continue
                 suites[su][m] = _without_seconds(c)
     config = {**first.config, "merged_from": names}
     return Results(config, first.versions, suites, seed_groups=seed_groups(suites))
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.merge_runs", description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args(argv)
-    out = Path(args.out).resolve()
-    for spec in args.runs:  # OUT is replaced whole: a run inside it would be deleted by the write
-        run = Path(spec.partition("#")[0]).resolve()
-        if run == out or out in run.parents:
-            raise SystemExit(f"{spec} is inside OUT {args.out}, which the merge replaces; write elsewhere")
+    # OUT is replaced whole: never a run being merged (or a folder holding one), never anything but a results folder
+    inputs = [("the run", s.partition("#")[0]) for s in args.runs]
+    check_output(args.out, flag="--out", kind=RESULTS_FOLDER, inputs=inputs, overwrite=True)
     merged = merge_runs([read_run(s) for s in args.runs], args.runs)
-    write_results(args.out, merged, overwrite=True)
+    write_results(args.out, merged, overwrite=True, inputs=inputs)
     print(f"wrote {args.out}: {sum(len(c) for c in merged.suites.values())} cells, "
           f"seed groups {sorted(merged.seed_groups)}")
     return 0
 
 
+def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

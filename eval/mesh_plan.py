@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -250,8 +249,12 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     if args.hlo:
-        with open(args.hlo, "w") as f:
-            f.write(hlo)
+        from hdflash_jax.fileio import OutputKind, atomic_write_text, check_output
+
+        dump = OutputKind("an HLO dump (a file starting with HloModule)",
+                          lambda p: p.read_bytes()[:9] == b"HloModule", folder=False)
+        check_output(args.hlo, flag="--hlo", kind=dump, overwrite=True)
+        atomic_write_text(args.hlo, hlo)
     loop_flops, unknown_trips = loop_dot_flops(hlo)
     if unknown_trips:
         print(f"  note: {unknown_trips} loop(s) without a known trip count, counted once", file=sys.stderr)
@@ -336,9 +339,9 @@ def main(argv=None):
         print(report(r, args.fits), flush=True)
         results.append(r)
     if args.json:
-        from hdflash_jax.fileio import atomic_write_text
+        from hdflash_jax.fileio import write_json_report
 
-        atomic_write_text(args.json, json.dumps([r.to_json() for r in results], indent=2))
+        write_json_report(args.json, [r.to_json() for r in results])
     return results
 
 

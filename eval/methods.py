@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eval.errors import UsageError, log
@@ -77,14 +78,15 @@ def is_dspark(src: DrafterSource) -> bool:
 
 def dspark_checkpoint_source(method: str, path, target_cfg=None, trained: bool = True) -> DrafterSource:
     """A DSpark drafter checkpoint folder (dspark_config.json + params/) as the drafter of `method`."""
-    from eval.targets import DrafterSource
+    from eval.targets import DrafterSource, training_seeds
     from hdflash_jax.dspark.checkpoint import load_dspark, load_dspark_config
 
     cfg = load_dspark_config(path)
     if target_cfg is not None:
         cfg.check_target(target_cfg, where=f"DSpark drafter {path}")
+    path = Path(path)
     return DrafterSource(method, str(path), cfg, lambda target, seed: load_dspark(path, target.cfg)[1],
-                         trained=trained)
+                         trained=trained, path=path, seeds=training_seeds(path))
 
 
 def warn_on_design(methods: list[str], sources: dict[str, DrafterSource]) -> None:
@@ -124,6 +126,7 @@ class Method:
     compiled: set = dataclasses.field(default_factory=set)
     compile_s: float = 0.0
     replays_ar: bool = False  # the replay ceiling: its drafter's reference is AR's output, set per batch
+    seeds: tuple[int, ...] = ()  # the training seed of its drafter checkpoint, when known
 
 
 def build_methods(names: list[str], sources: dict[str, DrafterSource], target, settings, *, mtp_k: int,
@@ -139,6 +142,7 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
     out = {}
     for m in names:
         k = num_drafts(m, sources, mtp_k, block_size)
+        seeds = ()
         if m == "ar":
             drafter, modules, origin = NoDrafter(), None, "autoregressive"
         elif mtp_depth(m, mtp_k) is not None:
@@ -149,8 +153,8 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
             origin = f"AR's greedy output replayed {k} tokens a step (the verify step's ceiling)"
         else:
             src = sources[m]
-            modules, origin = src.load(target, seed), src.origin
+            modules, origin, seeds = src.load(target, seed), src.origin, src.seeds
             drafter = drafter_adapter(src.config, k, settings.temperature)
         out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
-                        drafter.num_drafts + 1, origin, replays_ar=m == "replay")
+                        drafter.num_drafts + 1, origin, replays_ar=m == "replay", seeds=seeds)
     return out

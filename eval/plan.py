@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.errors import UsageError
+from hdflash_jax.fileio import check_output
 from eval.methods import expand_methods, num_drafts, warn_on_design
 from eval.suites import SUITES, Sample, expand_suites, load_suite
 from eval.targets import DrafterSource, TargetSpec, on_mesh, parse_drafter_args, resolve_target
@@ -77,14 +78,22 @@ def _buckets(arg: str | None) -> tuple[int, ...] | None:
     return buckets
 
 
-def _out_dir(args: argparse.Namespace, suites: tuple[str, ...]) -> Path:
-    out = Path(args.out) if args.out else Path("runs") / "eval" / (
+def _out_dir(args: argparse.Namespace, suites: tuple[str, ...], spec: TargetSpec,
+             drafters: dict[str, DrafterSource]) -> Path:
+    """--out (default runs/eval/<suites>-<time>), checked by the one output rule (`fileio.check_output`): never an
+    input of this run, the checkout, home or the current folder; an existing non-empty folder only if it is an
+    earlier results folder, replaced with --overwrite."""
+    from eval.report import RESULTS_FOLDER
+    from eval.suites import DATA_DIR
+
+    out = Path(args.out) if args.out is not None else Path("runs") / "eval" / (
         "-".join(suites if len(suites) < len(SUITES) else ("all",)) + "-"
         + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    inputs = [("the input --target", p) for p in spec.paths]
+    inputs += [(f"the drafter {name}", src.path) for name, src in drafters.items()]
+    inputs += [("the --tokenizer", args.tokenizer if args.tokenizer and Path(args.tokenizer).exists() else None),
+               ("the suites' data", DATA_DIR), ("the --compilation-cache", args.compilation_cache)]
+    check_output(out, flag="--out", kind=RESULTS_FOLDER, inputs=inputs, overwrite=args.overwrite)
     return out
 
 
@@ -145,7 +154,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--suite: {e}") from None
     _check_numbers(args)
     buckets = _buckets(args.prompt_buckets)
-    out = _out_dir(args, suites)
     template = "deepseek_v4_thinking" if args.thinking else None  # None: the tokenizer's own
     try:
         spec = resolve_target(args.target, args.tokenizer, template)
@@ -155,6 +163,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     methods, ar_added = expand_methods(args.method, spec, cli_drafters, greedy=args.temperature == 0)
     known = {**spec.drafters, **cli_drafters}
     drafters = {m: known[m] for m in methods if m in known}
+    out = _out_dir(args, suites, spec, known)
     warn_on_design(methods, drafters)
     samples = _load_samples(suites, args.limit)
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

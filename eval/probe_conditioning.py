@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdflash_jax.fileio import write_json_report
+
 OFFSETS = (1, 2, 3, 4)
 
 
@@ -122,8 +124,7 @@ def main(argv=None) -> int:
         result["accuracy"][name] = {"dim": int(x.shape[1]), "by_offset": acc}
         print(f"{name:10s} {x.shape[1]:5d} " + " ".join(f"{a:7.3f}" for a in acc), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_report(args.json, result, indent=1)
     return 0
 
 

@@ -12,7 +12,6 @@ which part of a method's step is the target's verify and which is its drafter's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from flax import nnx
 
 from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter, ReplayDrafter, ReplayTokens
 from hdflash_jax.decode.generate import DecodeSettings, _prefill, _step
+from hdflash_jax.fileio import write_json_report
 
 
 def _measure(fn, args, repeats: int) -> dict:
@@ -124,8 +124,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = profile(args.bucket, args.max_new_tokens, args.repeats)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_report(args.json, out, indent=1)
     return 0
 
 

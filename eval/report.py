@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
 from eval.bootstrap import rate_ratio, ratio, seed_ci, suite_mean_ci
 from eval.results import SEED_SUFFIX, CellResult, Results, SeedGroup, as_results, jsonable
-from hdflash_jax.fileio import atomic_dir
+from hdflash_jax.fileio import OutputKind, atomic_dir, check_output, has_files
 from hdflash_jax.decode.stats import AcceptanceStats
 
 METHOD_ORDER = ("ar", "mtp", "mtp3", "mtp7", "dflash", "hyperdflash")
@@ -308,19 +308,20 @@ def _plot_hist(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(out_dir, results: Results | Mapping, overwrite: bool = False) -> Path:
+RESULTS_FOLDER = OutputKind("an eval.run results folder (results.json)", has_files("results.json"))
+
+
+def write_results(out_dir, results: Results | Mapping, overwrite: bool = False,
+                  inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
     """Write results.json, results.md, acceptance_by_position.png, accepted_length_hist.png.
 
-    Refuses (FileExistsError) an existing non-empty `out_dir` unless overwrite=True, and writes
-    into a temporary sibling first, so a failure never leaves a half-written report behind.
-    Returns the out dir.
+    The output rule is `fileio.check_output`'s with `RESULTS_FOLDER`: an existing non-empty `out_dir` is replaced
+    only if it is an earlier results folder and overwrite=True, never if it is or holds one of `inputs`. Writes
+    into a temporary sibling first, so a failure never leaves a half-written report behind. Returns the out dir.
     """
     out = Path(out_dir)
     results = as_results(results)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path exists and is not a directory: {out}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty (pass overwrite=True)")
+    check_output(out, flag="--out", kind=RESULTS_FOLDER, inputs=inputs, overwrite=overwrite)
     with atomic_dir(out, overwrite=True) as tmp:  # an empty existing folder is replaced without asking
         (tmp / "results.json").write_text(
             json.dumps(jsonable(results.to_json()), indent=2, allow_nan=False) + "\n", encoding="utf-8"

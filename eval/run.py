@@ -33,11 +33,13 @@ import json
 import sys
 import time
 
-from eval.errors import EXIT_MISMATCH, EXIT_OK, EXIT_RUN, EXIT_USAGE, BadCheckpointError, RunError, UsageError, log
+from eval.errors import EXIT_MISMATCH, EXIT_OK, UsageError, log
 from eval.plan import make_plan
 from eval.runner import execute
 from eval.suites import SUITES
 from eval.targets import TARGETS
+from hdflash_jax.cli import run_command
+from hdflash_jax.fileio import atomic_write_text
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -127,35 +129,22 @@ def _init_processes(args: argparse.Namespace) -> bool:
     return lead
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     """Parse, check, run and write; returns the exit status (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        lead = _init_processes(args)
-        plan = make_plan(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    lead = _init_processes(args)
+    plan = make_plan(args)
     plan.argv = argv
     if args.score:  # model-written code runs isolated, or unisolated only when the user says so
         from eval.sandbox import UnisolatedError, require_isolation
         try:
             isolation = require_isolation(args.allow_unisolated).to_json(args.allow_unisolated)
         except UnisolatedError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(str(e)) from None
     log(f"suites: {', '.join(f'{s} ({len(v)})' for s, v in plan.samples.items())}; methods: "
         f"{', '.join(plan.methods)}{' (ar added as the baseline)' if plan.ar_added else ''}; out: {plan.out}")
     t0 = time.perf_counter()
-    try:
-        results, records = execute(plan)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUN
-    except BadCheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    results, records = execute(plan)
     results.config["total_s"] = time.perf_counter() - t0
     if plan.mesh is not None:
         import jax
@@ -170,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     from eval.report import summary_table, write_results
 
     out = write_results(plan.out, results, overwrite=args.overwrite)
-    with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    atomic_write_text(out / "outputs.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
+                                                     for r in records))
     print(summary_table(results))
     log(f"wrote {out}/results.json, results.md, acceptance_by_position.png, accepted_length_hist.png, "
         f"outputs.jsonl ({results.config['total_s']:.1f}s)")
@@ -181,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.allow_mismatch:
             return EXIT_MISMATCH
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from eval.errors import BadCheckpointError, RunError, log
@@ -232,23 +231,10 @@ def _greedy_check(su: str, m: str, samples: list[Sample], ar: Cell, c: Cell) -> 
 
 
 def training_seeds(meth: Method) -> tuple[int, ...]:
-    """The training seed behind a method's drafter: `<variant>-s<seed>` names say it; otherwise the `seed` of the
-    training run's config.yaml next to the exported drafter (train.drafter writes <run>/config.yaml and
-    <run>/drafter), or the small pipeline's seed 0 for the shipped drafters. AR / MTP / replay: () (no drafter
-    training)."""
-    if meth.name == "ar" or meth.replays_ar or meth.origin.startswith("the target's MTP layer"):
-        return ()
-    m = SEED_SUFFIX.match(meth.name)
-    if m:
-        return (int(m.group("seed")),)
-    run_cfg = Path(meth.origin).parent / "config.yaml"
-    if run_cfg.is_file():
-        import yaml
-
-        return (int((yaml.safe_load(run_cfg.read_text()) or {}).get("seed", 0)),)
-    if (Path(meth.origin).parents[1] / "manifest.json").is_file():  # models/small/drafters/<name>
-        return (0,)
-    return ()
+    """The training seed behind a method's drafter: `<variant>-s<seed>` names say it; otherwise what its checkpoint
+    says (`eval.targets.training_seeds`). AR / MTP / replay and drafters built in memory: () (no training run)."""
+    m = SEED_SUFFIX.match(meth.name)  # never a built-in method's name
+    return (int(m.group("seed")),) if m else meth.seeds
 
 
 def interval_figures(c: Cell, ar: Cell, n_samples: int) -> dict:

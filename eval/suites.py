@@ -20,9 +20,10 @@ template; for MT-Bench the second user turn follows the model's own first answer
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
+
+from hdflash_jax.fileio import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -81,11 +82,6 @@ def expand_suites(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if not out:
         raise ValueError(f"no suite selected; valid suites: {', '.join(SUITES)}, all")
     return tuple(out)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _gsm8k(rows: list[dict]) -> list[Sample]:
@@ -188,6 +184,10 @@ def load_suite(name: str, limit: int | None = None, data_dir: Path | str | None 
     root = Path(data_dir) if data_dir is not None else DATA_DIR
     out: list[Sample] = []
     for s in suites:
-        samples = _BUILDERS[s](_read_jsonl(root / FILES[s]))
+        path = root / FILES[s]
+        try:
+            samples = _BUILDERS[s](read_jsonl(path))
+        except (KeyError, TypeError, AttributeError) as e:  # valid JSON, but not this suite's records
+            raise ValueError(f"{path}: not a {s} file ({type(e).__name__}: {e})") from None
         out.extend(samples if limit is None else samples[:limit])
     return out

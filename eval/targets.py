@@ -23,6 +23,25 @@ class DrafterSource:
     config: Any  # DrafterConfig
     load: Callable[[Any, int], Any]  # (target model, seed) -> BlockDrafter
     trained: bool = False
+    path: Path | None = None  # the checkpoint folder (an input of the run), None for a drafter built in memory
+    seeds: tuple[int, ...] = ()  # the training seed behind a checkpoint, when known (`training_seeds`)
+
+
+def training_seeds(path: Path) -> tuple[int, ...]:
+    """The training seed of a drafter checkpoint: the `seed` of the training run's config.yaml next to it
+    (train.drafter writes <run>/config.yaml and <run>/drafter), or the small pipeline's seed 0 for the drafters
+    shipped in models/small (models/small/manifest.json); () when nothing says."""
+    run_cfg = path.parent / "config.yaml"
+    if run_cfg.is_file():
+        import yaml
+
+        try:
+            return (int((yaml.safe_load(run_cfg.read_text()) or {}).get("seed", 0)),)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+            return ()
+    if len(path.parents) > 1 and (path.parents[1] / "manifest.json").is_file():  # models/small/drafters/<name>
+        return (0,)
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +57,7 @@ class TargetSpec:
     # (seed, mesh) -> DeepseekV4 whose parameters are read straight into their mesh shardings (None: `load`, then
     # placed by the logical-axis rules)
     load_sharded: Callable[[int, Any], Any] | None = None
+    paths: tuple[Path, ...] = ()  # the folders the target is read from (inputs of the run)
 
 
 def on_mesh(spec: TargetSpec, mesh) -> TargetSpec:
@@ -104,8 +124,9 @@ def _small(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
             drafters[d.name] = dspark_checkpoint_source(d.name, d)
         elif (d / "drafter_config.json").is_file():
             drafters[d.name] = DrafterSource(d.name, str(d), load_drafter_config(d),
-                                             lambda target, seed, d=d: load_drafter(d, target.cfg)[1], trained=True)
-    return dataclasses.replace(spec, name="small", drafters=drafters)
+                                             lambda target, seed, d=d: load_drafter(d, target.cfg)[1], trained=True,
+                                             path=d, seeds=training_seeds(d))
+    return dataclasses.replace(spec, name="small", drafters=drafters, paths=(root,))
 
 
 # Named targets: name -> factory(tokenizer spec or None, chat template or None = the tokenizer's) -> TargetSpec.
@@ -140,7 +161,8 @@ def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str | N
     # a converted DSpark checkpoint carries its drafter beside the target (convert/torch_to_flax.py)
     dspark = {"dspark": dspark_checkpoint_source("dspark", path / "dspark", cfg)} if (path / "dspark").is_dir() else {}
     return TargetSpec(name=path.name, origin=str(path), config=cfg, load=lambda seed: load_params(path)[1],
-                      drafters=dspark, tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1])
+                      drafters=dspark, tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1],
+                      paths=(path,))
 
 
 def resolve_target(name: str, tokenizer: str | None = None, chat_template: str | None = None) -> TargetSpec:
@@ -193,5 +215,5 @@ def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, Drafter
         if not (p / "params").is_dir():
             raise UsageError(f"--drafter {name}: {p} is not a drafter checkpoint (no params/)")
         out[name] = DrafterSource(name, str(p), dcfg, lambda target, seed, p=p: load_drafter(p, target.cfg)[1],
-                                  trained=True)
+                                  trained=True, path=p, seeds=training_seeds(p))
     return out

@@ -115,6 +115,7 @@ class World:
         self.src = self.root / "src"
         shutil.copytree(self.base.src, self.src)
         self.dst = self.root / "out"
+        self.chdir: Path | None = None  # the folder the command runs in (default: unchanged)
         self.file = self.src / "model.safetensors"
         self.config = self.src / "config.json"
 
@@ -216,10 +217,112 @@ def _dst_exists(w: World) -> list[str]:
     return conv(w)
 
 
+def _fake_checkpoint(p: Path) -> None:
+    """A folder shaped like a converted checkpoint (config.json + params/): the converter's own kind of output."""
+    (p / "params").mkdir(parents=True)
+    (p / "config.json").write_text(json.dumps(tiny_cfg().to_dict()))
+
+
+def _dst_ancestor_of_cwd(w: World) -> list[str]:
+    deep = w.root / "here" / "deep"
+    deep.mkdir(parents=True)
+    w.chdir = deep
+    return ["--src", str(w.src), "--dst", str(w.root / "here"), "--overwrite"]
+
+
 def _parent_is_file(w: World) -> list[str]:
     (w.root / "afile").write_text("x")
     w.dst = w.root / "afile" / "out"
     return conv(w)
+
+
+def _overlap(h):
+    """Two same-sized tensors pointing at the same bytes (the second silently reads the first's data)."""
+    h["layers.1.attn_norm.weight"]["data_offsets"] = list(h["layers.0.attn_norm.weight"]["data_offsets"])
+
+
+def hf_disk_name(official: str) -> str:
+    """An official name as transformers' save_pretrained writes it (the inverse of keymap._HF_DISK_RULES)."""
+    if official == "head.weight":
+        return official
+    if official.startswith("embed."):
+        return "model.embed_tokens." + official[len("embed."):]
+    if official.startswith("hc_head_"):
+        return "model.hc_head.hc_" + official[len("hc_head_"):]
+    name = official.replace(".attn.kv_norm.", ".attn.norm.")
+    name = name[: -len(".scale")] + ".weight_scale_inv" if name.endswith(".scale") else name
+    return "model." + name
+
+
+def _hf_disk_missing(w: World) -> list[str]:
+    t = {hf_disk_name(k): v for k, v in w.base.tensors.items() if k != WKV}
+    write_safetensors(w.file, t)
+    return conv(w)
+
+
+def _corrupt_params(folder: Path) -> None:
+    """Overwrite every data file of an orbax params folder with a few garbage bytes (a truncated copy)."""
+    for f in (folder / "params").rglob("d/*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage\x00")
+
+
+def _corrupt_copy(kind: str):
+    def make(w: World) -> list[str]:
+        p = w.copy(w.base.nan_ckpt if kind in ("params", "eval", "train") else w.base.nan_drafter, "ckpt")
+        _corrupt_params(p)
+        w.file = p / "params"
+        if kind == "eval":
+            return _eval(w, "--target", str(p), "--method", "ar")
+        if kind == "train":
+            return _train_override(f"target.checkpoint={p}")(w)
+        return [str(p)]
+    return make
+
+
+def _garbage_metadata(w: World) -> list[str]:
+    p = w.copy(w.base.nan_ckpt, "ckpt")
+    (p / "params" / "state" / "_METADATA").write_text("{garbage")
+    w.file = p / "params"
+    return [str(p)]
+
+
+def _users_folder(w: World) -> Path:
+    mine = w.root / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own notes")
+    return mine
+
+
+def _eval_drafter_out(w: World) -> list[str]:
+    d = w.copy(w.base.nan_drafter, "drafter")
+    return _eval_out(d, "--drafter", f"hd={d}", "--method", "hd")
+
+
+def _train_data(text: str):
+    def make(w: World) -> list[str]:
+        data = w.root / "empty.jsonl"
+        data.write_text(text)
+        w.file = data
+        return _train_override(f"data.train={data}")(w)
+    return make
+
+
+def _fake_results(p: Path) -> Path:
+    p.mkdir(parents=True)
+    (p / "results.json").write_text("{}")
+    return p
+
+
+def _garbage_suite(w: World, line: str = "{not json") -> Path:
+    from eval.suites import DATA_DIR, FILES
+
+    root = w.root / "suites"
+    f = root / FILES["gsm8k"]
+    f.parent.mkdir(parents=True)
+    first = (DATA_DIR / FILES["gsm8k"]).read_text(encoding="utf-8").splitlines()[0]
+    f.write_text(first + "\n" + line + "\n" if line.startswith("{not") else line + "\n")
+    return root
 
 
 def _nan(key, value):
@@ -294,6 +397,12 @@ def _edit_cfg(edit):
 
 def _eval(w: World, *extra) -> list[str]:
     return ["--suite", "gsm8k", "--limit", "1", "--tokenizer", "byte", "--quiet", "--out", str(w.dst), *extra]
+
+
+def _eval_out(out: Path, *extra) -> list[str]:
+    """eval.run writing to `out` with --overwrite (the output rule must refuse whatever `out` is)."""
+    return ["--suite", "gsm8k", "--limit", "1", "--tokenizer", "byte", "--quiet", "--out", str(out), "--overwrite",
+            *extra]
 
 
 def _eval_target(text: str):
@@ -375,17 +484,32 @@ CFG_STR = json.dumps({**tiny_cfg().to_dict(), "dim": "48"})
 
 CASES = [
     # ---- the converter: paths ----
+    # (refused before anything is read: exit 2, the output rule of hdflash_jax.fileio.check_output)
     Case("dst_is_src", "convert", lambda w: ["--src", str(w.src), "--dst", str(w.src), "--overwrite"],
-         ("--dst {src}: is the source --src {src}", "choose a destination outside it"), real_process=True),
+         ("--dst {src}: is the source --src {src}", "choose a destination outside it"), rc=2, real_process=True),
     Case("dst_inside_src", "convert", lambda w: ["--src", str(w.src), "--dst", str(w.src / "out"), "--overwrite"],
-         ("--dst {src}/out: lies inside the source --src {src}",)),
-    Case("dst_contains_src", "convert", _dst_contains_src, ("--dst {root}: contains the source --src {src}",)),
-    Case("dst_symlink_to_src", "convert", _dst_link, ("--dst {dst}: is the source --src {src}",)),
+         ("--dst {src}/out: lies inside the source --src {src}",), rc=2),
+    Case("dst_contains_src", "convert", _dst_contains_src, ("--dst {root}: contains the source --src {src}",), rc=2),
+    Case("dst_symlink_to_src", "convert", _dst_link, ("--dst {dst}: is the source --src {src}",), rc=2),
     Case("dst_contains_config", "convert",
          lambda w: ["--src", str(w.src / "model.safetensors"), "--dst", str(w.src), "--config", str(w.config),
-                    "--overwrite"], ("--dst {src}: contains the source --src {src}/model.safetensors",)),
-    Case("dst_exists", "convert", _dst_exists, ("{dst}: destination exists (pass --overwrite to replace it)",)),
-    Case("dst_parent_is_file", "convert", _parent_is_file, ("--dst {dst}: cannot be created: {root}/afile is a file",)),
+                    "--overwrite"], ("--dst {src}: contains the source --src {src}/model.safetensors",), rc=2),
+    Case("dst_users_folder", "convert", _dst_exists,
+         ("--dst {dst}: exists and is not a converted checkpoint", "even with --overwrite"), rc=2),
+    Case("dst_users_folder_overwrite", "convert", lambda w: _dst_exists(w) + ["--overwrite"],
+         ("--dst {dst}: exists and is not a converted checkpoint", "even with --overwrite"), rc=2),
+    Case("dst_users_file_overwrite", "convert", lambda w: (w.dst.write_text("an old file"), conv(w, "--overwrite"))[1],
+         ("--dst {dst}: exists and is a file, not a converted checkpoint",), rc=2),
+    Case("dst_checkpoint_exists", "convert", lambda w: (_fake_checkpoint(w.dst), conv(w))[1],
+         ("--dst {dst}: destination exists (pass --overwrite to replace it)",), rc=2),
+    Case("dst_parent_is_file", "convert", _parent_is_file, ("--dst {dst}: cannot be created: {root}/afile is a file",),
+         rc=2),
+    Case("dst_empty_overwrite", "convert", lambda w: ["--src", str(w.src), "--dst", "", "--overwrite"],
+         ("--dst '': an empty path",), rc=2, real_process=True),
+    Case("dst_ancestor_of_cwd", "convert", _dst_ancestor_of_cwd,
+         ("--dst {root}/here: contains the current folder {root}/here/deep",), rc=2),
+    Case("dst_is_checkout", "convert", lambda w: ["--src", str(w.src), "--dst", str(REPO), "--overwrite"],
+         (f"--dst {REPO}: is the project checkout",), rc=2),
     Case("src_missing", "convert", lambda w: ["--src", str(w.root / "nowhere"), "--dst", str(w.dst)],
          ("{root}/nowhere: no such file or folder",)),
     # ---- the converter: values ----
@@ -430,6 +554,13 @@ CASES = [
     Case("index_missing_key", "convert", _index_missing_key,
          ("{src}/model.safetensors.index.json: lists tensor 'layers.9.ghost.weight' in model.safetensors, "
           "which does not contain it",)),
+    Case("overlapping_tensors", "convert", _header(_overlap),
+         ("{file}: corrupt header: tensors 'layers.0.attn_norm.weight'", "and 'layers.1.attn_norm.weight'",
+          "overlap")),
+    Case("hf_disk_missing_tensor", "convert", _hf_disk_missing,
+         ("{file}: missing tensor 'model.layers.1.attn.wkv.weight' (official name 'layers.1.attn.wkv.weight')",)),
+    Case("config_missing_shape_field", "convert", _edit_cfg(lambda d: d.pop("n_heads")),
+         ("has shape", "note: {config} does not set n_heads, so the defaults n_heads=64 were used")),
     # ---- the converter: corrupt safetensors ----
     Case("tiny_file", "convert", _bytes(lambda b: b"\x10\x00"), ("{file}: truncated safetensors file",)),
     Case("truncated_header", "convert", _bytes(lambda b: b[:64]), ("{file}: truncated or corrupt safetensors",)),
@@ -468,6 +599,25 @@ CASES = [
          lambda w: _eval(w, "--method", "hyperdflash", "--drafter",
                          f"hyperdflash={w.copy(w.base.nan_drafter, 'drafter')}"),
          ("{root}/drafter/params: parameter '{drafter_key}' holds 1 " + NOT_FINITE,), rc=2),
+    Case("eval_out_is_checkout", "eval", lambda w: _eval_out(REPO),
+         (f"--out {REPO}: is the project checkout {REPO}", "choose a new folder"), rc=2),
+    Case("eval_out_contains_cwd", "eval", lambda w: (setattr(w, "chdir", _users_folder(w)), _eval_out(w.root))[1],
+         ("--out {root}: contains the current folder {root}/mine",), rc=2),
+    Case("eval_out_is_builtin_model", "eval",
+         lambda w: ["--target", "small", "--suite", "gsm8k", "--limit", "1", "--quiet", "--out",
+                    str(REPO / "models" / "small"), "--overwrite"],
+         (f"--out {REPO}/models/small: is the input --target {REPO}/models/small",), rc=2),
+    Case("eval_out_is_target", "eval", lambda w: _eval_out(w.root / "ckpt", "--target",
+                                                            str(w.copy(w.base.nan_ckpt, "ckpt"))),
+         ("--out {root}/ckpt: is the input --target {root}/ckpt",), rc=2),
+    Case("eval_out_is_drafter", "eval", _eval_drafter_out,
+         ("--out {root}/drafter: is the drafter hd {root}/drafter",), rc=2),
+    Case("eval_out_users_folder", "eval", lambda w: _eval_out(_users_folder(w)),
+         ("--out {root}/mine: exists and is not an eval.run results folder", "even with --overwrite"), rc=2),
+    Case("eval_out_is_file", "eval", lambda w: (w.dst.write_text("x"), _eval(w, "--overwrite"))[1],
+         ("--out {dst}: exists and is a file",), rc=2),
+    Case("eval_target_corrupt", "eval", _corrupt_copy("eval"), ("{file}: parameter '", "cannot be read"), rc=2,
+         real_process=True),
     # ---- train.drafter ----
     Case("train_config_list", "train", _train_config("- a\n- b\n"),
          ("--config {config}: expected a mapping at the top level",), rc=2),
@@ -510,6 +660,18 @@ CASES = [
         ("config_list", _train_config("- 1\n- 2\n", out=False),
          "--config {config}: expected a mapping at the top level, got a list"),
     ]],
+    Case("train_out_is_file", "train", lambda w: (w.dst.write_text("x"), _train_override("seed=0")(w))[1],
+         ("out_dir {dst}: exists and is a file",), rc=2),
+    Case("train_out_contains_target", "train",
+         lambda w: _train_override(f"target.checkpoint={w.copy(w.base.nan_ckpt, 'ckpt')}")(w)[:-1] + [str(w.root)],
+         ("out_dir {root}: contains the target target.checkpoint {root}/ckpt",), rc=2),
+    Case("train_out_users_folder", "train", lambda w: _train_override("seed=0")(w)[:-1] + [str(_users_folder(w))],
+         ("out_dir {root}/mine: exists and is not a train.drafter run folder",), rc=2),
+    Case("train_empty_responses", "train", _train_data("".join(json.dumps({"prompt": f"q{i}", "response": ""}) + "\n"
+                                                             for i in range(6))),
+         ("{file}: no supervised token in the 6 records",), rc=2),
+    Case("train_target_corrupt", "train", _corrupt_copy("train"), ("{file}: parameter '", "cannot be read"), rc=2,
+         real_process=True),
     # ---- train.regenerate ----
     Case("regen_target_not_ckpt", "regenerate", _regen(lambda w: w.src),
          ("--target {src}: a folder that is not a params checkpoint",), rc=2),
@@ -517,7 +679,45 @@ CASES = [
          ("{config}: field 'dim': expected an integer, got '48' (str)",), rc=2),
     Case("regen_target_nan", "regenerate", _regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt")),
          ("{root}/ckpt/params: parameter 'layers.1.attn.wkv.weight' holds 1 " + NOT_FINITE,), rc=2),
+    Case("regen_out_is_data", "regenerate",
+         lambda w: (lambda a: a[:a.index("--out") + 1] + [a[a.index("--data") + 1]] + a[a.index("--out") + 2:])(
+             _regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt"))(w)),
+         ("--out {root}/rows.jsonl: is the input --data {root}/rows.jsonl",), rc=2),
+    Case("regen_out_foreign_file", "regenerate",
+         lambda w: (lambda a: (w.dst.write_text("my notes\n"), a)[1])(_regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt"))(w)),
+         ("--out {root}/regen.jsonl: exists and is not a JSONL written by train.regenerate",), rc=2),
+    # ---- the drafter exporter, the small pipeline, merge_runs, the suites' files ----
+    Case("export_dst_is_src", "export",
+         lambda w: ["--to", "zlab", "--src", str(w.copy(w.base.nan_drafter, "d")), "--dst", str(w.root / "d"),
+                    "--overwrite"], ("--dst {root}/d: is the source --src {root}/d",), rc=2, real_process=True),
+    Case("export_dst_contains_src", "export",
+         lambda w: ["--to", "zlab", "--src", str(w.copy(w.base.nan_drafter, "d")), "--dst", str(w.root),
+                    "--overwrite"], ("--dst {root}: contains the source --src {root}/d",), rc=2),
+    Case("export_dst_users_folder", "export",
+         lambda w: ["--to", "zlab", "--src", str(w.copy(w.base.nan_drafter, "d")), "--dst", str(_users_folder(w)),
+                    "--overwrite"], ("--dst {root}/mine: exists and is not a z-lab DFlash folder",), rc=2),
+    Case("pipeline_ship_users_folder", "pipeline",
+         lambda w: (setattr(w, "chdir", w.root), ["--size", "ci", "--stages", "ship", "--out", str(w.root / "run"),
+                                                  "--ship", str(_users_folder(w))])[1],
+         ("--ship {root}/mine: exists and is not a shipped small model",), rc=2),
+    Case("pipeline_ship_checkout", "pipeline",
+         lambda w: (setattr(w, "chdir", w.root), ["--size", "ci", "--stages", "ship", "--out", str(w.root / "run"),
+                                                  "--ship", str(REPO)])[1],
+         ("--ship .: is the project checkout",), rc=2),
+    Case("merge_out_is_a_run", "merge",
+         lambda w: [str(_fake_results(w.root / "r1")), str(w.root / "r1"), str(_fake_results(w.root / "r2"))],
+         ("--out {root}/r1: is the run {root}/r1",), rc=2),
+    Case("suite_file_garbage", "load_suite", lambda w: [str(_garbage_suite(w)), "gsm8k"],
+         ("{root}/suites/gsm8k/test.jsonl: line 2 is not valid JSON",), rc="ValueError"),
+    Case("suite_file_wrong_records", "load_suite", lambda w: [str(_garbage_suite(w, '{"x": 1}')), "gsm8k"],
+         ("{root}/suites/gsm8k/test.jsonl: not a gsm8k file (KeyError",), rc="ValueError"),
     # ---- load_params / load_drafter ----
+    Case("load_params_corrupt", "load_params", _corrupt_copy("params"), ("{file}: parameter '", "cannot be read"),
+         rc="ValueError"),
+    Case("load_params_garbage_metadata", "load_params", _garbage_metadata,
+         ("{file}: cannot be read (a corrupt or truncated checkpoint",), rc="ValueError"),
+    Case("load_drafter_corrupt", "load_drafter", _corrupt_copy("drafter"), ("{file}: parameter '", "cannot be read"),
+         rc="ValueError"),
     Case("load_params_nan", "load_params", _loader_nan("params"),
          ("{file}: parameter 'layers.1.attn.wkv.weight' holds 1 " + NOT_FINITE,), rc="ValueError"),
     Case("load_params_config_str", "load_params", _loader_config(CFG_STR, "params"),
@@ -534,7 +734,10 @@ CASES = [
          ("{config}: expected a JSON object of DrafterConfig fields, got a list",), rc="ValueError"),
 ]
 
+OTHER_TOOLS = {"export": "convert.drafter_export", "pipeline": "train.small_pipeline", "merge": "eval.merge_runs"}
+
 ENTRY = {"convert": [str(REPO / "convert" / "torch_to_flax.py")], "eval": ["-m", "eval.run"],
+         "export": ["-m", "convert.drafter_export"],
          "train": ["-m", "train.drafter"], "regenerate": ["-m", "train.regenerate"]}
 
 
@@ -558,6 +761,19 @@ def run_tool(tool: str, argv: list[str], capsys) -> tuple[int | str, str]:
         from train import regenerate as rg
 
         rc = rg.main(argv)
+    elif tool in OTHER_TOOLS:
+        import importlib
+
+        rc = importlib.import_module(OTHER_TOOLS[tool]).main(argv)
+    elif tool == "load_suite":
+        from eval.suites import load_suite
+
+        try:
+            load_suite(argv[1], data_dir=argv[0])
+            rc = 0
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            rc = type(e).__name__
     else:
         from hdflash_jax.drafter.checkpoint import load_drafter
 
@@ -585,10 +801,12 @@ def check_output(case: Case, w: World, rc, out: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, base, tmp_path, capsys):
+def test_bad_input(case: Case, base, tmp_path, capsys, monkeypatch):
     w = World(tmp_path / "world", base)
     argv = case.make(w)
     before = snapshot(w.root)
+    if w.chdir is not None:
+        monkeypatch.chdir(w.chdir)
     rc, out = run_tool(case.tool, argv, capsys)
     check_output(case, w, rc, out)
     assert snapshot(w.root) == before  # sources byte-identical, nothing left at DST (no DST.tmp-*, DST.old-*)
@@ -600,7 +818,7 @@ def test_dst_in_readonly_folder(base, tmp_path, capsys, readonly_dir):
     before = snapshot(w.root)
     rc, out = run_tool("convert", conv(w), capsys)
     check_output(Case("ro", "convert", conv, (f"--dst {w.dst}: cannot be created: the folder {readonly_dir} is "
-                                                f"not writable",)), w, rc, out)
+                                                f"not writable",), rc=2), w, rc, out)
     assert snapshot(w.root) == before
 
 
@@ -633,9 +851,9 @@ def test_allow_nonfinite_records_counts(base, tmp_path, capsys):
         load_params(w.dst)  # the first of the two, in sorted order
 
 
-def test_overwrite_replaces_a_regular_file_without_leftovers(base, tmp_path, capsys):
+def test_overwrite_replaces_an_earlier_conversion_without_leftovers(base, tmp_path, capsys):
     w = World(tmp_path / "world", base)
-    w.dst.write_text("an old file")
+    _fake_checkpoint(w.dst)  # an earlier output of the converter: its own kind, replaced with --overwrite
     rc, out = run_tool("convert", conv(w, "--overwrite", "--dtype", "fp32"), capsys)
     assert rc == 0, out
     assert w.dst.is_dir() and (w.dst / "report.json").is_file()

@@ -480,13 +480,14 @@ def test_allow_unused_skips_and_reports(small_official, tmp_path, capsys):
 
 
 def test_config_flag_and_overwrite_of_a_folder(small_official, tmp_path, capsys):
-    """--config stands in for a missing config.json; --overwrite replaces an existing folder once the new one is
-    complete (the refusals are rows of tests/test_bad_inputs.py)."""
+    """--config stands in for a missing config.json; --overwrite replaces an earlier conversion once the new one is
+    complete (the refusals, a folder of the user's own among them, are rows of tests/test_bad_inputs.py)."""
     src = _variant(small_official, tmp_path)
     (src / "config.json").unlink()
     cfg_file = small_official[0] / "config.json"
     dst = tmp_path / "exists"
-    dst.mkdir()
+    (dst / "params").mkdir(parents=True)  # an earlier converted checkpoint: the converter's own kind of output
+    (dst / "config.json").write_text("{}")
     (dst / "keep.txt").write_text("x")
     rc, out = run_main(["--src", src, "--dst", dst, "--config", cfg_file, "--overwrite"], capsys)
     assert rc == 0, out

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from eval.report import render_markdown, write_results
+from hdflash_jax.errors import OutputRefused, UsageError
 from eval.results import Results
 
 
@@ -84,12 +85,19 @@ def test_refuses_nonempty_dir_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     write_results(out, make_results())  # empty dir is fine
-    with pytest.raises(FileExistsError, match=str(out)):
+    with pytest.raises(OutputRefused, match=f"{out}: destination exists"):
         write_results(out, make_results())
     r = make_results()
     r["config"]["block_size"] = 99
     write_results(out, r, overwrite=True)
     assert json.loads((out / "results.json").read_text())["config"]["block_size"] == 99
+    # a folder of the user's own files is never replaced, with or without overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputRefused, match="is not an eval.run results folder"):
+        write_results(mine, make_results(), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_schema_errors_name_the_entry(tmp_path):
@@ -162,7 +170,7 @@ def test_intervals_and_seed_groups_in_tables_and_json(tmp_path):
     assert json.loads(json.dumps(back.to_json())) == data
 
 
-def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
+def test_merge_runs_joins_seeds_from_separate_runs(tmp_path, capsys):
     from eval.merge_runs import main, merge_runs
 
     res = seeded_results().to_json()
@@ -186,12 +194,13 @@ def test_merge_runs_joins_seeds_from_separate_runs(tmp_path):
     assert data["seed_groups"]["hd"]["gsm8k"]["speedup_ci"] is None
     md = (tmp_path / "m" / "results.md").read_text()
     assert "| hd-s1 | 4.00× / 3.00 | 4.00× / 3.00 [3.00, 3.00] |" in md  # avg: no speedup interval
-    with pytest.raises(SystemExit, match="inside OUT"):  # the write replaces OUT: never merge a run into itself
-        main([str(tmp_path), str(tmp_path / "a")])
+    # the write replaces OUT: never merge a run into a folder that holds it
+    assert main([str(tmp_path), str(tmp_path / "a")]) == 2
+    assert f"--out {tmp_path}: contains the run {tmp_path / 'a'}" in capsys.readouterr().err
     assert (tmp_path / "a" / "results.json").is_file()
     # a method seen twice must agree; other prompts or settings stop the merge
     clash = {**run1, "suites": {"gsm8k": {"ar": su["ar"], "hd-s0": su["hd-s1"]}}}
     other = {**run1, "config": {"argv": ["--max-new-tokens", "64"]}}
     for bad, match in ((clash, "differs from the same method"), (other, "settings")):
-        with pytest.raises(SystemExit, match=match):
+        with pytest.raises(UsageError, match=match):
             merge_runs([Results.from_json(run0), Results.from_json(bad)], ["a", "bad"])

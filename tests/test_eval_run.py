@@ -5,6 +5,9 @@ program for all suites (AR + HyperDFlash by default; all four methods in the slo
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -273,7 +276,7 @@ def test_cli_refuses_existing_out(capsys, no_compute, tmp_path):
     out.mkdir()
     (out / "results.json").write_text("{}")
     rc, err = _err(capsys, ["--limit", "1", "--out", str(out)])
-    assert rc == 2 and "exists and is not empty (pass --overwrite" in err
+    assert rc == 2 and "destination exists (pass --overwrite to replace it)" in err
     assert (out / "results.json").read_text() == "{}"
 
 
@@ -467,6 +470,30 @@ def test_sampled_run_is_seeded_consistent_and_not_greedy(e2e, drafter_ckpt, tmp_
             "--temperature", "0.8", "--top-p", "0.9", *E2E]
     runs = [_sampled_run(argv, tmp_path / f"s{i}") for i in (0, 1)]
     _check_sampled(runs, _records(greedy_out), ("ar", "hyperdflash"), (1, 4))
+
+
+def test_every_method_of_tiny_random_runs(tmp_path, fast_compile):
+    """`--method all` (eval.run's default: AR, MTP and tiny-random's untrained in-memory drafters) plus the other
+    listed methods (mtp<k>, replay): every one runs and writes its cell; an untrained drafter has no training seed
+    (this crashed in `training_seeds` after all the decoding, on a drafter with no checkpoint folder)."""
+    out = tmp_path / "out"
+    rc = ev.main(["--suite", "gsm8k", "--limit", "1", "--method", "all,mtp2,replay", "--out", str(out), *E2E])
+    assert rc == 0
+    cells = _results(out)["suites"]["gsm8k"]
+    assert list(cells) == ["ar", "mtp", "hyperdflash", "dflash", "mtp2", "replay"]
+    assert all(cells[m]["greedy_match_ar"] is True for m in cells if m != "ar")
+    assert cells["hyperdflash"]["seeds"] == [] and cells["dflash"]["seeds"] == []
+
+
+@pytest.mark.slow
+def test_defaults_run(tmp_path):
+    """`python -m eval.run --suite gsm8k --limit 2` with every other flag at its default (target tiny-random,
+    --method all, 1024 new tokens), as a new user first types it."""
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--suite", "gsm8k", "--limit", "2", "--out",
+                        str(tmp_path / "out"), "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(_results(tmp_path / "out")["suites"]["gsm8k"]) == ["ar", "mtp", "hyperdflash", "dflash"]
 
 
 @pytest.mark.slow

@@ -16,6 +16,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hdflash_jax.checkpoint import orbax_log, quiet_closed_loop_noise, unreadable
+
+quiet_closed_loop_noise()
+
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None, *, read_only: bool = False):
@@ -29,6 +33,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def delete(self, step: int) -> None:
+        self._mngr.delete(int(step))
+
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
@@ -38,12 +45,28 @@ class Checkpointer:
                                                            data=ocp.args.JsonSave(data or {})), force=True)
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
-        """(state, data) of step `step` (None: the latest), placed as `abstract_state`'s ShapeDtypeStructs say."""
+        """(state, data) of step `step` (None: the latest), placed as `abstract_state`'s ShapeDtypeStructs say.
+        A corrupt or truncated step is a ValueError naming its folder and the unreadable entry."""
         self._mngr.wait_until_finished()  # a save of this step may still be in flight
         step = self._step(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                               data=ocp.args.JsonRestore()))
+        try:
+            with orbax_log():
+                out = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 — TensorStore's and orbax's errors for a corrupt step vary
+            raise unreadable(self.directory / str(step), e, what="entry") from None
         return out["state"], dict(out["data"] or {})
+
+    def newest_intact(self, abstract_state: Any, below: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, data) of the newest step (below `below`) that restores completely, or None."""
+        for step in reversed(self.all_steps()):
+            if below is not None and step >= below:
+                continue
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except ValueError:
+                continue
+        return None
 
     def restore_numpy(self, step: int | None = None) -> tuple[int, Any]:
         """(step, state as numpy arrays) on any topology, without knowing the tree in advance."""

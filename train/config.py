@@ -26,9 +26,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from hdflash_jax.errors import UsageError
 
-class ConfigError(ValueError):
-    """A bad config value, key or file; `str()` is one line naming where."""
+
+class ConfigError(UsageError):
+    """A bad config value, key or file; `str()` is one line naming where (exit status 2)."""
 
 
 def _fail(path: str, msg: str) -> typing.NoReturn:

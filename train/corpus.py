@@ -46,6 +46,8 @@ from typing import Iterable, Iterator
 from pydoc_data.topics import topics
 
 from eval.suites import DATA_DIR as EVAL_DIR
+from hdflash_jax.cli import run_command
+from hdflash_jax.fileio import OutputKind, check_output, has_files, read_jsonl
 from eval.suites import FILES, HUMANEVAL_TEMPLATE, MATH_INSTRUCTION, MBPP_TEMPLATE, load_suite
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -124,11 +126,6 @@ def document_texts(doc: dict) -> list[str]:
     if doc["kind"] == "chat":
         return [m["content"] for m in doc["messages"]]
     return [doc["text"]]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def iter_documents(data_dir: Path = DATA_DIR) -> Iterator[dict]:
@@ -355,7 +352,10 @@ def vendor_stdlib(data_dir: Path = DATA_DIR) -> None:
     print(f"vendored {len(rows)} stdlib modules and {len(topic_rows)} pydoc topics into {d}")
 
 
-def main(argv=None) -> None:
+CORPUS_FOLDER = OutputKind("a train.corpus folder (manifest.json)", has_files("manifest.json"))
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="output folder (train.jsonl, heldout.jsonl, manifest.json)")
     ap.add_argument("--heldout-frac", type=float, default=0.02)
@@ -365,11 +365,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.vendor_stdlib:
         vendor_stdlib()
-        return
+        return 0
     if not args.out:
         ap.error("--out is required")
+    check_output(args.out, flag="--out", kind=CORPUS_FOLDER, reuse=True, inputs=[("the vendored data", DATA_DIR), ("the suites' data", EVAL_DIR)])
     build_corpus(args.out, heldout_frac=args.heldout_frac, ngram=args.ngram, force=args.force)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -261,14 +261,41 @@ def batches_per_epoch(n_records: int, global_batch: int) -> int:
     return max(n_records // global_batch, 1)
 
 
-def records_check(source, tokenizer, max_len: int, limit: int = 64) -> dict[str, Any]:
-    """A quick look at the first records (errors surface before compiling): mean response tokens kept, etc."""
-    kept, total = [], []
-    for i in range(min(len(source), limit)):
+EMPTY_SHARE_WARNING = 0.25  # warn when at least this share of the records checked supervises nothing
+
+
+def supervised_anchors(prompt: Sequence[int], response: Sequence[int], max_len: int) -> int:
+    """Anchor candidates a record gives after the cut to `max_len` (a with loss_mask[a] = loss_mask[a+1] = 1, the
+    rule of `sample_anchors`): 0 means the record trains nothing."""
+    n = min(len(prompt) + len(response), max_len)
+    return max(0, n - min(len(prompt), n) - 1)
+
+
+def records_check(source, tokenizer, max_len: int, limit: int = 4096) -> dict[str, Any]:
+    """A look at the first `limit` records before compiling: ids inside the vocabulary, and something to learn.
+
+    Refuses (ValueError naming the file) data whose checked records give no supervised token at all (every
+    response empty or cut off by `max_len`: the run would train on nothing and export an untrained drafter);
+    warns when a large share of them gives none."""
+    kept, total, empty = [], [], 0
+    n = min(len(source), limit)
+    for i in range(n):
         where = source.where(i) if hasattr(source, "where") else f"record {i}"
         p, r = encode_record(tokenizer, source[i], where)
         if max(p + r, default=0) >= tokenizer.vocab_size:
             raise ValueError(f"{where}: token id {max(p + r)} outside the tokenizer's vocabulary")
         total.append(len(r))
         kept.append(max(0, min(len(p) + len(r), max_len) - len(p)))
-    return dict(mean_response_tokens=float(np.mean(total)), mean_kept_response_tokens=float(np.mean(kept)))
+        empty += supervised_anchors(p, r, max_len) == 0
+    name = getattr(source, "path", "the training data")
+    checked = f"the {n} records" if n == len(source) else f"the first {n} of {len(source)} records"
+    if empty == n:
+        raise ValueError(f"{name}: no supervised token in {checked} (every response is empty or starts past "
+                         f"data.max_len {max_len}); nothing to train on")
+    if empty >= EMPTY_SHARE_WARNING * n:
+        from train.distributed import log
+
+        log(f"warning: {name}: {empty} of {checked} ({empty / n:.0%}) have no supervised token (an empty response, "
+            f"or one cut off by data.max_len {max_len})")
+    return dict(mean_response_tokens=float(np.mean(total)), mean_kept_response_tokens=float(np.mean(kept)),
+                records_without_supervision=empty, records_checked=n)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,11 @@ from tqdm import tqdm
 
 from hdflash_jax.drafter.checkpoint import save_drafter
 from hdflash_jax.dspark.checkpoint import save_dspark
-from hdflash_jax.fileio import atomic_write_text
+from hdflash_jax.cli import run_command
+from hdflash_jax.errors import CommandError, UsageError
+from hdflash_jax.fileio import OutputKind, atomic_write_text, check_output, has_files
 from train.checkpointing import Checkpointer
-from train.config import ConfigError, to_dict
+from train.config import to_dict
 from train.data import make_iterator
 from train.distributed import init_distributed, log, rows_str
 from train.drafter_config import DrafterRunConfig, load_config
@@ -58,13 +61,63 @@ def load_run_params(out_dir: str | os.PathLike, step: int | None = None) -> tupl
     return step, state["params"]
 
 
+RUN_FOLDER = OutputKind("a train.drafter run folder (config.yaml)", has_files("config.yaml"))
+# what a resumed run may change: where and how it runs, logs and evaluates; everything else (target, drafter, data,
+# steps, loss, optimizer, seeds) is what the checkpoints were trained with
+RESUMABLE = ("out_dir", "resume", "mesh", "compilation_cache", "log", "debug", "eval", "export_drafter", "checkpoint")
+
+
+def run_inputs(cfg: DrafterRunConfig) -> list[tuple[str, str | None]]:
+    """What a run reads (an output may not be, hold or lie inside any of them)."""
+    tok = cfg.data.tokenizer if Path(cfg.data.tokenizer).exists() else None  # 'byte', 'deepseek-v4': not paths
+    return [("the target target.checkpoint", cfg.target.checkpoint), ("the data data.train", cfg.data.train),
+            ("the data data.eval", cfg.data.eval), ("the tokenizer data.tokenizer", tok),
+            ("the compilation cache", cfg.compilation_cache)]
+
+
+def config_changes(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += config_changes(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_run_folder(cfg: DrafterRunConfig, overwrite: bool = False) -> bool:
+    """Before any compute: out_dir by the one output rule (`fileio.check_output`), and a resume against the run
+    it continues. Returns whether an earlier run's checkpoints will be resumed.
+
+    A run folder is continued when `resume` is true; its config.yaml must then equal this run's but for the
+    `RESUMABLE` sections (the differing keys are named); `overwrite` replaces it instead."""
+    out = Path(cfg.out_dir)
+    check_output(out, flag="out_dir", kind=RUN_FOLDER, inputs=run_inputs(cfg), overwrite=overwrite,
+                 reuse=cfg.resume)
+    if overwrite or not (out / "config.yaml").is_file():
+        return False
+    has_steps = any(p.name.isdigit() for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() \
+        else False
+    if not has_steps:
+        return False
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{out / 'config.yaml'}: not valid YAML ({e}); the run folder no longer describes its "
+                         f"checkpoints") from None
+    new = to_dict(cfg)
+    changed = [c for c in config_changes(old, new) if c.split(":")[0].split(".")[0] not in RESUMABLE]
+    if changed:
+        raise UsageError(f"out_dir {cfg.out_dir}: resuming a run trained with another config ({'; '.join(changed)}); "
+                         f"use a new out_dir, pass --overwrite to replace the run, or resume with its "
+                         f"{out / 'config.yaml'}")
+    return True
+
+
 def _write_run_files(cfg: DrafterRunConfig, trainer: Trainer, out_dir: Path) -> None:
+    """The run's records, written once the run is accepted (after a resume has been checked against them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(cfg)
-    cfg_file = out_dir / "config.yaml"
-    if cfg_file.exists() and yaml.safe_load(cfg_file.read_text()) != resolved:
-        log(f"note: {cfg_file} differs from this run's config and is replaced")
-    atomic_write_text(cfg_file, yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     atomic_write_text(out_dir / "drafter_config.json", json.dumps(trainer.dcfg.to_dict(), indent=1))
 
 
@@ -140,10 +193,53 @@ def _train_loop(cfg: DrafterRunConfig, trainer: Trainer, state, target_params, i
     return state, step, last
 
 
-def run(cfg: DrafterRunConfig, mesh=None, *, target=None) -> dict:
-    """Train as configured; returns a summary (steps, last metrics, τ at start/end when eval is on, timings)."""
-    if cfg.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(cfg.compilation_cache))
+def run(cfg: DrafterRunConfig, mesh=None, *, target=None, overwrite: bool = False,
+        resume_intact: bool = False) -> dict:
+    """Train as configured; returns a summary (steps, last metrics, τ at start/end when eval is on, timings).
+
+    Checked before any compute: the output folder and a resume (`check_run_folder`). A run refused later, before
+    its first step (bad data, an unreadable checkpoint), leaves nothing it created behind. `resume_intact`: when
+    the newest checkpoint cannot be read, continue from the newest one that can (the unreadable ones are
+    deleted); without it such a run stops and names that step."""
+    out_dir = Path(cfg.out_dir)
+    resuming = check_run_folder(cfg, overwrite)
+    created = [p for p in (out_dir, out_dir / "checkpoints") if not p.exists()]
+    if overwrite and out_dir.exists() and any(out_dir.iterdir()):
+        shutil.rmtree(out_dir)  # an earlier run folder of this command (check_output checked its kind)
+        created = [out_dir]
+    accepted: list[bool] = []  # set by _run once the run's records are written: from then on a failure keeps them
+    try:
+        if cfg.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", str(cfg.compilation_cache))
+        return _run(cfg, mesh, target, resuming, resume_intact, accepted)
+    except BaseException:
+        if not accepted and jax.process_index() == 0:
+            for p in created:  # a refused run leaves nothing behind (only what this run created goes)
+                shutil.rmtree(p, ignore_errors=True)
+        raise
+
+
+def _restore(ck: Checkpointer, trainer: Trainer, resume_intact: bool):
+    """(state, data state) of the newest checkpoint, or of the newest intact one with `resume_intact`."""
+    abstract = trainer.abstract_state()
+    latest = ck.latest_step()
+    try:
+        return ck.restore(latest, abstract)
+    except ValueError as e:
+        intact = ck.newest_intact(abstract, below=latest)
+        if intact is None:
+            raise UsageError(f"{e}; no earlier step restores either: start a new out_dir") from None
+        if not resume_intact:
+            raise UsageError(f"{e}; the newest intact step is {intact[0]}: pass --resume-intact to continue from "
+                             f"it (the unreadable steps after it are deleted)") from None
+        for step in ck.all_steps():
+            if step > intact[0]:
+                ck.delete(step)
+        log(f"note: continuing from step {intact[0]}, the newest intact checkpoint ({e})")
+        return intact[1], intact[2]
+
+
+def _run(cfg: DrafterRunConfig, mesh, target, resuming: bool, resume_intact: bool, accepted: list) -> dict:
     out_dir = Path(cfg.out_dir)
     t_setup = time.time()
     trainer = Trainer(cfg, mesh, target=target)
@@ -155,18 +251,18 @@ def run(cfg: DrafterRunConfig, mesh=None, *, target=None) -> dict:
         f"{trainer.n_params:,} trainable params; {len(source)} records, {total} steps of global batch "
         f"{trainer.global_batch}; mesh {dict(trainer.mesh.shape)}, {jax.process_count()} process(es), "
         f"rows {rows_str(trainer.rows)} here")
-    if jax.process_index() == 0:
-        _write_run_files(cfg, trainer, out_dir)
-    ck = Checkpointer(out_dir / "checkpoints", cfg.checkpoint.max_to_keep)
     target_params = trainer.place_target()
     it = make_iterator(batches, prefetch=cfg.data.prefetch)
-    latest = ck.latest_step() if cfg.resume else None
-    if latest is not None:
-        state, data_state = ck.restore(latest, trainer.abstract_state())
+    ck = Checkpointer(out_dir / "checkpoints", cfg.checkpoint.max_to_keep)
+    if resuming and ck.latest_step() is not None:
+        state, data_state = _restore(ck, trainer, resume_intact)
         it.set_state(data_state)
         log(f"resumed from {ck.directory} at step {int(np.asarray(state['step']))}")
     else:
         state = trainer.init_state()
+    if jax.process_index() == 0:  # the run is accepted: its records describe what its checkpoints hold
+        _write_run_files(cfg, trainer, out_dir)
+    accepted.append(True)
     start = int(np.asarray(state["step"]))
     writer = MetricsWriter(out_dir, start, cfg.log.tensorboard)
     evaluator = _make_evaluator(cfg, trainer, target_params, state)
@@ -193,7 +289,7 @@ def run(cfg: DrafterRunConfig, mesh=None, *, target=None) -> dict:
     if cfg.export_drafter:
         _export(trainer, state["params"], out_dir)
     if jax.process_index() == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     ck.close()
     return summary
 
@@ -224,30 +320,35 @@ def parse_args(argv=None):
     p.add_argument("--distributed", choices=("off", "auto"), default="off",
                    help="auto: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices in this process")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in out_dir (default: resume it when the config agrees)")
+    p.add_argument("--resume-intact", action="store_true",
+                   help="when the newest checkpoint cannot be read, continue from the newest one that can")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     flags = {k: v for k, v in (("out_dir", args.out), ("mesh", args.mesh)) if v is not None}
-    try:
-        cfg = load_config(args.config, args.override, data=flags)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.override, data=flags)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     try:
         init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed, args.cpu_devices)
-        summary = run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = run(cfg, overwrite=args.overwrite, resume_intact=args.resume_intact)
+    except (FileNotFoundError, ValueError) as e:  # a bad checkpoint, data file or tokenizer, named in the message
+        if isinstance(e, CommandError):
+            raise
+        raise UsageError(str(e)) from None
     if jax.process_index() == 0:
         print(json.dumps({k: summary.get(k) for k in ("steps", "final", "eval_start", "eval_end", "first_step_s")}))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hdflash_jax.checkpoint import nest, save_params
+from hdflash_jax.cli import run_command
+from hdflash_jax.errors import UsageError
+from hdflash_jax.fileio import OutputKind, check_output, has_files, read_json
 from hdflash_jax.config import PRESETS, TargetConfig, get_preset
 from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
@@ -323,12 +326,19 @@ def _flat_items(tree: dict, prefix: tuple = ()):
 
 # ---- main loop -----------------------------------------------------------------------------------------------
 
+PRETRAIN_RUN = OutputKind("a train.pretrain_target run folder (run_config.json)", has_files("run_config.json"))
+
+
 def _prepare(pcfg: PretrainConfig, log) -> tuple[TargetConfig, Path, Path, Path]:
     """(model config, corpus, tokenizer.json, out) with run_config.json written (a resume must keep the model)."""
     if not (pcfg.data.corpus and pcfg.data.tokenizer and pcfg.out_dir):
         raise ConfigError("data.corpus, data.tokenizer and out_dir are required (--corpus, --tokenizer, --out)")
     corpus, tokenizer, out = Path(pcfg.data.corpus), Path(pcfg.data.tokenizer), Path(pcfg.out_dir)
     tok_json = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+    check_output(out, flag="--out", kind=PRETRAIN_RUN, reuse=True,  # a rerun resumes the run
+                 inputs=[("the --corpus", corpus), ("the --tokenizer", tokenizer)])
+    if not tok_json.is_file():
+        raise UsageError(f"--tokenizer {tokenizer}: no tokenizer.json")
     tk = Tokenizer.from_file(str(tok_json))
     cfg = build_model_config(pcfg, tk.get_vocab_size(with_added_tokens=True), tk.token_to_id(BOS),
                              tk.token_to_id(EOS))
@@ -336,9 +346,9 @@ def _prepare(pcfg: PretrainConfig, log) -> tuple[TargetConfig, Path, Path, Path]
     run_cfg = {"model": cfg.to_dict(), "run": to_dict(pcfg), "corpus": str(corpus), "tokenizer": str(tok_json)}
     rc = out / "run_config.json"
     if rc.is_file():
-        old = json.loads(rc.read_text())
+        old = read_json(rc)
         if old["model"] != run_cfg["model"]:
-            raise ValueError(f"{out}: holds a run with another model config; use a new --out")
+            raise UsageError(f"{out}: holds a run with another model config; use a new --out")
         old_run, new_run = old.get("run", {}), run_cfg["run"]
 
         def settings(run: dict) -> tuple:  # what changes the trajectory (steps and the time limit do not)
@@ -445,7 +455,7 @@ def _given(d: dict) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.pretrain_target", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="the model preset (default: small)")
     ap.add_argument("--config", help="YAML/JSON run file (PretrainConfig)")
@@ -458,15 +468,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     flags = {"preset": args.preset, "out_dir": args.out, "data": {"corpus": args.corpus, "tokenizer": args.tokenizer},
              "train": {"max_minutes": args.max_minutes}}
-    try:
-        pcfg = load_config(args.config, args.override, data=_given(flags))
-        _setup_jax_cache()
-        res = run(pcfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res))
+    pcfg = load_config(args.config, args.override, data=_given(flags))
+    _setup_jax_cache()
+    print(json.dumps(run(pcfg)))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ import yaml
 from tqdm import tqdm
 
 from hdflash_jax.checkpoint import is_checkpoint
+from hdflash_jax.cli import run_command
+from hdflash_jax.errors import CommandError, UsageError
+from hdflash_jax.fileio import OutputKind, check_output
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.tokenizer import load_tokenizer
 from train.config import build
@@ -155,8 +158,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _is_regenerated(path: Path) -> bool:
+    """A JSONL this command wrote: its first record has an id and response_ids (empty files count as free)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+        rec = json.loads(first) if first.strip() else {}
+    except (OSError, ValueError):
+        return False
+    return not first.strip() or (isinstance(rec, dict) and "id" in rec and "response_ids" in rec)
+
+
+REGENERATED = OutputKind("a JSONL written by train.regenerate (records with id and response_ids)", _is_regenerated,
+                         folder=False)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    tok_path = args.tokenizer if Path(args.tokenizer).exists() else None
+    check_output(args.out, flag="--out", kind=REGENERATED, reuse=True,  # appended: a rerun resumes it
+                 inputs=[("the input --data", args.data), ("the --target", args.target if Path(args.target).exists()
+                                                           else None), ("the --tokenizer", tok_path)])
     try:
         overrides = {}
         for item in args.target_override:
@@ -185,14 +207,19 @@ def main(argv=None) -> int:
         for rid, _, p in rows:
             if max(p) >= tcfg.vocab_size:
                 raise ValueError(f"{args.data}: row {rid!r} has token ids outside the target's vocabulary")
-        stats = regenerate(target, tokenizer, rows, Path(args.out), batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(e, CommandError):
+            raise
+        raise UsageError(str(e)) from None
+    stats = regenerate(target, tokenizer, rows, Path(args.out), batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, progress=not args.no_progress)
     print(json.dumps(stats))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

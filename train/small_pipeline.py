@@ -39,7 +39,8 @@ import yaml
 from eval.methods import is_builtin
 from eval.report import summary_table
 from eval.results import SEED_SUFFIX
-from hdflash_jax.fileio import atomic_dir, atomic_write_text
+from hdflash_jax.cli import run_command
+from hdflash_jax.fileio import OutputKind, atomic_dir, atomic_write_text, check_output, has_files, read_json
 from train.drafter_config import load_config as load_drafter_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -418,7 +419,7 @@ def stage_report(out: Path, runs: dict[str, list[str]], size_name: str, results:
     plot_acceptance(merged, rdir / "acceptance_by_position.png")
     print(render_report(merged))
     _log(f"wrote {rdir}/results.json, results.md, acceptance_by_position.png")
-    publish = Path(results) if results else (Path("results/small") if size_name == "full" else None)
+    publish = Path(results) if results else None
     if publish is not None:
         publish.mkdir(parents=True, exist_ok=True)
         for f in ("results.json", "results.md", "acceptance_by_position.png"):
@@ -426,13 +427,33 @@ def stage_report(out: Path, runs: dict[str, list[str]], size_name: str, results:
         _log(f"copied the report to {publish}")
 
 
-def main(argv=None) -> int:
+PIPELINE_RUN = OutputKind("a small-pipeline run folder (logs/ or corpus/manifest.json)",
+                          lambda p: (p / "logs").is_dir() or (p / "corpus" / "manifest.json").is_file())
+SHIPPED_MODEL = OutputKind("a shipped small model (manifest.json written by train.small_pipeline)",
+                           lambda p: "train.small_pipeline" in str(read_json(p / "manifest.json").get("built_by", ""))
+                           if (p / "manifest.json").is_file() else False)
+PUBLISHED = OutputKind("a published report folder (results.json)", has_files("results.json"))
+
+
+def check_outputs(out: Path, ship: Path | None, results: str | None) -> None:
+    """The pipeline's three outputs by the one output rule, before any stage runs: the run folder (continued),
+    the shipped model (replaced, only if it is one) and the published report (its files replaced)."""
+    check_output(out, flag="--out", kind=PIPELINE_RUN, reuse=True)
+    if ship is not None:
+        check_output(ship, flag="--ship", kind=SHIPPED_MODEL, overwrite=True, inputs=[("the run folder --out", out)])
+    if results is not None:
+        check_output(results, flag="--results", kind=PUBLISHED, reuse=True,
+                     inputs=[("the run folder --out", out)] + ([("the model --ship", ship)] if ship else []))
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     size, stages = SIZES[args.size], args.stages
     out = _rel(Path(args.out or ("runs/small" if args.size == "full" else "runs/small-ci")))
     ship = _rel(Path(args.ship)) if args.ship else (Path("models/small") if args.size == "full" else None)
-    results = str(_rel(Path(args.results))) if args.results else None
+    results = str(_rel(Path(args.results))) if args.results else ("results/small" if args.size == "full" else None)
     os.chdir(REPO)  # every path below is relative to the repository (or absolute), as in the printed commands
+    check_outputs(out, ship, results)
     py = sys.executable
     logs = out / "logs"
     out.mkdir(parents=True, exist_ok=True)
@@ -488,6 +509,10 @@ def ship_model(out: Path, ship: Path) -> None:
             "drafters": {v: json.loads((out / "drafters" / v / "summary.json").read_text()) for v in SHIPPED},
         }, indent=1))
     _log(f"shipped the small model to {ship} ({n_bytes / 2 ** 20:.1f} MiB)")
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -43,6 +44,8 @@ from hdflash_jax.tokenizer import TAG_MASK as MASK
 from hdflash_jax.tokenizer import TAG_PAD as PAD
 from hdflash_jax.tokenizer import TAG_USER as USER
 from hdflash_jax.tokenizer import render_role_tags
+from hdflash_jax.cli import run_command
+from hdflash_jax.fileio import OutputKind, check_output, has_files
 from train.corpus import document_texts
 
 LEADING_SPECIALS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4, in this order; MASK is the last id
@@ -151,15 +154,24 @@ def build_tokenizer(corpus_dir: str | Path, out: str | Path, *, vocab_size: int 
     return out / "tokenizer.json"
 
 
-def main(argv=None) -> None:
+TOKENIZER_FOLDER = OutputKind("a train.tokenizer_train folder (tokenizer.json)", has_files("tokenizer.json"))
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="corpus folder (python -m train.corpus --out ...)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
+    check_output(args.out, flag="--out", kind=TOKENIZER_FOLDER, reuse=True, inputs=[("the --corpus", args.corpus)])
     build_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, force=args.force)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
