@@ -70,7 +70,7 @@ def convert_official(off: dict[str, np.ndarray], cfg: TargetConfig, root: Path):
     return load_params(dst)
 
 
-def nemo_config(cfg: TargetConfig):
+def nemo_config(cfg: TargetConfig, n_mtp: int | None = None):
     from nemo_automodel.components.models.deepseek_v4.config import DeepseekV4Config
 
     return DeepseekV4Config(
@@ -86,7 +86,8 @@ def nemo_config(cfg: TargetConfig):
         compress_rope_theta=cfg.compress_rope_theta, compress_ratios=list(cfg.compress_ratios),
         sliding_window=cfg.window_size, num_hash_layers=cfg.n_hash_layers, hc_eps=cfg.hc_eps,
         hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, index_head_dim=cfg.index_head_dim,
-        index_n_heads=cfg.index_n_heads, index_topk=cfg.index_topk, num_nextn_predict_layers=cfg.n_mtp_layers,
+        index_n_heads=cfg.index_n_heads, index_topk=cfg.index_topk,
+        num_nextn_predict_layers=cfg.n_mtp_layers if n_mtp is None else n_mtp,
         rms_norm_eps=cfg.norm_eps, torch_dtype="float32")
 
 
@@ -110,14 +111,15 @@ def eager_nemo() -> None:
         setattr(mod, name, getattr(f, "_torchdynamo_orig_callable", f))
 
 
-def nemo_model(cfg: TargetConfig, off: dict[str, np.ndarray]):
-    """NeMo's DeepseekV4ForCausalLM (MTP included when cfg has it), weights loaded through NeMo's own adapter from
-    the official names, strictly (every parameter and buffer set, no tensor left over)."""
+def nemo_model(cfg: TargetConfig, off: dict[str, np.ndarray], n_mtp: int | None = None):
+    """NeMo's DeepseekV4ForCausalLM (MTP included when cfg has it; `n_mtp` depths if given, each needing its own
+    `mtp.<d>.*` tensors), weights loaded through NeMo's own adapter from the official names, strictly (every
+    parameter and buffer set, no tensor left over)."""
     from nemo_automodel.components.models.deepseek_v4.model import DeepseekV4ForCausalLM
 
     eager_nemo()
     torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(nemo_config(cfg), backend=nemo_backend()).to(torch.float32).eval()
+    model = DeepseekV4ForCausalLM(nemo_config(cfg, n_mtp), backend=nemo_backend()).to(torch.float32).eval()
     hf = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in off.items()}
     sd = model.state_dict_adapter.from_hf(hf)
     own = model.state_dict()
