@@ -12,6 +12,12 @@ stage 0, the last stage's hc_head and norm, sliding-window attention with sinks,
     confidence_j = sigmoid(proj([hc_head(streams_j); W1[prev_j]]))
 Weights are random official-layout (`mtp.<i>.*`) tensors; the JAX side reads them through the DSpark key map.
 fp32 throughout.
+
+Why this transcription stays beside the real references (test_ref_dspark.py): it is the only test of the released
+V4 layout with mHC and MoE inside the stages, read from `mtp.<i>.*` names. NeMo Automodel's V4 DSpark draft has
+plain residual layers with a dense MLP (test_ref_dspark.py checks ours against it at mHC's identity point),
+speculators' DSpark a Qwen3 backbone (its heads and slot convention are checked), and NeMo's V4.1 DSpark is the
+V4.1 generation (its own attention with an FP8-rounded cache, no hc_head).
 """
 
 from __future__ import annotations
