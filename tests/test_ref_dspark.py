@@ -46,7 +46,6 @@ from hdflash_jax.config import get_preset  # noqa: E402
 from hdflash_jax.dspark.config import DSparkConfig  # noqa: E402
 from hdflash_jax.dspark.model import (draft_hidden, extend_dspark_cache, init_dspark, init_dspark_cache,  # noqa: E402
                                       markov_draft, train_forward)
-from hdflash_jax.keymap import load_into  # noqa: E402
 from ref_nemo import eager_nemo, nemo_config  # noqa: E402
 
 V, D, R, BS = 512, 64, 16, 4
@@ -99,8 +98,18 @@ def _nemo_draft():
     return model
 
 
-def _ours_from(nemo):
-    """Our drafter at mHC's identity point holding NeMo's weights (NeMo name → our tree path, written here)."""
+def _ours_from(nemo, root):
+    """Our drafter at mHC's identity point holding NeMo's weights: NeMo name → our tree path (written here) →
+    the released layout's names (`mtp.<i>.*`, our DSpark key map) in an official V4 DSpark checkpoint with a
+    random trunk → `convert/torch_to_flax.py` → `load_dspark`, the way a released DSpark drafter arrives."""
+    import json
+
+    from convert import torch_to_flax as t2f
+    from convert.safetensors_io import write_safetensors
+    from hdflash_jax.dspark.checkpoint import load_dspark
+    from hdflash_jax.dspark.keymap import tree_to_dspark_names
+    from ref_nemo import official_weights
+
     d = init_dspark(DCFG, TCFG)
     t = {k: v.detach().numpy() for k, v in nemo.state_dict().items()}
     rng = np.random.default_rng(3)
@@ -132,16 +141,30 @@ def _ours_from(nemo):
                     ours + "ffn.gate.weight": rng.standard_normal(tree[ours + "ffn.gate.weight"].shape),
                     ours + "ffn.gate.bias": rng.standard_normal(tree[ours + "ffn.gate.bias"].shape)})
     assert set(out) == set(tree), sorted(set(tree) ^ set(out))
-    load_into(d, out)
-    return d
+    trunk_cfg = TCFG.replace(n_mtp_layers=0, compress_ratios=TCFG.compress_ratios[:TCFG.n_layers])
+    off = official_weights(trunk_cfg, seed=9)
+    for path, v in out.items():
+        v = np.asarray(v, np.float32)
+        names = tree_to_dspark_names(path, DCFG.num_blocks, v.shape[0] if ".experts." in path else None)
+        off.update({n: np.ascontiguousarray(v[e]) for e, n in enumerate(names)} if len(names) > 1
+                   else {names[0]: v})
+    src = root / "official"
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", off)
+    (src / "config.json").write_text(json.dumps({**TCFG.to_dict(), "dtype": "fp8", **DCFG.to_checkpoint_dict()}))
+    report = t2f.convert(src, root / "flax", dtype="fp32", progress=False, log=lambda *_: None)
+    assert report["mtp_layout"] == "dspark"
+    got_cfg, drafter = load_dspark(root / "flax" / "dspark", trunk_cfg)
+    assert got_cfg == DCFG
+    return drafter
 
 
 @pytest.fixture(scope="module")
-def nemo_case():
+def nemo_case(tmp_path_factory):
     import nemo_automodel.components.speculative.dspark.draft_deepseek_v4 as dv4
 
     nemo = _nemo_draft()
-    drafter = _ours_from(nemo)
+    drafter = _ours_from(nemo, tmp_path_factory.mktemp("nemo_dspark"))
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, V - 1, (2, L))
     loss_mask = np.ones((2, L), bool)
