@@ -280,7 +280,7 @@ def test_stream_pooling_and_anchor_rule_match_nemo(nemo_case):
     want = build_anchor_candidate_mask(seq_len=30, loss_mask=torch.as_tensor(loss_mask).float()).numpy()
     from hdflash_jax.dspark.model import sample_anchors
 
-    anchors, keep = sample_anchors(jax.random.key(1), jnp.asarray(loss_mask), 29)
+    anchors, keep = jax.jit(sample_anchors, static_argnums=2)(jax.random.key(1), jnp.asarray(loss_mask), 29)
     picked = np.zeros_like(want)
     for r in range(3):
         picked[r, np.asarray(anchors[r])[np.asarray(keep[r])]] = True
