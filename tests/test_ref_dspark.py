@@ -15,9 +15,9 @@ them inside the stages is still tested against the transcription in test_dspark_
 reference implements V4 DSpark with mHC stages: NeMo's V4.1 DSpark is the V4.1 generation).
 
 One input differs by design and is fed explicitly: NeMo's confidence head reads the *final-normed* hidden, ours the
-raw x_post_hc residual before the norm, which is what the released V4 checkpoints were trained with (NeMo says as
-much in deepseek_v41/dspark.py: "Serving these checkpoints must use the same input instead of the released raw
-residual"); the test gives our head NeMo's input. NeMo's and speculators' confidence `proj` has a bias, the
+raw x_post_hc residual before the norm, which is what the released V4 checkpoints were trained with (NeMo's V4.1
+DSpark code notes the same split: its own drafts read the normed output, the released heads the raw residual); the
+test gives our head NeMo's input. NeMo's and speculators' confidence `proj` has a bias, the
 released V4 head none (`mtp.2.confidence_head.proj.weight` only): the references' bias is set to 0.
 
 **speculators' DSparkDraftModel** is DFlash (Qwen3 layers) + Markov + confidence head with
