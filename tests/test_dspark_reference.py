@@ -12,6 +12,12 @@ stage 0, the last stage's hc_head and norm, sliding-window attention with sinks,
     confidence_j = sigmoid(proj([hc_head(streams_j); W1[prev_j]]))
 Weights are random official-layout (`mtp.<i>.*`) tensors; the JAX side reads them through the DSpark key map.
 fp32 throughout.
+
+Why this transcription stays beside the real references (test_ref_dspark.py): it is the only test of the released
+V4 layout with mHC and MoE inside the stages, read from `mtp.<i>.*` names. NeMo Automodel's V4 DSpark draft has
+plain residual layers with a dense MLP (test_ref_dspark.py checks ours against it at mHC's identity point),
+speculators' DSpark a Qwen3 backbone (its heads and slot convention are checked), and NeMo's V4.1 DSpark is the
+V4.1 generation (its own attention with an FP8-rounded cache, no hc_head).
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from hdflash_jax.dspark.model import (abstract_dspark, draft_hidden, extend_dspa
                                       init_dspark_cache, markov_draft)
 from hdflash_jax.keymap import hf_memory_to_official, load_into
 from test_convert import load_official_into_hf
-from test_mtp_reference import _hc_head, _rms
 
 TCFG = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)  # window 8
 DCFG = DSparkConfig(block_size=4, noise_token_id=TCFG.vocab_size - 1, target_layer_ids=(0, 2), markov_rank=16,
@@ -63,6 +68,19 @@ def dspark_official_weights(dcfg: DSparkConfig, tcfg, seed: int) -> dict[str, np
 
 
 # ---- the reference, in torch --------------------------------------------------------------------------------
+
+def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
+
+
+def _hc_head(x: torch.Tensor, fn, base, scale, norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """Collapse [B, S, n, D] streams: sigmoid weights from the RMS-normalised flattened streams, plus eps."""
+    flat = x.flatten(2)
+    mixes = (flat @ fn.T) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + norm_eps)
+    weights = torch.sigmoid(mixes * scale[0] + base) + hc_eps
+    return (weights[..., None] * x).sum(dim=2)
+
 
 def _hf_layers(off, dcfg, tcfg):
     from transformers import DeepseekV4Config, DeepseekV4Model
