@@ -1,215 +1,45 @@
-"""Block drafters in and out: this project's drafter checkpoints ↔ z-lab's DFlash format.
+"""Drafters in and out of the serving formats other engines load: this project's drafter checkpoints ↔ each
+family's formats (`hdflash_jax.formats`: z-lab's DFlash folder for block drafters, DeepSpec's V4 layout for DSpark).
 
-    python -m convert.drafter_export --to zlab --src DRAFTER_CKPT --dst OUT_DIR [--overwrite]
-    python -m convert.drafter_export --to here --src ZLAB_DIR --dst DRAFTER_CKPT [--target CKPT|PRESET] [--overwrite]
+    python -m convert.drafter_export --to zlab|dspark --src DRAFTER_CKPT --dst OUT_DIR [--target T] [--overwrite]
+    python -m convert.drafter_export --to here --src FOLDER --dst DRAFTER_CKPT [--target T] [--stream-pooling mean]
 
-z-lab's format (`dflash.DFlashDraftModel`, what vLLM / SGLang / speculators load) is a folder with `config.json`
-(a Qwen3 config plus `num_target_layers` and `dflash_config` = {block_size, mask_token_id, target_layer_ids}) and
-`model.safetensors` holding the model's `state_dict()` (every matrix [out, in], as here). The differences:
-* RoPE: this project rotates interleaved pairs (2i, 2i+1); the reference uses rotate_half, pairs (i, i + d/2).
-  q_proj / k_proj rows and the q_norm / k_norm weights are permuted within each head ([0, 2, 4, …, 1, 3, …]);
-  q·k is unchanged because queries and keys get the same permutation (v is not rotated and stays as it is).
-* names: wq/wk/wv/wo → self_attn.{q,k,v,o}_proj, w1/w3/w2 → mlp.{gate,up,down}_proj, input_norm / post_attn_norm →
-  input_layernorm / post_attention_layernorm; the linear compressor and its RMSNorm are `fc` / `hidden_norm`.
-* block size: the reference defaults to 16 when `block_size` is absent, so it is always written.
-* DeepSeek-V4 features: a tapped layer carries hc_mult streams [n, D]; they enter `fc` flattened stream-major
-  (vec(H) = [H_0; …; H_{n−1}]) and the K layers are concatenated in `target_layer_ids` order, so `fc` is
-  [D, K·n·D] (speculators' DeepSeek-V4 DFlash layout; z-lab's own class builds `fc` as [D, K·D] and loads such a
-  drafter only with hc_mult = 1). Layer ids are 0-based decoder layers; layer l is transformers'
-  `hidden_states[l + 1]` (entry 0 is the embedding), except the last layer, whose entry transformers replaces by
-  the collapsed, normed output.
-* HyperDFlash's gated reducer has no counterpart in the reference: it is written as the extra tensors
-  `hc_head_fn` [n, n·D], `hc_head_base` [n], `hc_head_scale` [1] (+ `hidden_norm.weight`, its post RMSNorm) in
-  place of `fc`, the streams of the last layer (before the target's hc_head) as `target_layer_ids` = [L − 1], and
-  config `hdflash.reducer = "gated"`. Engines' DFlash loaders do not know these tensors (see `GATE_NOTE`).
-`config.json` also carries an `hdflash` block (conditioning, reducer, hc_mult, eps, dtypes) so that an export
-imports back bit-identical; a file without it (written by the reference or another trainer) imports as vanilla
-DFlash ('layers' + 'linear'), hc_mult read from the shape of `fc`.
+--to FORMAT exports the checkpoint at --src (its family, from its files) in that format; --to here imports a
+format folder (the format recognised from the folder) as a checkpoint of the format's family. --target (a
+checkpoint folder or a preset) checks the drafter against its target; a DSpark drafter's shapes follow the target,
+so it needs one. The formats, their tensor names and what engines can load: docs/converting.md. Prints a JSON
+summary; `note:` lines on stderr say what an engine cannot load (e.g. HyperDFlash's gate in z-lab's class).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from convert.dspark_export import is_dspark_folder
-from convert.safetensors_io import CheckpointError, write_safetensors
 from hdflash_jax.cli import run_command
-from hdflash_jax.config import DrafterConfig
 from hdflash_jax.errors import UsageError
-from hdflash_jax.fileio import OutputKind, atomic_dir, check_output, read_json
+from hdflash_jax.families import checkpoint_family, families, format_of_folder
+from hdflash_jax.fileio import OutputKind, check_output
+from hdflash_jax.safetensors_io import CheckpointError
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-EXT = "hdflash"
-FORMAT_VERSION = 1
-MAX_POSITIONS = 1 << 20  # the reference's RoPE is plain (no scaling): this only bounds what a loader pre-computes
+FORMATS = sorted({name for f in families() for name in f.formats})
 
-GATE_NOTE = ("HyperDFlash gate (hc_head_fn / hc_head_base / hc_head_scale in place of fc): no engine's DFlash "
-             "loader runs it. z-lab's DFlashDraftModel, vLLM's and SGLang's DFlash drafters expect fc + "
-             "hidden_norm and reject or ignore the gate tensors; speculators registers hc_head_* buffers for "
-             "DeepSeek-V4 targets but only to collapse the verifier's last hidden state in its loss, not as the "
-             "drafter's conditioning. What they lack: a reducer hook c = RMSNorm(sum_j w_j H_j), w_j = "
-             "sigmoid(scale * (fn vec H)_j / rms(vec H) + base_j) + hc_eps (the target's hc_head, own weights), "
-             "fed by the last layer's streams before the target's hc_head (vLLM keeps them for MTP).")
-
-# (this project's name inside layers.{i}, the reference's, how the rows move: 'heads' = q/k RoPE permutation
-# within each head, 'head_vec' = the same on a per-head norm vector, None = as is)
-_LAYER_NAMES = (
-    ("wq.weight", "self_attn.q_proj.weight", "heads"),
-    ("wk.weight", "self_attn.k_proj.weight", "heads"),
-    ("wv.weight", "self_attn.v_proj.weight", None),
-    ("wo.weight", "self_attn.o_proj.weight", None),
-    ("q_norm.weight", "self_attn.q_norm.weight", "head_vec"),
-    ("k_norm.weight", "self_attn.k_norm.weight", "head_vec"),
-    ("w1.weight", "mlp.gate_proj.weight", None),
-    ("w3.weight", "mlp.up_proj.weight", None),
-    ("w2.weight", "mlp.down_proj.weight", None),
-    ("input_norm.weight", "input_layernorm.weight", None),
-    ("post_attn_norm.weight", "post_attention_layernorm.weight", None),
-)
-
-
-class ExportError(ValueError):
-    """Bad input for a conversion; the message names the file and key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NameMap:
-    here: str
-    there: str
-    move: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Converted:
-    dst: Path
-    cfg: DrafterConfig
-    n_tensors: int
-    gate_tensors: tuple[str, ...]  # the extra (non-DFlash) tensors written, () for a vanilla DFlash drafter
-
-
-def name_map(cfg: DrafterConfig) -> list[NameMap]:
-    """Every parameter of a `BlockDrafter` of `cfg` with its reference name."""
-    out = [NameMap(f"layers.{i}.{a}", f"layers.{i}.{b}", m) for i in range(cfg.n_layers) for a, b, m in _LAYER_NAMES]
-    out.append(NameMap("norm.weight", "norm.weight", None))
-    if cfg.reducer == "linear":
-        out += [NameMap("reducer.fc.weight", "fc.weight", None), NameMap("reducer.norm.weight", "hidden_norm.weight",
-                                                                          None)]
-    elif cfg.conditioning == "final_streams":
-        out += [NameMap(f"reducer.{p}", f"hc_head_{p}", None) for p in ("fn", "base", "scale")]
-    else:
-        out += [NameMap(f"reducer.gates.{k}.{p}", f"hc_head.{k}.{p}", None)
-                for k in range(cfg.n_feature_layers) for p in ("fn", "base", "scale")]
-    if cfg.reducer == "gated" and cfg.post_norm:
-        out.append(NameMap("reducer.norm.weight", "hidden_norm.weight", None))
-    return out
-
-
-def rope_permutation(head_dim: int) -> np.ndarray:
-    """Reference slot j ← this project's slot perm[j]: interleaved pair (2i, 2i+1) → rotate_half pair (i, i+d/2)."""
-    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
-
-
-def _move(w: np.ndarray, move: str | None, head_dim: int, inverse: bool) -> np.ndarray:
-    if move is None:
-        return w
-    perm = rope_permutation(head_dim)
-    if inverse:
-        perm = np.argsort(perm)
-    if move == "head_vec":
-        return np.ascontiguousarray(w[perm])
-    heads = w.reshape(w.shape[0] // head_dim, head_dim, *w.shape[1:])
-    return np.ascontiguousarray(heads[:, perm].reshape(w.shape))
-
-
-def flat_params(module) -> dict:
-    """{dotted tree path: value} of an NNX module's state (arrays, or ShapeDtypeStructs for an abstract one)."""
-    from flax import nnx
-
-    from hdflash_jax.checkpoint import dotted
-
-    return {dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module))}
-
-
-def tapped_layers(cfg: DrafterConfig) -> list[int]:
-    """`target_layer_ids` as written: the tapped layers, or [L − 1] (the final pre-collapse streams)."""
-    return list(cfg.layer_ids) if cfg.conditioning == "layers" else [cfg.target_n_layers - 1]
-
-
-def zlab_config(cfg: DrafterConfig) -> dict:
-    """The reference's config.json for a drafter of `cfg` (Qwen3 fields + dflash_config + this project's block)."""
-    return {
-        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": MAX_POSITIONS, "attention_bias": False, "attention_dropout": 0.0,
-        "use_sliding_window": False, "tie_word_embeddings": False, "dtype": cfg.param_dtype,
-        "is_neox_style": True, "target_hidden_size": cfg.hc_mult * cfg.dim,
-        "num_target_layers": cfg.target_n_layers,
-        "dflash_config": {"block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id,
-                          "target_layer_ids": tapped_layers(cfg)},
-        EXT: {"format_version": FORMAT_VERSION, "conditioning": cfg.conditioning, "reducer": cfg.reducer,
-              "post_norm": cfg.post_norm, "hc_mult": cfg.hc_mult, "hc_eps": cfg.hc_eps,
-              "hc_norm_eps": cfg.hc_norm_eps, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-              "rope": "rotate_half", "features": "per tapped layer vec(streams) stream-major, layers concatenated"},
-    }
-
-
-# ---- here -> there ---------------------------------------------------------------------------------------------
-
-def export_tensors(cfg: DrafterConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{this project's dotted path: array} → {reference name: array} (RoPE rows permuted)."""
-    out = {}
-    for m in name_map(cfg):
-        if m.here not in flat:
-            raise ExportError(f"drafter parameters: {m.here!r} missing")
-        out[m.there] = _move(np.asarray(flat[m.here]), m.move, cfg.head_dim, inverse=False)
-    extra = sorted(set(flat) - {m.here for m in name_map(cfg)})
-    if extra:
-        raise ExportError(f"drafter parameters: {extra[0]!r} has no place in the reference format")
-    return out
-
-
-def to_zlab(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Converted:
-    """Export a drafter checkpoint folder (hdflash_jax.drafter.checkpoint) to z-lab's format, atomically."""
-    from hdflash_jax.drafter.checkpoint import load_drafter
-
-    cfg, drafter = load_drafter(src)
-    flat = {k: np.asarray(v) for k, v in flat_params(drafter).items()}
-    tensors = export_tensors(cfg, flat)
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(zlab_config(cfg), indent=1))
-        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
-    gate = tuple(sorted(k for k in tensors if k.startswith("hc_head")))
-    return Converted(Path(dst).resolve(), cfg, len(tensors), gate)
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert.drafter_export", description=__doc__.split("\n")[0])
-    p.add_argument("--to", required=True, choices=("zlab", "dspark", "here"),
-                   help="zlab: this project's drafter checkpoint → z-lab DFlash folder; dspark: a DSpark drafter "
-                        "checkpoint → DeepSpec's V4 mtp.* layout (needs --target); here: the reverse of either "
-                        "(detected from the folder's config.json)")
+    p = argparse.ArgumentParser(prog="python -m convert.drafter_export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--to", required=True, choices=(*FORMATS, "here"),
+                   help="a format to export a drafter checkpoint to, or here: import a format folder")
     p.add_argument("--src", required=True, help="source folder")
     p.add_argument("--dst", required=True, help="destination folder (written atomically)")
     p.add_argument("--target", default=None,
-                   help="--to here: a target checkpoint folder or preset to check the drafter against")
-    p.add_argument("--stream-pooling", default="flatten", choices=("flatten", "mean"),
-                   help="--to here: how the file's drafter saw a DeepSeek-V4 layer's streams: flatten (fc takes "
-                        "K·n·D inputs; speculators, this project) or mean (fc takes K·D; vLLM's DeepSeek-V4 "
-                        "aux hidden states); needs --target")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+                   help="a target checkpoint folder or preset the drafter is checked against (DSpark: required)")
+    p.add_argument("--stream-pooling", default=None, choices=("flatten", "mean"),
+                   help="--to here, z-lab folders: how the file's drafter saw a DeepSeek-V4 layer's streams: "
+                        "flatten (fc takes K·n·D inputs; this project) or mean (fc takes K·D; vLLM's DeepSeek-V4 aux "
+                        "hidden states); needs --target")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst of the same kind")
     return p
 
 
@@ -222,83 +52,55 @@ def _target_cfg(name: str | None):
     return load_config(name) if is_checkpoint(name) else get_preset(name)
 
 
-def _is_zlab_folder(path: Path) -> bool:
-    f = path / CONFIG_FILE
-    try:
-        return f.is_file() and "dflash_config" in read_json(f) and (path / WEIGHTS_FILE).is_file()
-    except (ValueError, TypeError):
-        return False
-
-
-def _is_drafter_checkpoint(path: Path) -> bool:
-    from hdflash_jax.drafter.checkpoint import is_drafter_checkpoint
-    from hdflash_jax.dspark.checkpoint import is_dspark_checkpoint
-
-    return is_drafter_checkpoint(path) or is_dspark_checkpoint(path)
-
-
-OUTPUT_KINDS = {
-    "zlab": OutputKind("a z-lab DFlash folder (config.json with dflash_config + model.safetensors)", _is_zlab_folder),
-    "dspark": OutputKind("a DeepSpec DSpark folder (config.json with dspark_* keys)", lambda p: is_dspark_folder(p)),
-    "here": OutputKind("a drafter checkpoint (drafter_config.json or dspark_config.json + params/)",
-                       _is_drafter_checkpoint),
-}
-MULTI_STREAM_NOTE = ("fc is [D, K·n·D] for n = {n} streams per tapped layer (vec of each tapped layer's streams); "
-                     "z-lab's DFlashDraftModel builds fc as [D, K·D] and loads such a drafter only with hc_mult = 1")
+def _checkpoint_kind() -> OutputKind:
+    return OutputKind("a drafter checkpoint (a family's config file + params/)",
+                      lambda p: checkpoint_family(p) is not None)
 
 
 def _main(argv: list[str]) -> int:
-    from convert.drafter_import import to_here
-
     args = _parser().parse_args(argv)
+    if args.to == "here":
+        found = format_of_folder(args.src)
+        if found is None:
+            raise UsageError(f"--src {args.src}: not a folder of a known format ({', '.join(FORMATS)})")
+        fam, fmt = found
+        kind = _checkpoint_kind()
+    else:
+        fam = checkpoint_family(args.src)
+        if fam is None:
+            raise UsageError(f"--src {args.src}: not a drafter checkpoint (a family's config file + params/)")
+        fmt = fam.formats.get(args.to)
+        if fmt is None:
+            raise UsageError(f"--to {args.to}: {fam.what} exports to {', '.join(fam.formats) or 'no format'}")
+        kind = fmt.folder
+        if args.stream_pooling is not None:
+            raise UsageError("--stream-pooling: only used with --to here")
     target = args.target if args.target is not None and Path(args.target).exists() else None
-    check_output(args.dst, flag="--dst", kind=OUTPUT_KINDS[args.to], overwrite=args.overwrite,
+    check_output(args.dst, flag="--dst", kind=kind, overwrite=args.overwrite,
                  inputs=[("the source --src", args.src), ("the --target", target)])
+    options = {"stream_pooling": args.stream_pooling} if args.stream_pooling else {}
+    if options and "stream_pooling" not in fmt.options:
+        raise UsageError(f"--stream-pooling: not used by the {fmt.name} format")
     try:
-        if args.to == "dspark" or (args.to == "here" and is_dspark_folder(args.src)):
-            return _dspark_main(args)
-        if args.to == "zlab":
-            if args.target is not None or args.stream_pooling != "flatten":
-                raise ExportError("--target / --stream-pooling: only used with --to here")
-            res = to_zlab(args.src, args.dst, overwrite=args.overwrite)
+        tcfg = _target_cfg(args.target)
+        if args.to == "here":
+            res = fam.import_folder(fmt.name, args.src, args.dst, target_cfg=tcfg, overwrite=args.overwrite,
+                                    **options)
         else:
-            res = to_here(args.src, args.dst, target_cfg=_target_cfg(args.target), stream_pooling=args.stream_pooling,
-                          overwrite=args.overwrite)
-    except (ExportError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+            res = fam.export(fmt.name, args.src, args.dst, target_cfg=tcfg, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         if isinstance(e, UsageError):
             raise
         raise UsageError(str(e)) from None  # a bad source folder: exit 2, before anything is written
-    loadable = args.to != "zlab" or (not res.gate_tensors and res.cfg.hc_mult == 1)
-    print(json.dumps({"dst": str(res.dst), "tensors": res.n_tensors, "conditioning": res.cfg.conditioning,
-                      "reducer": res.cfg.reducer, "block_size": res.cfg.block_size,
-                      "target_layer_ids": tapped_layers(res.cfg), "gate_tensors": list(res.gate_tensors),
-                      **({"zlab_loadable": loadable} if args.to == "zlab" else {})}))
-    if args.to == "zlab" and res.gate_tensors:
-        print(f"note: z-lab's DFlashDraftModel cannot load this export: {GATE_NOTE}", file=sys.stderr)
-    elif args.to == "zlab" and res.cfg.hc_mult > 1:
-        print(f"note: z-lab's DFlashDraftModel cannot load this export: "
-              f"{MULTI_STREAM_NOTE.format(n=res.cfg.hc_mult)}", file=sys.stderr)
+    notes = res.pop("notes", [])
+    print(json.dumps(res))
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(_main, argv)
-
-
-def _dspark_main(args) -> int:
-    """DSpark checkpoints ↔ DeepSpec's V4 layout (convert.dspark_export)."""
-    from convert.dspark_export import from_dspark, to_dspark
-
-    if args.stream_pooling != "flatten":
-        raise ExportError("--stream-pooling: not used for DSpark drafters")
-    tcfg = _target_cfg(args.target)
-    if tcfg is None:
-        raise ExportError("--target: a DSpark drafter's shapes follow its target; pass --target CKPT|PRESET")
-    fn = to_dspark if args.to == "dspark" else from_dspark
-    res = fn(args.src, args.dst, tcfg, overwrite=args.overwrite)
-    print(json.dumps({"dst": str(res.dst), "tensors": res.n_tensors, **res.cfg.to_checkpoint_dict(),
-                      "pooling": res.cfg.pooling}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-from convert.safetensors_io import CheckpointError
 from hdflash_jax.dspark.config import is_dspark_config
 from hdflash_jax.dspark.keymap import DSPARK_OWN, NATIVE_MTP_OWN
+from hdflash_jax.safetensors_io import CheckpointError
 
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 

@@ -14,7 +14,7 @@ experts).
 
 Before anything is read: DST may not be SRC, lie inside it or contain it (symlinks resolved), an existing DST
 needs --overwrite, and DST must be creatable. Then every key, shape and dtype is checked against the config from
-the headers alone (convert.plan: one error naming the file and key, before any data is read). Tensors are read
+the headers alone (convert.tensor_map: one error naming the file and key, before any data is read). Tensors are read
 one at a time from memory-mapped shards, renamed, dequantized with their scale partner, checked to be finite
 (NaN/Inf stop the run naming file and key unless --allow-nonfinite; counts go to report.json) and written into
 their tree leaf (experts into a preallocated stacked leaf, one row per expert). Completed leaves are flushed to
@@ -24,7 +24,7 @@ run leaves no checkpoint at DST. Every bad input and every OSError is one `error
 
 DST then holds config.json (TargetConfig, official names), params/ (orbax) and report.json; load it with
 `hdflash_jax.checkpoint.load_params(DST)`. A DSpark checkpoint (`dspark_*` config keys, DSpark `mtp.*` tensors)
-also gets DST/dspark/ (`hdflash_jax.dspark.checkpoint.load_dspark(DST / "dspark", cfg)`); the target's config
+also gets DST/dspark/ (`hdflash_jax.families.family("dspark").load(DST / "dspark", cfg)`); the target's config
 then has no MTP block. `--moe-dispatch` / `--attention-impl` set those fields of the converted config.
 """
 
@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from convert.dspark_layout import mtp_layout
-from convert.plan import Job, Plan, Target, make_plan, source_label
 from convert.quant import dequant_fp4, dequant_fp8
-from convert.safetensors_io import CheckpointError, open_checkpoint
+from convert.tensor_map import Job, Target, TensorMap, map_tensors, source_label
 from hdflash_jax.cli import run_command
 from hdflash_jax.config import ATTENTION_IMPLS, MOE_DISPATCHES
 from hdflash_jax.errors import UsageError
+from hdflash_jax.safetensors_io import CheckpointError, open_checkpoint
 
 LAYOUTS = ("official", "hf_disk", "hf_memory")
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -130,7 +130,7 @@ def _nonfinite_error(job: Job, n: int, size: int) -> CheckpointError:
 
 
 def _dspark_plan(source, layout, detected, raw: dict, cfg, config_path: Path, allow_unused: bool, names: dict):
-    """The DSpark drafter's own plan over the `mtp.*` tensors → (DSparkConfig, its leaves, Plan)."""
+    """The DSpark drafter's own plan over the `mtp.*` tensors → (DSparkConfig, its leaves, TensorMap)."""
     from flax import nnx
 
     from hdflash_jax.checkpoint import dotted
@@ -145,7 +145,7 @@ def _dspark_plan(source, layout, detected, raw: dict, cfg, config_path: Path, al
         raise CheckpointError(str(e)) from None
     leaves = {dotted(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_dspark(dcfg, cfg)))}
     nb = dcfg.num_blocks
-    plan = make_plan(source, layout, leaves, dcfg.block_config(cfg), no_mtp=False, allow_unused=allow_unused,
+    plan = map_tensors(source, layout, leaves, dcfg.block_config(cfg), no_mtp=False, allow_unused=allow_unused,
                      config_path=config_path, detected=detected,
                      keys={k for k, o in names.items() if o.startswith("mtp.")},
                      rename=lambda o: to_trunk_name(o, nb), names_back=lambda n: from_trunk_name(n, nb))
@@ -153,15 +153,16 @@ def _dspark_plan(source, layout, detected, raw: dict, cfg, config_path: Path, al
 
 
 def _write_dspark(tmp: Path, source, dspark, cfg, flush_mb: float, progress: bool, allow_nonfinite: bool) -> dict:
-    """Stream the DSpark drafter into tmp/dspark (params/ + dspark_config.json) → its stats."""
-    from hdflash_jax.dspark.checkpoint import DSPARK_CONFIG_FILE
+    """Stream the DSpark drafter into tmp/dspark (a DSpark family checkpoint: params/ + its config file) → its
+    stats."""
+    from hdflash_jax.families import family
 
     dcfg, leaves, plan = dspark
     folder = tmp / "dspark"
     folder.mkdir()
     stats = _stream(source, plan, leaves, dcfg.block_config(cfg), folder, flush_bytes=int(flush_mb * 2**20),
                     progress=progress, allow_nonfinite=allow_nonfinite)
-    (folder / DSPARK_CONFIG_FILE).write_text(json.dumps(dcfg.to_dict(), indent=1))
+    (folder / family("dspark").config_file).write_text(json.dumps(dcfg.to_dict(), indent=1))
     return {"tensors_read": stats["tensors_read"], "dequantized": stats["dequantized"],
             "param_count": int(sum(math.prod(v.shape) for v in leaves.values())), "unused": plan.unused,
             "nonfinite_values": stats["nonfinite_values"]}
@@ -174,8 +175,9 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
     """Convert SRC to a params checkpoint at DST; returns the report (also written to DST/report.json).
 
     The `mtp.*` tensors are a native MTP block (converted with the target) or a DSpark drafter (told apart by
-    config and keys, `convert.dspark_layout`), converted to DST/dspark (`hdflash_jax.dspark.checkpoint`)."""
-    from hdflash_jax import checkpoint as ck, fileio
+    config and keys, `convert.dspark_layout`), converted to DST/dspark (a DSpark family checkpoint)."""
+    from hdflash_jax import checkpoint as ck
+    from hdflash_jax import fileio
     from hdflash_jax.keymap import detect_layout, to_official
 
     t0 = time.perf_counter()
@@ -210,7 +212,7 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
             dspark = _dspark_plan(source, layout, detected, raw, cfg, config_path, allow_unused, names)
             trunk_keys = {k for k, o in names.items() if not o.startswith("mtp.")}
         leaves = ck.abstract_leaves(cfg)
-        plan = make_plan(source, layout, leaves, cfg, no_mtp=no_mtp, allow_unused=allow_unused,
+        plan = map_tensors(source, layout, leaves, cfg, no_mtp=no_mtp, allow_unused=allow_unused,
                          config_path=config_path, detected=detected, keys=trunk_keys)
         fileio.clean_stale_tmp(dst)
         tmp = fileio.tmp_path_for(dst)
@@ -256,7 +258,7 @@ def _report(src, dst, config_path, layout, source, cfg, no_mtp, stats, plan, lea
     }
 
 
-def _stream(source, plan: Plan, leaves: dict, cfg, tmp: Path, *, flush_bytes: int, progress: bool,
+def _stream(source, plan: TensorMap, leaves: dict, cfg, tmp: Path, *, flush_bytes: int, progress: bool,
             allow_nonfinite: bool = False) -> dict:
     """Read every planned tensor once, in file order, fill its leaves, flush completed leaves to orbax."""
     from tqdm import tqdm

@@ -7,18 +7,20 @@ with an (untrained) HyperDFlash drafter in one on-device loop each; prints token
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
+from hdflash_jax.cli import run_command
 from hdflash_jax.config import DrafterConfig, get_preset
 from hdflash_jax.decode.drafters import BlockDrafterAdapter
 from hdflash_jax.decode.generate import DecodeSettings, Generator
-from hdflash_jax.drafter.model import init_drafter_from_target
 from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.drafter.model import init_drafter_from_target
 
 
-def main(argv=None):
+def run(argv: list[str]):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
@@ -47,5 +49,9 @@ def main(argv=None):
     print("greedy outputs identical:", outputs["autoregressive"] == outputs["hyperdflash"])
 
 
+def main(argv=None) -> int:
+    return run_command(lambda a: (run(a), 0)[1], argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

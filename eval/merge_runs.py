@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import math
+import sys
 from pathlib import Path
 
 from eval.report import RESULTS_FOLDER, seed_groups, write_results
+from eval.results import Results
 from hdflash_jax.cli import run_command
 from hdflash_jax.errors import UsageError
 from hdflash_jax.fileio import check_output, read_json
-from eval.results import Results
 
 _SETTINGS = ("--max-new-tokens", "--temperature", "--block-size")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.config import Plan
 from eval.methods import Method, is_builtin
-from eval.plan import Plan
 
 TIMING_NOTE = ("wall_s = generation only; compile_s = lower + compile + one untimed warm-up run per new "
                "(bucket, batch) shape, counted in the suite where the shape first appeared; prompts padded "
@@ -42,7 +42,7 @@ def versions() -> dict:
 
 def run_config(plan: Plan, methods: dict[str, Method], load_s: float) -> dict:
     """The `config` record: arguments, selection, target, drafters, tokenizer, decoding settings, timings."""
-    args, spec, cfg, tok = plan.args, plan.spec, plan.spec.config, plan.spec.tokenizer
+    args, spec, cfg, tok = plan.config, plan.spec, plan.spec.config, plan.spec.tokenizer
     config = {
         "argv": plan.argv,
         "suites": list(plan.suites), "samples": {s: len(v) for s, v in plan.samples.items()},

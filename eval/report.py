@@ -24,8 +24,8 @@ import numpy as np
 
 from eval.bootstrap import rate_ratio, ratio, seed_ci, suite_mean_ci
 from eval.results import SEED_SUFFIX, CellResult, Results, SeedGroup, as_results, jsonable
-from hdflash_jax.fileio import OutputKind, atomic_dir, check_output, has_files
 from hdflash_jax.decode.stats import AcceptanceStats
+from hdflash_jax.fileio import OutputKind, atomic_dir, check_output, has_files
 
 METHOD_ORDER = ("ar", "mtp", "mtp3", "mtp7", "dflash", "hyperdflash")
 DASH = "—"

@@ -4,7 +4,7 @@
     python -m eval.run --suite all --method ar,hyperdflash --target /ckpt/v4-flash \\
         --drafter hyperdflash=/ckpt/hyperdflash-v4-flash --max-new-tokens 2048 --score --out runs/eval/flash
 
-The jobs live apart: eval.plan checks every argument, checkpoint and selection before any weights are loaded
+The jobs live apart: eval.config checks every argument, checkpoint and selection before any weights are loaded
 (`make_plan`); eval.targets resolves targets and drafter checkpoints; eval.methods names the methods and builds
 one `Generator` each; eval.runner batches, compiles apart from timing, generates, checks greedy outputs against
 AR and scores (eval.scoring); eval.results holds the typed records; eval.report writes results.json, results.md
@@ -22,24 +22,25 @@ models/small with its tokenizer and trained `hyperdflash` / `dflash` drafters, b
 `python -m train.small_pipeline`; `tiny-random`: the random tiny DeepSeek-V4 with untrained drafters and a byte
 tokenizer, for checking the pipeline end to end — its τ and speedups mean nothing) or a converted checkpoint
 folder (`config.json` + `params/`, hdflash_jax.checkpoint). Drafters (`--drafter NAME=CKPT`): a drafter
-checkpoint folder (`drafter_config.json` + `params/`, hdflash_jax.drafter.checkpoint); NAME becomes the method
+checkpoint folder of any drafter family (`hdflash_jax.families`); NAME becomes the method
 name, so `--drafter hyperdflash=... --drafter hd-b16=...` can be compared in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
+from eval.config import RunConfig, make_plan
 from eval.errors import EXIT_MISMATCH, EXIT_OK, UsageError, log
-from eval.plan import make_plan
 from eval.runner import execute
-from eval.suites import SUITES
 from eval.targets import TARGETS
 from hdflash_jax.cli import run_command
 from hdflash_jax.fileio import atomic_write_text
+from hdflash_jax.suites import SUITES
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"a registered target ({', '.join(sorted(TARGETS))}) or a converted checkpoint folder "
                          "(default: %(default)s)")
     ap.add_argument("--drafter", action="append", metavar="NAME=CKPT",
-                    help="a drafter checkpoint (drafter_config.json + params/) for method NAME; repeatable")
+                    help="a drafter checkpoint (any family: block, dspark) for method NAME; repeatable")
     ap.add_argument("--tokenizer", default=None,
                     help="byte[:N], deepseek-v4, a tokenizer.json or a folder holding one "
                          "(default: the target's; checkpoints: their tokenizer.json, else deepseek-v4)")
@@ -113,32 +114,31 @@ def _report_mismatches(results, allow: bool) -> None:
           + (" (--allow-mismatch: exit 0)" if allow else "") + " ***", file=sys.stderr)
 
 
-def _init_processes(args: argparse.Namespace) -> bool:
-    """`jax.distributed` setup (train.distributed's, before any backend use); True on the process that writes."""
-    from train.distributed import init_distributed
+def _init_processes(cfg: RunConfig) -> bool:
+    """`jax.distributed` setup (before any backend use); True on the process that writes."""
+    from hdflash_jax.distributed import init_distributed
 
     try:
-        init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed, args.cpu_devices)
+        init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed, cfg.cpu_devices)
     except ValueError as e:
         raise UsageError(str(e)) from None
     import jax
 
-    lead = jax.process_index() == 0
-    if not lead:
-        args.quiet = True  # one progress bar
-    return lead
+    return jax.process_index() == 0
 
 
 def _main(argv: list[str]) -> int:
     """Parse, check, run and write; returns the exit status (see the module docstring)."""
-    args = build_parser().parse_args(argv)
-    lead = _init_processes(args)
-    plan = make_plan(args)
+    cfg = RunConfig.from_args(build_parser().parse_args(argv))
+    lead = _init_processes(cfg)
+    if not lead:
+        cfg = dataclasses.replace(cfg, quiet=True)  # one progress bar
+    plan = make_plan(cfg)
     plan.argv = argv
-    if args.score:  # model-written code runs isolated, or unisolated only when the user says so
+    if cfg.score:  # model-written code runs isolated, or unisolated only when the user says so
         from eval.sandbox import UnisolatedError, require_isolation
         try:
-            isolation = require_isolation(args.allow_unisolated).to_json(args.allow_unisolated)
+            isolation = require_isolation(cfg.allow_unisolated).to_json(cfg.allow_unisolated)
         except UnisolatedError as e:
             raise UsageError(str(e)) from None
     log(f"suites: {', '.join(f'{s} ({len(v)})' for s, v in plan.samples.items())}; methods: "
@@ -151,22 +151,22 @@ def _main(argv: list[str]) -> int:
 
         results.config["mesh"] = dict(plan.mesh.shape)
         results.config["processes"] = jax.process_count()
-    if args.score:
+    if cfg.score:
         results.config["isolation"] = isolation
     if not lead:  # every process computed the same results; process 0 writes them
-        return EXIT_MISMATCH if results.greedy_mismatches and not args.allow_mismatch else EXIT_OK
+        return EXIT_MISMATCH if results.greedy_mismatches and not cfg.allow_mismatch else EXIT_OK
 
     from eval.report import summary_table, write_results
 
-    out = write_results(plan.out, results, overwrite=args.overwrite)
+    out = write_results(plan.out, results, overwrite=cfg.overwrite)
     atomic_write_text(out / "outputs.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
                                                      for r in records))
     print(summary_table(results))
     log(f"wrote {out}/results.json, results.md, acceptance_by_position.png, accepted_length_hist.png, "
         f"outputs.jsonl ({results.config['total_s']:.1f}s)")
     if results.greedy_mismatches:
-        _report_mismatches(results, args.allow_mismatch)
-        if not args.allow_mismatch:
+        _report_mismatches(results, cfg.allow_mismatch)
+        if not cfg.allow_mismatch:
             return EXIT_MISMATCH
     return EXIT_OK
 

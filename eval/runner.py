@@ -26,16 +26,15 @@ import sys
 import time
 from typing import Any, Callable
 
+import numpy as np
+
+from eval.config import Plan, prompt_ids
 from eval.errors import BadCheckpointError, RunError, log
 from eval.methods import Method, build_methods
-from eval.plan import Plan, prompt_ids
 from eval.provenance import run_config, versions
-from eval.results import (SEED_SUFFIX, CellResult, Mismatch, OutputRecord, PromptFigures, Results, SuiteMismatches,
-                          Turn)
-from eval.suites import Sample
+from eval.results import SEED_SUFFIX, CellResult, Mismatch, OutputRecord, PromptFigures, Results, SuiteMismatches, Turn
 from hdflash_jax.decode.stats import AcceptanceStats
-
-import numpy as np
+from hdflash_jax.suites import Sample
 
 SEED_STRIDE = 100_003  # seeds of different (suite, turn) phases never overlap within a run
 PREFILL_REPEATS = 3
@@ -163,11 +162,11 @@ def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells:
         prompts = [prompt_ids(tok, samples[i], turn, [tok.decode(ids) for ids in cell.outputs.get(i, [])])
                    for i in rows]
         try:
-            batches = plan_batches([len(p) for p in prompts], plan.args.batch_size, meth.generator.plan)
+            batches = plan_batches([len(p) for p in prompts], plan.config.batch_size, meth.generator.plan)
         except ValueError as e:
             raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
         answers = [cells["ar"].outputs[i][turn] for i in rows] if meth.replays_ar else None  # AR ran first
-        outs, figs = run_prompts(meth, prompts, batches, cell, plan.args.seed + SEED_STRIDE * phase, bar,
+        outs, figs = run_prompts(meth, prompts, batches, cell, plan.config.seed + SEED_STRIDE * phase, bar,
                                  prefill.setdefault(m, {}), answers)
         for r, i in enumerate(rows):
             cell.outputs.setdefault(i, []).append(outs[r])
@@ -184,7 +183,7 @@ def generate_all(plan: Plan, methods: dict[str, Method]) -> dict[str, dict[str, 
     cells = {su: {m: Cell() for m in methods} for su in plan.suites}
     phase = 0
     prefill: dict[str, dict] = {}  # method -> shape -> prefill seconds
-    with tqdm(total=total, desc="eval", unit="prompt", disable=plan.args.quiet, file=sys.stderr,
+    with tqdm(total=total, desc="eval", unit="prompt", disable=plan.config.quiet, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for su in plan.suites:
             for turn in range(max(len(s.turns) for s in plan.samples[su])):
@@ -262,7 +261,7 @@ def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[C
     """Statistics, intervals, greedy check and scores of one (suite, method), and its outputs.jsonl records."""
     from eval.metrics import speedup, tokens_per_second
 
-    samples, tok, args = plan.samples[su], plan.spec.tokenizer, plan.args
+    samples, tok, args = plan.samples[su], plan.spec.tokenizer, plan.config
     texts = {i: [tok.decode(ids) for ids in c.outputs[i]] for i in range(len(samples))}
     bad = _greedy_check(su, meth.name, samples, ar, c) if args.temperature == 0 and meth.name != "ar" else None
     per_sample = (_scores(samples, texts, args.score_timeout, args.allow_unisolated) if args.score
@@ -288,7 +287,7 @@ def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
     """Load the target, run every suite and method, and gather the results and the output records."""
     import jax
 
-    args, spec = plan.args, plan.spec
+    args, spec = plan.config, plan.spec
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compilation_cache))
     log(f"target {spec.name} ({spec.origin}); loading")

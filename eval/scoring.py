@@ -177,7 +177,7 @@ def mbpp_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
 
 def score_output(sample, output: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
                  allow_unisolated: bool = False) -> bool | None:
-    """Whether `output` answers `sample` (an eval.suites.Sample) correctly; None if unscored.
+    """Whether `output` answers `sample` (an hdflash_jax.suites.Sample) correctly; None if unscored.
 
     MT-Bench (open-ended, judged by an LLM in the original) is not scored: returns None.
     """

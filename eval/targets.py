@@ -12,19 +12,34 @@ from pathlib import Path
 from typing import Any, Callable
 
 from eval.errors import UsageError, log
-from eval.methods import METHOD_NAME, dspark_checkpoint_source, is_builtin
 
 
 @dataclasses.dataclass(frozen=True)
 class DrafterSource:
-    """Where a block drafter comes from: its config (known without loading) and how to build/load it."""
+    """Where a drafter comes from: its family and config (known without loading) and how to build/load it. The
+    pair (config, target) is checked once, when the source is made (`family.check_target`)."""
     method: str
     origin: str  # a checkpoint path, or e.g. "untrained preset tiny-hyperdflash"
-    config: Any  # DrafterConfig
-    load: Callable[[Any, int], Any]  # (target model, seed) -> BlockDrafter
+    family: Any  # hdflash_jax.families.DrafterFamily
+    config: Any  # the family's config
+    load: Callable[[Any, int], Any]  # (target model, seed) -> the drafter module
     trained: bool = False
     path: Path | None = None  # the checkpoint folder (an input of the run), None for a drafter built in memory
     seeds: tuple[int, ...] = ()  # the training seed behind a checkpoint, when known (`training_seeds`)
+
+
+def checkpoint_source(method: str, path: Path, target_cfg, *, where: str) -> DrafterSource:
+    """A drafter checkpoint folder (any family's) as the drafter of `method`, checked against the target."""
+    from hdflash_jax.families import checkpoint_family
+
+    fam = checkpoint_family(path)
+    if fam is None:
+        raise ValueError(f"{path}: drafter checkpoint not found" if not path.exists() else
+                         f"{path}: not a drafter checkpoint (a drafter family's config file + params/)")
+    cfg = fam.load_config(path)
+    fam.check_target(cfg, target_cfg, where=f"{where} {path}")
+    return DrafterSource(method, str(path), fam, cfg, lambda target, seed: fam.load(path, target.cfg, checked=True)[1],
+                         trained=True, path=path, seeds=training_seeds(path))
 
 
 def training_seeds(path: Path) -> tuple[int, ...]:
@@ -83,18 +98,20 @@ def on_mesh(spec: TargetSpec, mesh) -> TargetSpec:
 def _tiny_random(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     """The random tiny preset; its default drafters are untrained HyperDFlash / DFlash drafters built from it."""
     from hdflash_jax.config import get_drafter_preset, get_preset
-    from hdflash_jax.drafter.model import init_drafter_from_target
     from hdflash_jax.deepseek_v4.model import init_target
+    from hdflash_jax.families import family
     from hdflash_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     cfg = get_preset("tiny")
     tok = (load_tokenizer(tokenizer, chat_template) if tokenizer
            else ByteTokenizer(cfg.vocab_size, chat_template or "deepseek_v4"))
 
+    block = family("block")
+
     def untrained(method, preset):
         dcfg = get_drafter_preset(preset)
-        return DrafterSource(method, f"untrained preset {preset}", dcfg,
-                             lambda target, seed: init_drafter_from_target(target, dcfg, seed))
+        return DrafterSource(method, f"untrained preset {preset}", block, dcfg,
+                             lambda target, seed: block.init(dcfg, target, seed))
 
     return TargetSpec(
         name="tiny-random", origin="random init of preset 'tiny'", config=cfg,
@@ -112,20 +129,15 @@ def _small(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     """The built-in small model (built by `python -m train.small_pipeline`, shipped in models/small): a
     pretrained small DeepSeek-V4 target with its MTP layer, its tokenizer, and trained HyperDFlash / DFlash
     drafters (every folder under models/small/drafters becomes a method of that name)."""
-    from hdflash_jax.drafter.checkpoint import load_drafter, load_drafter_config
-
     root = Path(os.environ.get("HDFLASH_SMALL_MODEL", SMALL_MODEL_DIR))
     if not (root / "target" / "config.json").is_file():
         raise UsageError(f"--target small: no built model at {root} (build it: python -m train.small_pipeline)")
     spec = _checkpoint_target(root / "target", tokenizer or str(root / "tokenizer"), chat_template)
-    drafters = {}
-    for d in sorted((root / "drafters").iterdir()) if (root / "drafters").is_dir() else []:
-        if (d / "dspark_config.json").is_file():
-            drafters[d.name] = dspark_checkpoint_source(d.name, d)
-        elif (d / "drafter_config.json").is_file():
-            drafters[d.name] = DrafterSource(d.name, str(d), load_drafter_config(d),
-                                             lambda target, seed, d=d: load_drafter(d, target.cfg)[1], trained=True,
-                                             path=d, seeds=training_seeds(d))
+    from hdflash_jax.families import checkpoint_family
+
+    found = sorted((root / "drafters").iterdir()) if (root / "drafters").is_dir() else []
+    drafters = {d.name: checkpoint_source(d.name, d, spec.config, where="drafter")
+                for d in found if checkpoint_family(d) is not None}
     return dataclasses.replace(spec, name="small", drafters=drafters, paths=(root,))
 
 
@@ -158,10 +170,13 @@ def _checkpoint_target(path: Path, tokenizer: str | None, chat_template: str | N
         tok = load_tokenizer(tokenizer, chat_template)
     except (OSError, ValueError) as e:
         raise UsageError(f"--tokenizer: {e}") from None
-    # a converted DSpark checkpoint carries its drafter beside the target (convert/torch_to_flax.py)
-    dspark = {"dspark": dspark_checkpoint_source("dspark", path / "dspark", cfg)} if (path / "dspark").is_dir() else {}
+    try:  # a converted DSpark checkpoint carries its drafter beside the target (convert/torch_to_flax.py)
+        own = {"dspark": checkpoint_source("dspark", path / "dspark", cfg, where="DSpark drafter")} \
+            if (path / "dspark").is_dir() else {}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--target {path}: {e}") from None
     return TargetSpec(name=path.name, origin=str(path), config=cfg, load=lambda seed: load_params(path)[1],
-                      drafters=dspark, tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1],
+                      drafters=own, tokenizer=tok, load_sharded=lambda seed, mesh: load_params(path, mesh=mesh)[1],
                       paths=(path,))
 
 
@@ -184,36 +199,15 @@ def resolve_target(name: str, tokenizer: str | None = None, chat_template: str |
     return spec
 
 
-def parse_drafter_args(items: list[str] | None, target_cfg) -> dict[str, DrafterSource]:
-    """`NAME=CKPT` pairs → DrafterSources, each checked against the target's config (no weights read)."""
-    from hdflash_jax.drafter.checkpoint import load_drafter, load_drafter_config
-
+def drafter_sources(pairs, target_cfg) -> dict[str, DrafterSource]:
+    """--drafter NAME=CKPT pairs (`RunConfig.drafters`) → DrafterSources, each checked against the target's config
+    (no weights read)."""
     out: dict[str, DrafterSource] = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise UsageError(f"--drafter {item!r}: expected NAME=CHECKPOINT_FOLDER")
-        if is_builtin(name):
-            raise UsageError(f"--drafter {item!r}: {name!r} is a built-in method and takes no drafter checkpoint")
-        if not METHOD_NAME.match(name):
-            raise UsageError(f"--drafter {item!r}: method names use letters, digits, '_', '-', '.'")
+    for name, path in pairs:
         if name in out:
             raise UsageError(f"--drafter: {name!r} given twice")
-        p = Path(path)
-        if (p / "dspark_config.json").is_file():
-            try:
-                out[name] = dspark_checkpoint_source(name, p, target_cfg)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--drafter {name}: {e}") from None
-            continue
         try:
-            dcfg = load_drafter_config(p)
-            dcfg.check_target(target_cfg, where=f"drafter {p}")
+            out[name] = checkpoint_source(name, path, target_cfg, where="drafter")
         except (OSError, ValueError) as e:
             raise UsageError(f"--drafter {name}: {e}") from None
-        if not (p / "params").is_dir():
-            raise UsageError(f"--drafter {name}: {p} is not a drafter checkpoint (no params/)")
-        out[name] = DrafterSource(name, str(p), dcfg, lambda target, seed, p=p: load_drafter(p, target.cfg)[1],
-                                  trained=True, path=p, seeds=training_seeds(p))
     return out

@@ -1,4 +1,4 @@
-"""TargetConfig's transformers `config.json` reader, and the type check every config value goes through.
+"""TargetConfig's transformers `config.json` reader.
 
 `hf_to_target_kwargs` maps a transformers `DeepseekV4Config` dict (`model_type: deepseek_v4`) to `TargetConfig`
 field values; a value of the wrong type is refused naming the transformers key (`typed`).
@@ -6,30 +6,21 @@ field values; a value of the wrong type is refused naming the transformers key (
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-_KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
-               "list": "a list", "dict": "a JSON object", "tuple[int, ...]": "a list of integers"}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
+          "tuple[int, ...]": tuple[int, ...]}
 
 
 def typed(name: str, v, kind: str):
     """`v` if it has the config kind ('int', 'float', 'str', 'bool', 'list', 'dict', 'tuple[int, ...]', any of
-    them '| None'), else a ValueError naming the field: a config value of the wrong type is refused, never coerced
-    or crashed on later."""
-    if kind.endswith(" | None"):
-        return v if v is None else typed(name, v, kind[: -len(" | None")])
-    ok = {"int": _is_int, "bool": lambda x: isinstance(x, bool),
-          "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
-          "str": lambda x: isinstance(x, str), "list": lambda x: isinstance(x, list),
-          "dict": lambda x: isinstance(x, dict),
-          "tuple[int, ...]": lambda x: isinstance(x, (list, tuple)) and all(_is_int(r) for r in x)}[kind](v)
-    if not ok:
-        raise ValueError(f"field {name!r}: expected {_KIND_NAMES[kind]}, got {v!r} ({type(v).__name__})")
+    them '| None'), else a ValueError naming the field: a JSON config value of the wrong type is refused, never
+    coerced or crashed on later. The check is the one engine's (`hdflash_jax.typed_config.coerce`)."""
+    from hdflash_jax.typed_config import coerce
+
+    optional = kind.endswith(" | None")
+    tp = _KINDS[kind.removesuffix(" | None")]
+    coerce(v, tp | None if optional else tp, f"field {name!r}")
     return v
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from hdflash_jax.mesh_spec import MESH_AXES, parse_mesh  # noqa: E402,F401 — the one mesh-string parser
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -53,15 +53,16 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
     return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-    """'data=2,fsdp=2,tensor=2' → {"data": 2, "fsdp": 2, "tensor": 2}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, size = part.partition("=")
-        if not size.isdigit():
-            raise ValueError(f"--mesh: expected NAME=SIZE, got {part!r}")
-        out[name] = int(size)
-    return out
+def mesh_from_spec(spec: str | dict | None, devices=None, *, use_first: bool = False) -> Mesh:
+    """The mesh of a --mesh string or {axis: size} (None: every device on 'data'). With `use_first`, a mesh smaller
+    than `devices` takes the first of them (one process trying a mesh on its simulated devices); otherwise the
+    mesh must use every device."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = parse_mesh(spec) if isinstance(spec, str) else (dict(spec) if spec else {"data": len(devices)})
+    n = int(np.prod(list(shape.values())))
+    if use_first and n < len(devices):
+        devices = devices[:n]
+    return make_mesh(shape, devices=devices)
 
 
 def logical_to_spec(names, shape, mesh: Mesh) -> P:

@@ -57,7 +57,7 @@ def official_weights(cfg: TargetConfig, seed: int) -> dict[str, np.ndarray]:
 def convert_official(off: dict[str, np.ndarray], cfg: TargetConfig, root: Path):
     """The official tensors through the project's converter: (TargetConfig, DeepseekV4) as `load_params` gives."""
     from convert import torch_to_flax as t2f
-    from convert.safetensors_io import write_safetensors
+    from hdflash_jax.safetensors_io import write_safetensors
     from hdflash_jax.checkpoint import load_params
 
     src, dst = root / "official", root / "flax"

@@ -24,7 +24,7 @@ import pytest
 
 from convert import torch_to_flax as t2f
 from convert.quant import quantize_fp8_block
-from convert.safetensors_io import write_index, write_safetensors
+from hdflash_jax.safetensors_io import write_index, write_safetensors
 from hdflash_jax.checkpoint import abstract_leaves, load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.keymap import tree_to_official
@@ -72,7 +72,7 @@ def base(tmp_path_factory) -> Base:
     from flax import nnx
 
     from hdflash_jax.config import get_drafter_preset
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from hdflash_jax.drafter.model import init_drafter
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -100,7 +100,7 @@ def base(tmp_path_factory) -> Base:
             for p, v in nnx.to_flat_state(nnx.state(init_drafter(dcfg)))}
     key = sorted(k for k, v in flat.items() if v.dtype.kind == "f" and v.ndim == 2)[0]
     flat[key][0, 0] = np.inf
-    nan_drafter = save_drafter(root / "nan_drafter", flat, dcfg)
+    nan_drafter = family("block").save(root / "nan_drafter", flat, dcfg)
     return Base(src, tensors, nan_ckpt, nan_drafter, key)
 
 
@@ -315,7 +315,7 @@ def _fake_results(p: Path) -> Path:
 
 
 def _garbage_suite(w: World, line: str = "{not json") -> Path:
-    from eval.suites import DATA_DIR, FILES
+    from hdflash_jax.suites import DATA_DIR, FILES
 
     root = w.root / "suites"
     f = root / FILES["gsm8k"]
@@ -640,8 +640,10 @@ CASES = [
         ("section_scalar", _train_config("optim: 3\n"), "optim: expected a mapping, got 3"),
         ("broken_yaml", _train_config("optim: {lr: 1.0e-3\n"), "--config {config}: not valid YAML/JSON at line 2"),
         ("binary", _train_config(b"\xff\xfe\x00"), "--config {config}: not a text file"),
-        ("drafter_override_field", _train_config("drafter: {overrides: {n_layerz: 2}}\n"),
-         "drafter.overrides.n_layerz: unknown key (not a DrafterConfig field)"),
+        ("drafter_field", _train_config("drafter: {kind: block, n_layerz: 2}\n"),
+         "drafter.n_layerz: unknown key (known: kind, preset, init_from_target, n_layers,"),
+        ("drafter_field_type", _train_config("drafter: {kind: dspark, markov_rank: big}\n"),
+         "drafter.markov_rank: expected an integer, got 'big'"),
         ("target_override_str", _train_override("target.overrides.dim=big"),
          "target.overrides.dim: expected an integer, got 'big'"),
         ("bool_field", _train_config("export_drafter: yes_please\n"),
@@ -766,7 +768,7 @@ def run_tool(tool: str, argv: list[str], capsys) -> tuple[int | str, str]:
 
         rc = importlib.import_module(OTHER_TOOLS[tool]).main(argv)
     elif tool == "load_suite":
-        from eval.suites import load_suite
+        from hdflash_jax.suites import load_suite
 
         try:
             load_suite(argv[1], data_dir=argv[0])
@@ -775,9 +777,9 @@ def run_tool(tool: str, argv: list[str], capsys) -> tuple[int | str, str]:
             print(f"error: {e}", file=sys.stderr)
             rc = type(e).__name__
     else:
-        from hdflash_jax.drafter.checkpoint import load_drafter
+        from hdflash_jax.families import family
 
-        fn = load_params if tool == "load_params" else load_drafter
+        fn = load_params if tool == "load_params" else family("block").load
         try:
             fn(argv[0])
             rc = 0

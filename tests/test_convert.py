@@ -25,7 +25,7 @@ import torch
 
 from convert import torch_to_flax as t2f
 from convert.quant import quantize_fp4, quantize_fp8_block  # writers of official-format tensors only
-from convert.safetensors_io import load_all, write_index, write_safetensors
+from hdflash_jax.safetensors_io import load_all, write_index, write_safetensors
 from hdflash_jax.checkpoint import abstract_leaves, abstract_model, load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.keymap import (assemble_tree, detect_layout, hf_disk_to_official, hf_memory_state_to_official,
@@ -689,7 +689,7 @@ def dspark_official(cfg, tmp_path_factory):
 
 def test_dspark_checkpoint_converts_to_target_and_drafter(cfg, dspark_official, tmp_path):
     from hdflash_jax.checkpoint import load_config
-    from hdflash_jax.dspark.checkpoint import load_dspark
+    from hdflash_jax.families import family
     from hdflash_jax.dspark.keymap import tree_to_dspark_names
 
     folder, stored, dcfg = dspark_official
@@ -701,7 +701,7 @@ def test_dspark_checkpoint_converts_to_target_and_drafter(cfg, dspark_official, 
     assert report["dspark"]["dequantized"] == {"fp4": 3 * 4 * 3, "fp8": 3 * 8 + 1}
     tcfg = load_config(dst)
     assert tcfg.n_mtp_layers == 0 and (tcfg.moe_dispatch, tcfg.attention_impl) == ("ragged", "dense")
-    got_cfg, drafter = load_dspark(dst / "dspark", tcfg)
+    got_cfg, drafter = family("dspark").load(dst / "dspark", tcfg)
     assert got_cfg == dcfg
     ref = dequantize_reference(stored)
     n_checked = 0

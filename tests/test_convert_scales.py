@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from convert.quant import quantize_fp4, quantize_fp8_block
-from convert.safetensors_io import write_safetensors
+from hdflash_jax.safetensors_io import write_safetensors
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.keymap import official_to_tree

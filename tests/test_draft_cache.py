@@ -113,7 +113,7 @@ def test_fp8_store_is_close_and_smaller(setup):
 
 
 def test_bytes_per_token_at_v4_flash_width():
-    from eval.plan_draft import target_cache_bytes_per_token
+    from hdflash_jax.aot_plan.draft import target_cache_bytes_per_token
     from hdflash_jax.config import get_preset
 
     target = target_cache_bytes_per_token(get_preset("v4-flash"))
@@ -172,11 +172,11 @@ def test_sharded_cache_matches_unsharded(setup, kind):
 
 
 def test_mesh_plan_draft_updates_the_cache_in_place(capsys):
-    """The draft program of eval.mesh_plan: the donated cache comes back aliased (alias bytes = its bytes on one
+    """The draft program of hdflash_jax.aot_plan.cli: the donated cache comes back aliased (alias bytes = its bytes on one
     device: rows over data × expert, features over tensor)."""
-    from eval import mesh_plan
+    from hdflash_jax.aot_plan import cli as mesh_plan
 
-    r = mesh_plan.main(["--preset", "tiny", "--mesh", "data=2,expert=2,tensor=2", "--program", "draft",
+    r = mesh_plan.plan_programs(["--preset", "tiny", "--mesh", "data=2,expert=2,tensor=2", "--program", "draft",
                         "--drafter", "tiny-hyperdflash", "--batch", "8", "--context", "60"])[0]
     cfg = get_drafter_preset("tiny-hyperdflash")
     slots = 60 + cfg.block_size

@@ -360,7 +360,7 @@ def test_train_forward_gradients_reach_drafter_only(setup):
 
 
 def test_drafter_sizes_script(tmp_path, capsys):
-    from eval.drafter_sizes import main
+    from eval.bench.drafter_sizes import main
 
     assert main(["--json", str(tmp_path / "sizes.json")]) == 0
     import json

@@ -19,11 +19,12 @@ from flax import nnx  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import Qwen3Config  # noqa: E402
 
-from convert import drafter_export as ex  # noqa: E402
-from convert import drafter_import as im  # noqa: E402
+from convert import drafter_export as cli  # noqa: E402
+from hdflash_jax.formats import zlab as ex  # noqa: E402
+from hdflash_jax.formats import zlab_read as im  # noqa: E402
 from hdflash_jax.config import DrafterConfig, get_preset  # noqa: E402
 from hdflash_jax.deepseek_v4.layers import RMSNorm  # noqa: E402
-from hdflash_jax.drafter.checkpoint import load_drafter, save_drafter  # noqa: E402
+from hdflash_jax.families import family  # noqa: E402
 from hdflash_jax.drafter.model import init_draft_cache, init_drafter, make_draft_fn  # noqa: E402
 
 V, D = 256, 64
@@ -111,9 +112,9 @@ def compare_draft_logits(drafter, model, cfg: DrafterConfig, steps=(7, 3, 1, 4),
 def test_exported_drafter_loads_strictly_into_reference_and_drafts_the_same_logits(tmp_path, hc_mult):
     cfg = tiny_cfg(hc_mult=hc_mult)
     drafter = random_drafter(cfg)
-    src = save_drafter(tmp_path / "here", drafter)
-    res = ex.to_zlab(src, tmp_path / "zlab")
-    assert res.gate_tensors == () and res.n_tensors == 2 * 11 + 3
+    src = family("block").save(tmp_path / "here", drafter, drafter.cfg)
+    res = family("block").export("zlab", src, tmp_path / "zlab")
+    assert res["gate_tensors"] == [] and res["tensors"] == 2 * 11 + 3
     conf = json.loads((tmp_path / "zlab" / ex.CONFIG_FILE).read_text())
     assert conf["dflash_config"] == {"block_size": 4, "mask_token_id": V - 1, "target_layer_ids": [1, 3]}
     if hc_mult == 1:  # what a user does; the reference class holds the drafter exactly
@@ -151,11 +152,11 @@ def test_rope_permutation_is_what_the_reference_rotates():
 def test_round_trip_here_there_here_is_bit_identical(tmp_path, kw):
     cfg = tiny_cfg(**kw)
     drafter = random_drafter(cfg, seed=3)
-    src = save_drafter(tmp_path / "a", drafter)
-    res = ex.to_zlab(src, tmp_path / "z")
-    assert bool(res.gate_tensors) == (cfg.reducer == "gated")
-    assert ex.main(["--to", "here", "--src", str(tmp_path / "z"), "--dst", str(tmp_path / "b")]) == 0
-    cfg2, back = load_drafter(tmp_path / "b")
+    src = family("block").save(tmp_path / "a", drafter, drafter.cfg)
+    res = family("block").export("zlab", src, tmp_path / "z")
+    assert bool(res["gate_tensors"]) == (cfg.reducer == "gated")
+    assert cli.main(["--to", "here", "--src", str(tmp_path / "z"), "--dst", str(tmp_path / "b")]) == 0
+    cfg2, back = family("block").load(tmp_path / "b")
     assert cfg2 == cfg
     a, b = flat_numpy(drafter), flat_numpy(back)
     assert a.keys() == b.keys()
@@ -169,14 +170,15 @@ def test_round_trip_here_there_here_is_bit_identical(tmp_path, kw):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     cfg = tiny_cfg()
-    ex.to_zlab(save_drafter(root / "here", random_drafter(cfg)), root / "zlab")
+    drafter = random_drafter(cfg)
+    family("block").export("zlab", family("block").save(root / "here", drafter, drafter.cfg), root / "zlab")
     return root / "zlab"
 
 
 def _broken(exported: Path, tmp_path: Path, edit_config=None, edit_tensors=None) -> Path:
     import shutil
 
-    from convert.safetensors_io import load_all, write_safetensors
+    from hdflash_jax.safetensors_io import load_all, write_safetensors
 
     out = tmp_path / "broken"
     shutil.copytree(exported, out)
@@ -219,14 +221,14 @@ def _rename(t):
 def test_import_errors_name_the_file_and_key(exported, tmp_path, capsys, config_edit, tensor_edit, message):
     src = _broken(exported, tmp_path, config_edit, tensor_edit)
     dst = tmp_path / "out"
-    assert ex.main(["--to", "here", "--src", str(src), "--dst", str(dst)]) == 2
+    assert cli.main(["--to", "here", "--src", str(src), "--dst", str(dst)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and str(src) in err, err
     assert not dst.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_import_checks_the_target(exported, tmp_path, capsys):
-    rc = ex.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "d"), "--target", "tiny"])
+    rc = cli.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "d"), "--target", "tiny"])
     err = capsys.readouterr().err
     assert rc == 2 and "vocab_size=256, the target has 512" in err and str(exported) in err, err
     assert not (tmp_path / "d").exists()
@@ -234,7 +236,7 @@ def test_import_checks_the_target(exported, tmp_path, capsys):
 
 def test_export_refuses_existing_destination(exported, tmp_path, capsys):
     (tmp_path / "x").mkdir()
-    rc = ex.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "x")])
+    rc = cli.main(["--to", "here", "--src", str(exported), "--dst", str(tmp_path / "x")])
     assert rc == 2 and "destination exists" in capsys.readouterr().err
 
 
@@ -254,9 +256,9 @@ def test_reference_written_drafter_imports_and_speculates_losslessly_in_eval_run
     model = dflash_model.DFlashDraftModel(rcfg)
     model.fc = torch.nn.Linear(2 * t.hc_mult * t.dim, t.dim, bias=False)  # DeepSeek-V4 streams: [D, K·n·D]
     model.save_pretrained(str(tmp_path / "ref"))
-    assert ex.main(["--to", "here", "--src", str(tmp_path / "ref"), "--dst", str(tmp_path / "imp"),
+    assert cli.main(["--to", "here", "--src", str(tmp_path / "ref"), "--dst", str(tmp_path / "imp"),
                     "--target", "tiny"]) == 0
-    cfg, _ = load_drafter(tmp_path / "imp")
+    cfg, _ = family("block").load(tmp_path / "imp")
     assert (cfg.conditioning, cfg.reducer, cfg.layer_ids, cfg.hc_mult, cfg.block_size) == (
         "layers", "linear", (1, 3), t.hc_mult, 4)
     out = tmp_path / "eval"
@@ -361,8 +363,8 @@ def test_zlab_dflash_generate_with_transformers_target_matches_this_decoder(tmp_
     if not (SMALL / "drafters" / "dflash").is_dir():
         pytest.skip("models/small not built")
     tcfg, target = load_params(SMALL / "target")
-    dcfg, drafter = load_drafter(SMALL / "drafters" / "dflash", tcfg)
-    ex.to_zlab(SMALL / "drafters" / "dflash", tmp_path / "z")
+    dcfg, drafter = family("block").load(SMALL / "drafters" / "dflash", tcfg)
+    family("block").export("zlab", SMALL / "drafters" / "dflash", tmp_path / "z")
     model = reference_model(tmp_path / "z", dcfg)
     hf = hf_from_project(target)
     prompt = [0, 2, *range(40, 72), 3]  # bos, then ids of the small vocabulary
@@ -438,8 +440,9 @@ def test_mean_pooled_reference_drafter_imports_exactly(tmp_path, capsys):
         im.read_zlab(tmp_path / "ref", target_cfg=tiny_v)
     with pytest.raises(im.ExportError, match="needs --target"):
         im.read_zlab(tmp_path / "ref", stream_pooling="mean")
-    res = im.to_here(tmp_path / "ref", tmp_path / "imp", target_cfg=tiny_v, stream_pooling="mean")
-    cfg, drafter = load_drafter(res.dst, tiny_v)
+    res = family("block").import_folder("zlab", tmp_path / "ref", tmp_path / "imp", target_cfg=tiny_v,
+                                        stream_pooling="mean")
+    cfg, drafter = family("block").load(res["dst"], tiny_v)
     assert cfg.hc_mult == t.hc_mult == 4
     err = compare_draft_logits(drafter, model, cfg, ref_features=lambda f: f.mean(axis=3).reshape(1, f.shape[1], -1))
     assert err <= 1e-5, err

@@ -101,12 +101,12 @@ def test_eval_run_dspark_checkpoint(tmp_path):
 
     from eval import run as ev
     from hdflash_jax.config import get_preset as preset
-    from hdflash_jax.dspark.checkpoint import save_dspark
+    from hdflash_jax.families import family
     from hdflash_jax.dspark.model import init_dspark
 
     tcfg = preset("tiny")
     dcfg = DSparkConfig(block_size=5, noise_token_id=tcfg.vocab_size - 1, target_layer_ids=(3, 4, 5), markov_rank=16)
-    ckpt = save_dspark(tmp_path / "dspark", init_dspark(dcfg, tcfg, seed=2), dcfg)
+    ckpt = family("dspark").save(tmp_path / "dspark", init_dspark(dcfg, tcfg, seed=2), dcfg)
     out = tmp_path / "out"
     rc = ev.main(["--suite", "gsm8k", "--method", "dspark", "--drafter", f"dspark={ckpt}", "--limit", "2",
                   "--out", str(out), "--target", "tiny-random", "--max-new-tokens", "8", "--prompt-buckets", "512",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from convert import drafter_export as dx
-from convert.safetensors_io import load_all, write_safetensors
+from hdflash_jax.safetensors_io import load_all, write_safetensors
 from hdflash_jax.config import get_preset
-from hdflash_jax.dspark.checkpoint import load_dspark, save_dspark
+from hdflash_jax.families import family
 from hdflash_jax.dspark.config import DSparkConfig
 from hdflash_jax.dspark.model import init_dspark
 from test_convert import model_leaves
@@ -22,7 +22,7 @@ TCFG = get_preset("tiny")
 def test_round_trip_bit_identical(tmp_path, capsys, pooling):
     dcfg = DSparkConfig(block_size=5, noise_token_id=511, target_layer_ids=(3, 4, 5), markov_rank=16,
                         n_routed_experts=4, n_activated_experts=2, pooling=pooling)
-    src = save_dspark(tmp_path / "here", init_dspark(dcfg, TCFG, seed=4), dcfg)
+    src = family("dspark").save(tmp_path / "here", init_dspark(dcfg, TCFG, seed=4), dcfg)
     assert dx.main(["--to", "dspark", "--src", str(src), "--dst", str(tmp_path / "there"), "--target", "tiny"]) == 0
     names = set(load_all(tmp_path / "there" / "model.safetensors"))
     assert {"mtp.0.main_proj.weight", "mtp.0.main_norm.weight", "mtp.2.hc_head_fn", "mtp.2.norm.weight",
@@ -35,8 +35,8 @@ def test_round_trip_bit_identical(tmp_path, capsys, pooling):
     assert conf["dspark_block_size"] == 5 and conf["dspark_target_layer_ids"] == [3, 4, 5]
     assert dx.main(["--to", "here", "--src", str(tmp_path / "there"), "--dst", str(tmp_path / "back"),
                     "--target", "tiny"]) == 0
-    cfg_back, back = load_dspark(tmp_path / "back", TCFG)
-    _, orig = load_dspark(src, TCFG)
+    cfg_back, back = family("dspark").load(tmp_path / "back", TCFG)
+    _, orig = family("dspark").load(src, TCFG)
     assert cfg_back == dcfg
     a, b = model_leaves(orig), model_leaves(back)
     assert a.keys() == b.keys()
@@ -46,7 +46,7 @@ def test_round_trip_bit_identical(tmp_path, capsys, pooling):
 
 def test_import_is_strict(tmp_path, capsys):
     dcfg = DSparkConfig(block_size=5, noise_token_id=511, target_layer_ids=(3, 4, 5), markov_rank=16)
-    src = save_dspark(tmp_path / "here", init_dspark(dcfg, TCFG, seed=4), dcfg)
+    src = family("dspark").save(tmp_path / "here", init_dspark(dcfg, TCFG, seed=4), dcfg)
     assert dx.main(["--to", "dspark", "--src", str(src), "--dst", str(tmp_path / "there"), "--target", "tiny"]) == 0
     flat = load_all(tmp_path / "there" / "model.safetensors")
     flat["mtp.2.markov_head.markov_w2.weight"] = flat["mtp.2.markov_head.markov_w2.weight"][:, :8]

@@ -13,7 +13,7 @@ from hdflash_jax.deepseek_v4.model import forward_full, init_target
 from hdflash_jax.dspark.config import DSparkConfig
 from hdflash_jax.dspark.model import (draft_hidden, extend_dspark_cache, init_dspark_cache, init_dspark_from_target,
                                       sample_anchors, train_forward)
-from train.dspark_loss import DSparkLossConfig, dspark_batch_loss, dspark_loss, dspark_target_inputs
+from hdflash_jax.training.dspark_loss import DSparkLossConfig, dspark_batch_loss, dspark_loss, dspark_target_inputs
 
 MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)  # window 8
 DCFG = DSparkConfig(block_size=4, noise_token_id=MICRO.vocab_size - 1, target_layer_ids=(1, 2), markov_rank=16,
@@ -135,7 +135,7 @@ def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path)
     import json
 
     from hdflash_jax.checkpoint import save_params
-    from hdflash_jax.dspark.checkpoint import load_dspark
+    from hdflash_jax.families import family
     from train.drafter import load_config, load_run_params, run
 
     target = nnx.jit(lambda: init_target(MICRO, seed=1))()
@@ -147,10 +147,10 @@ def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path)
             f.write(json.dumps({"prompt": "q " + motif, "response": motif * 6}) + "\n")
     cfg = load_config(data={
         "out_dir": str(tmp_path / "run"), "target": {"checkpoint": str(tmp_path / "target")},
-        "drafter": {"kind": "dspark", "overrides": {"target_layer_ids": [1, 2], "n_blocks": 1, "markov_rank": 8,
-                                                     "n_routed_experts": 4, "n_activated_experts": 2}},
+        "drafter": {"kind": "dspark", "target_layer_ids": [1, 2], "n_blocks": 1, "markov_rank": 8,
+                    "n_routed_experts": 4, "n_activated_experts": 2, "block_size": 3},
         "data": {"train": str(tmp_path / "train.jsonl"), "max_len": 32, "num_anchors": 4},
-        "train": {"global_batch": 4, "steps": 16, "block_size": 3},
+        "train": {"global_batch": 4, "steps": 16},
         "optim": {"lr": 1e-2, "warmup_frac": 0.0, "end_lr_frac": 1.0},
         "checkpoint": {"every": 16}, "eval": {"every": 0, "at_start": False},
         "log": {"every": 1, "progress": False, "tensorboard": False}})
@@ -162,7 +162,7 @@ def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path)
     print(f"\nDSpark through the drafter trainer: loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}")
     assert summary["steps"] == 16 and len(recs[-1]["acc"]) == 3
     assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3])  # a random target: the TV term falls slowly
-    dcfg, drafter = load_dspark(tmp_path / "run" / "drafter", MICRO)
+    dcfg, drafter = family("dspark").load(tmp_path / "run" / "drafter", MICRO)
     assert dcfg.block_size == 3 and dcfg.target_layer_ids == (1, 2) and dcfg.noise_token_id == MICRO.vocab_size - 1
     _, params = load_run_params(tmp_path / "run")
     exported = nnx.to_flat_state(nnx.state(drafter, nnx.Param))
@@ -174,14 +174,17 @@ def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"drafter": {"kind": "medusa"}}, "drafter.kind: must be one of block, dspark; got 'medusa'"),
-    ({"drafter": {"kind": "dspark", "overrides": {"reducer": "gated"}}},
-     "drafter.overrides.reducer: unknown key (not a DSparkConfig field)"),
-    ({"drafter": {"kind": "dspark", "preset": "tiny-hyperdflash"}}, "drafter.preset: DSpark drafters have no presets"),
-    ({"dspark_loss": {"tv_weight": -1}}, "dspark_loss.tv_weight: must be >= 0, got -1.0"),
+    ({"drafter": {"kind": "medusa"}}, "drafter.kind: unknown 'medusa'; one of block, dspark"),
+    ({"drafter": {"kind": "dspark", "reducer": "gated"}},
+     "drafter.reducer: unknown key (known: kind, init_from_target, block_size, noise_token_id, target_layer_ids, "
+     "markov_rank, n_routed_experts, n_activated_experts, n_blocks, pooling, confidence_head, loss)"),
+    ({"drafter": {"kind": "dspark", "preset": "tiny-hyperdflash"}}, "drafter.preset: unknown key (known: kind, "
+     "init_from_target, block_size, noise_token_id, target_layer_ids, markov_rank, n_routed_experts, "
+     "n_activated_experts, n_blocks, pooling, confidence_head, loss)"),
+    ({"drafter": {"kind": "dspark", "loss": {"tv_weight": -1}}}, "drafter.loss.tv_weight: must be >= 0, got -1.0"),
 ])
 def test_dspark_training_config_errors_name_the_key(data, message):
-    from train.config import ConfigError
+    from hdflash_jax.typed_config import ConfigError
     from train.drafter import load_config
 
     with pytest.raises(ConfigError) as e:

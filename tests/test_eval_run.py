@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from eval import methods as em
-from eval import plan as ep
+from eval import config as ep
 from eval import run as ev
 from eval import runner as er
 from eval import targets as et
@@ -115,33 +115,33 @@ def test_deepseek_v4_tokenizer_ids():
 def drafter_ckpt(tmp_path_factory):
     """An (untrained) tiny HyperDFlash drafter saved as a checkpoint."""
     from hdflash_jax.config import get_drafter_preset
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from hdflash_jax.drafter.model import init_drafter
 
     d = init_drafter(get_drafter_preset("tiny-hyperdflash"), seed=3)
-    return save_drafter(tmp_path_factory.mktemp("drafters") / "hyperdflash", d), d
+    return family("block").save(tmp_path_factory.mktemp("drafters") / "hyperdflash", d, d.cfg), d
 
 
 def test_drafter_checkpoint_round_trip(drafter_ckpt, tmp_path):
     from flax import nnx
 
     from hdflash_jax.config import get_drafter_preset, get_preset
-    from hdflash_jax.drafter.checkpoint import is_drafter_checkpoint, load_drafter, save_drafter
+    from hdflash_jax.families import family
 
     path, d = drafter_ckpt
-    assert is_drafter_checkpoint(path)
-    cfg, loaded = load_drafter(path, get_preset("tiny"))
+    assert family("block").is_checkpoint(path)
+    cfg, loaded = family("block").load(path, get_preset("tiny"))
     assert cfg == get_drafter_preset("tiny-hyperdflash")
     a, b = dict(nnx.to_flat_state(nnx.state(d))), dict(nnx.to_flat_state(nnx.state(loaded)))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
     with pytest.raises(ValueError, match="built for another target: target_n_layers=6, the target has 3"):
-        load_drafter(path, get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1))
+        family("block").load(path, get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1))
     with pytest.raises(FileExistsError):
-        save_drafter(path, d)
-    with pytest.raises(FileNotFoundError, match="not a drafter checkpoint"):
-        load_drafter(tmp_path)
+        family("block").save(path, d, d.cfg)
+    with pytest.raises(FileNotFoundError, match="not a block drafter"):
+        family("block").load(tmp_path)
 
 
 # ==== planning pieces =========================================================================================
@@ -189,7 +189,7 @@ def test_small_target_without_a_built_model_says_how_to_build_it(monkeypatch, tm
 
 
 def test_mt_bench_second_turn_follows_the_first_answer():
-    from eval.suites import load_suite
+    from hdflash_jax.suites import load_suite
 
     s = load_suite("mt_bench", limit=1)[0]
     msgs = ep.chat_messages(s, 1, [f"thoughts{THINK_END}my answer"])
@@ -247,14 +247,14 @@ def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
 
 def test_cli_checkpoint_errors(capsys, no_compute, tmp_path):
     from hdflash_jax.config import DrafterConfig, get_preset
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from hdflash_jax.drafter.model import init_drafter
 
     # a drafter built for a 3-layer target, used with the 6-layer tiny target
     other = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)
     dcfg = DrafterConfig.for_target(other, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=32,
                                     block_size=4)
-    bad = save_drafter(tmp_path / "other", init_drafter(dcfg))
+    bad = family("block").save(tmp_path / "other", init_drafter(dcfg), dcfg)
     rc, err = _err(capsys, ["--drafter", f"hyperdflash={bad}", "--limit", "1", "--out", str(tmp_path / "o")])
     assert rc == 2 and "built for another target: target_n_layers=3, the target has 6" in err
 
@@ -348,7 +348,7 @@ def test_end_to_end_writes_the_report(e2e):
     # scores: each GSM8K record's score is its own text re-scored against the suite's reference, and the cell's
     # score is their mean; MT-Bench is unscored
     from eval.scoring import gsm8k_correct
-    from eval.suites import load_suite
+    from hdflash_jax.suites import load_suite
 
     refs = {smp.id: smp.meta["reference"] for smp in load_suite("gsm8k", limit=3)}
     for m in ("ar", "hyperdflash"):
@@ -398,7 +398,7 @@ def test_end_to_end_refuses_to_overwrite(e2e, capsys):
 
 
 def test_compare_to_ar():
-    from eval.suites import load_suite
+    from hdflash_jax.suites import load_suite
 
     samples = load_suite("mt_bench", limit=3)
     ar = {0: [[1, 2, 3], [4, 5]], 1: [[1, 2]], 2: [[7], [8]]}

@@ -12,7 +12,7 @@ import pytest
 
 from eval import sandbox
 from eval import scoring as S
-from eval.suites import load_suite
+from hdflash_jax.suites import load_suite
 
 run_program = functools.partial(sandbox.run_program, allow_unisolated=True)
 
@@ -108,7 +108,7 @@ def test_math500_reference_solutions_score_full():
     samples = load_suite("math500")
     import json
 
-    from eval.suites import DATA_DIR
+    from hdflash_jax.suites import DATA_DIR
 
     rows = [json.loads(line) for line in open(DATA_DIR / "math500/test.jsonl", encoding="utf-8")]
     assert sum(S.math500_correct(r["solution"], s.meta["reference"]) for r, s in zip(rows, samples)) == 500

@@ -101,12 +101,16 @@ def test_runner_intervals_from_per_sample_figures():
 def test_training_seeds_of_a_method(tmp_path):
     from eval.methods import Method
     from eval.runner import training_seeds
+    from eval.targets import training_seeds as checkpoint_seeds
 
     run = tmp_path / "run"
     (run / "drafter").mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 7\n")
+    # a checkpoint's seed, read when its drafter source is made: the training run's config.yaml next to it
+    assert checkpoint_seeds(run / "drafter") == (7,)
+    assert checkpoint_seeds(tmp_path / "nowhere" / "d") == ()
     assert training_seeds(Method("ar", None, 1, "autoregressive")) == ()
     assert training_seeds(Method("mtp3", None, 4, "the target's MTP layer chained 3x")) == ()
-    assert training_seeds(Method("hyperdflash-s2", None, 8, "/x/drafter")) == (2,)
-    assert training_seeds(Method("mine", None, 8, str(run / "drafter"))) == (7,)
-    assert training_seeds(Method("other", None, 8, str(tmp_path / "nowhere" / "d"))) == ()
+    assert training_seeds(Method("hyperdflash-s2", None, 8, "/x/drafter")) == (2,)  # the name says it
+    assert training_seeds(Method("mine", None, 8, str(run / "drafter"), seeds=(7,))) == (7,)
+    assert training_seeds(Method("untrained", None, 8, "untrained preset tiny-hyperdflash")) == ()

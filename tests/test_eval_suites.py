@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from eval.suites import DATA_DIR, FILES, SUITES, Sample, expand_suites, load_suite
+from hdflash_jax.suites import DATA_DIR, FILES, SUITES, Sample, expand_suites, load_suite
 
 SHA256 = {
     "gsm8k/test.jsonl": "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac",

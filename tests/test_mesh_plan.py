@@ -1,10 +1,11 @@
-"""eval.mesh_plan: abstract-shape AOT compiles on simulated devices, per-device figures, JSON, errors."""
+"""hdflash_jax.aot_plan.cli: abstract-shape AOT compiles on simulated devices, per-device figures, JSON, errors."""
 
 import json
 
 import pytest
 
-from eval import mesh_plan
+from hdflash_jax.aot_plan import cli as mesh_plan
+from hdflash_jax.errors import UsageError
 
 KEYS = {"program", "preset", "layers", "mesh", "batch", "seq", "argument_bytes", "output_bytes", "temp_bytes",
         "alias_bytes", "flops", "bytes_accessed", "compile_s", "hlo_chars"}
@@ -16,8 +17,8 @@ def test_prefill_plan_json_and_linear_attention_memory(tmp_path, capsys):
     common = ["--preset", "tiny", "--layers", "3", "--mesh", "expert=2,tensor=2", "--program", "prefill",
               "--seq", "4096", "--fits", "h100"]
     out = tmp_path / "plan.json"
-    chunked = mesh_plan.main(common + ["--override", "attention_chunk=64", "--json", str(out)])[0]
-    dense = mesh_plan.main(common + ["--override", "attention_impl=dense"])[0]
+    chunked = mesh_plan.plan_programs(common + ["--override", "attention_chunk=64", "--json", str(out)])[0]
+    dense = mesh_plan.plan_programs(common + ["--override", "attention_impl=dense"])[0]
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and KEYS <= set(rows[0]) and rows[0]["mesh"] == {"expert": 2, "tensor": 2}
     assert rows[0]["layers"] == 3 and rows[0]["seq"] == 4096 and rows[0]["temp_bytes"] == chunked.temp_bytes
@@ -39,8 +40,8 @@ def test_prefill_plan_json_and_linear_attention_memory(tmp_path, capsys):
     (["--preset", "nope"], "--preset"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        mesh_plan.main(["--preset", "tiny", "--mesh", "expert=2", "--seq", "16"] + argv)
+    with pytest.raises(UsageError, match=message):
+        mesh_plan.plan_programs(["--preset", "tiny", "--mesh", "expert=2", "--seq", "16"] + argv)
 
 
 def test_loop_bodies_count_once_per_iteration():
@@ -58,11 +59,11 @@ def test_accelerator_temp_removes_the_cpus_fp32_weight_copies(capsys):
     """bf16 weights on XLA:CPU: the program keeps fp32 copies of the weights it multiplies, so its temp exceeds the
     same program's with fp32 weights (which have nothing to copy) by at least the copies of one layer's experts;
     the report gives both fits."""
-    r = mesh_plan.main(["--preset", "tiny", "--layers", "3", "--mesh", "expert=2", "--program", "verify",
+    r = mesh_plan.plan_programs(["--preset", "tiny", "--layers", "3", "--mesh", "expert=2", "--program", "verify",
                         "--batch", "2", "--seq", "8", "--context", "256", "--fits", "h100", "--accelerator-temp",
                         "--override", "param_dtype=bfloat16", "--override", "dtype=bfloat16"])[0]
     assert 0 < r.temp_fp32_weights_bytes < r.temp_bytes
     assert "without the CPU's fp32 weight copies" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="only for the target's programs"):
-        mesh_plan.main(["--preset", "tiny", "--mesh", "expert=2", "--program", "draft", "--seq", "8",
+    with pytest.raises(UsageError, match="only for the target's programs"):
+        mesh_plan.plan_programs(["--preset", "tiny", "--mesh", "expert=2", "--program", "draft", "--seq", "8",
                         "--accelerator-temp"])

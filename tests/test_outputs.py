@@ -140,9 +140,9 @@ def test_output_rule_protects_the_checkout_and_home(target, tmp_path):
 def sources(tmp_path_factory):
     """One of each input a command reads: an official checkpoint, a converted target, a drafter, a data file."""
     from convert import torch_to_flax as t2f
-    from convert.safetensors_io import write_safetensors
+    from hdflash_jax.safetensors_io import write_safetensors
     from hdflash_jax.config import get_drafter_preset
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from hdflash_jax.drafter.model import init_drafter
 
     root = tmp_path_factory.mktemp("sources")
@@ -154,7 +154,8 @@ def sources(tmp_path_factory):
     d.update(dtype="fp8", scale_fmt="ue8m0", expert_dtype="fp4")
     (src / "config.json").write_text(json.dumps(d))
     t2f.convert(src, root / "target", dtype="fp32", progress=False, log=lambda *_: 0)
-    save_drafter(root / "drafter", init_drafter(get_drafter_preset("tiny-hyperdflash")))
+    dcfg = get_drafter_preset("tiny-hyperdflash")
+    family("block").save(root / "drafter", init_drafter(dcfg), dcfg)
     (root / "data.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "ab", "response": "xyz" * 3}) + "\n"
                                              for i in range(8)))
     return root
@@ -178,7 +179,7 @@ def _eval(i, o, ow):
 def _train(i, o, ow, target=None):
     cfg = {"out_dir": str(o), "target": {"preset": "tiny"}, "data": {"train": str(i), "max_len": 32,
                                                                       "num_anchors": 4},
-           "drafter": {"overrides": {"n_layers": 1, "block_size": 4}}, "train": {"global_batch": 8, "steps": 1},
+           "drafter": {"kind": "block", "n_layers": 1, "block_size": 4}, "train": {"global_batch": 8, "steps": 1},
            "eval": {"every": 0, "at_start": False}, "log": {"progress": False, "tensorboard": False}}
     f = Path(tempfile.mkdtemp()) / "cfg.yaml"
     f.write_text(yaml.safe_dump(cfg))
@@ -264,8 +265,8 @@ def test_expensive_commands_write_only_their_output(cmd, sources, capsys, tmp_pa
 def _train_cfg(tmp_path: Path, sources: Path, **over) -> Path:
     cfg = {"out_dir": str(tmp_path / "run"), "target": {"checkpoint": str(sources / "target")},
            "data": {"train": str(sources / "data.jsonl"), "max_len": 32, "num_anchors": 4},
-           "drafter": {"overrides": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "inter_dim": 32,
-                                     "block_size": 4}},
+           "drafter": {"kind": "block", "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "inter_dim": 32,
+                       "block_size": 4},
            "train": {"global_batch": 8, "steps": 4}, "checkpoint": {"every": 2, "max_to_keep": 5},
            "optim": {"lr": 3e-3, "warmup_frac": 0.0, "end_lr_frac": 1.0},
            "eval": {"every": 0, "at_start": False}, "log": {"every": 1, "progress": False, "tensorboard": False},
@@ -391,19 +392,19 @@ def test_zlab_export_says_what_zlab_cannot_load(sources, tmp_path, capsys):
     command says z-lab's class cannot load them (zlab_loadable false); a one-stream DFlash drafter is loadable."""
     from convert import drafter_export as de
     from hdflash_jax.config import get_drafter_preset
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from hdflash_jax.drafter.model import init_drafter
 
     for preset, loadable, note in [("tiny-dflash", False, "fc is [D, K·n·D]"),
                                    ("tiny-hyperdflash", False, "HyperDFlash gate")]:
-        src = save_drafter(tmp_path / preset, init_drafter(get_drafter_preset(preset)))
+        src = family("block").save(tmp_path / preset, init_drafter(get_drafter_preset(preset)), get_drafter_preset(preset))
         rc = de.main(["--to", "zlab", "--src", str(src), "--dst", str(tmp_path / f"{preset}-zlab")])
         cap = capsys.readouterr()
         assert rc == 0, cap.err
         assert json.loads(cap.out.splitlines()[-1])["zlab_loadable"] is loadable
         assert "z-lab's DFlashDraftModel cannot load this export" in cap.err and note in cap.err, cap.err
     one = get_drafter_preset("tiny-dflash").replace(hc_mult=1)
-    src = save_drafter(tmp_path / "one", init_drafter(one))
+    src = family("block").save(tmp_path / "one", init_drafter(one), one)
     rc = de.main(["--to", "zlab", "--src", str(src), "--dst", str(tmp_path / "one-zlab")])
     cap = capsys.readouterr()
     assert rc == 0 and json.loads(cap.out.splitlines()[-1])["zlab_loadable"] is True and "note:" not in cap.err

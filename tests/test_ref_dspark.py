@@ -105,8 +105,8 @@ def _ours_from(nemo, root):
     import json
 
     from convert import torch_to_flax as t2f
-    from convert.safetensors_io import write_safetensors
-    from hdflash_jax.dspark.checkpoint import load_dspark
+    from hdflash_jax.safetensors_io import write_safetensors
+    from hdflash_jax.families import family
     from hdflash_jax.dspark.keymap import tree_to_dspark_names
     from ref_nemo import official_weights
 
@@ -154,7 +154,7 @@ def _ours_from(nemo, root):
     (src / "config.json").write_text(json.dumps({**TCFG.to_dict(), "dtype": "fp8", **DCFG.to_checkpoint_dict()}))
     report = t2f.convert(src, root / "flax", dtype="fp32", progress=False, log=lambda *_: None)
     assert report["mtp_layout"] == "dspark"
-    got_cfg, drafter = load_dspark(root / "flax" / "dspark", trunk_cfg)
+    got_cfg, drafter = family("dspark").load(root / "flax" / "dspark", trunk_cfg)
     assert got_cfg == DCFG
     return drafter
 
@@ -300,14 +300,13 @@ def spec_case(tmp_path_factory):
     import speculators.models.dflash.core as core
     import speculators.models.dspark.core as dcore
 
-    from convert import drafter_export as ex
-    from hdflash_jax.drafter.checkpoint import save_drafter
+    from hdflash_jax.families import family
     from ref_speculators import fixed_anchors, speculators_model
     from test_drafter_export import D as DD, V as VV, random_drafter, tiny_cfg
 
     bcfg = tiny_cfg(hc_mult=1)
     root = tmp_path_factory.mktemp("spec_dspark")
-    ex.to_zlab(save_drafter(root / "here", random_drafter(bcfg, seed=6)), root / "zlab")
+    family("block").export("zlab", family("block").save(root / "here", random_drafter(bcfg, seed=6), bcfg), root / "zlab")
     tcfg = TCFG.replace(vocab_size=VV, dim=DD, hc_mult=4, hc_eps=1e-6, swiglu_limit=10.0, window_size=8)
     dcfg = DCFG.replace(block_size=bcfg.block_size, noise_token_id=bcfg.mask_token_id)
     ours = init_dspark(dcfg, tcfg, seed=4)

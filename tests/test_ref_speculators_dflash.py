@@ -8,7 +8,7 @@ ours: `drafter.training.training_mask`). fp32; the logits of every slot must agr
 The block-slot convention is explicit in speculators (`sample_from_anchor`): False (DFlash's) = slot 0 is the
 anchor and carries no loss, slot j predicts token a+j from the target's distribution at a+j-1; True (DSpark's)
 = slot j predicts a+j+1 from the distribution at a+j, every slot trained. Our DFlash training
-(`train.losses.block_labels` / `teacher_logits_for_blocks`) follows False; read with True, the same checkpoint's
+(`hdflash_jax.training.losses.block_labels` / `teacher_logits_for_blocks`) follows False; read with True, the same checkpoint's
 targets are one slot off (the τ≈1 trap), which the negative control shows.
 """
 
@@ -24,8 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert import drafter_export as ex  # noqa: E402
-from hdflash_jax.drafter.checkpoint import save_drafter  # noqa: E402
+from hdflash_jax.families import family  # noqa: E402
 from hdflash_jax.drafter.model import block_token_ids  # noqa: E402
 from hdflash_jax.drafter.training import TrainAttention, train_forward  # noqa: E402
 from ref_speculators import fixed_anchors, speculators_model  # noqa: E402
@@ -47,7 +46,7 @@ def case(tmp_path_factory):
     cfg = tiny_cfg(hc_mult=1)
     drafter = random_drafter(cfg, seed=2)
     root = tmp_path_factory.mktemp("spec_dflash")
-    ex.to_zlab(save_drafter(root / "here", drafter), root / "zlab")
+    family("block").export("zlab", family("block").save(root / "here", drafter, drafter.cfg), root / "zlab")
     rng = np.random.default_rng(4)
     embed = rng.standard_normal((V, D)).astype(np.float32)
     head = (rng.standard_normal((V, D)) / np.sqrt(D)).astype(np.float32)
@@ -89,7 +88,7 @@ def test_dflash_training_logits_match_speculators(case):
 
 def test_dflash_slot_convention_is_speculators_sample_from_anchor_false(case):
     """Our labels/teachers per slot against speculators' targets and loss mask, for both settings of the flag."""
-    from train.losses import block_labels, teacher_logits_for_blocks
+    from hdflash_jax.training.losses import block_labels, teacher_logits_for_blocks
 
     cfg, tokens, _, (_, targets_f, mask_f, teacher), (_, targets_t, mask_t, _) = case
     bs, n = cfg.block_size, len(ANCHORS)

@@ -1,4 +1,4 @@
-"""Fuzzing the safetensors header parser (convert.safetensors_io.SafetensorsFile) with hypothesis.
+"""Fuzzing the safetensors header parser (hdflash_jax.safetensors_io.SafetensorsFile) with hypothesis.
 
 Whatever the bytes: the file parses (and then every tensor reads back with its declared shape) or it raises the
 one clear error, CheckpointError, naming the file. Parsing never allocates in proportion to a size the file
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from convert.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from hdflash_jax.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
 FUZZ = settings(max_examples=120, deadline=2000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

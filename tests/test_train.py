@@ -26,7 +26,7 @@ import yaml
 from hdflash_jax.config import get_preset
 from hdflash_jax.tokenizer import load_tokenizer
 from train import data as D
-from train.losses import LossConfig, decay_weights, default_gamma, drafter_loss
+from hdflash_jax.training.losses import LossConfig, decay_weights, default_gamma, drafter_loss
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 layers (SWA + CSA with indexer), hash + routed MoE; no MTP (training never runs it): compiles fast
@@ -66,7 +66,7 @@ def _config(work, out_dir, **sections):
     base = {
         "out_dir": str(out_dir),
         "target": {"checkpoint": str(work["ckpt"])},
-        "drafter": {"overrides": dict(DRAFTER)},
+        "drafter": {"kind": "block", **DRAFTER},
         "data": {"train": str(work["data"]), "max_len": MAX_LEN, "num_anchors": ANCHORS},
         "train": {"global_batch": BATCH, "steps": STEPS},
         # constant LR (no warmup, cosine to the same value): a 3-step run follows a 6-step run's first 3 steps
@@ -105,7 +105,7 @@ def _finish(proc: subprocess.Popen, timeout: float | None = None) -> str:
 
 
 def _write_cfg(cfg, path: Path) -> Path:
-    from train.config import to_dict
+    from hdflash_jax.typed_config import to_dict
 
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     return path
@@ -129,13 +129,13 @@ def reference_run(work):
 # ---- the config loader: every bad value named by its key path, in one line ----------------------------------------
 
 def test_config_loader_names_the_key_path(tmp_path):
-    from train.config import ConfigError, to_dict
-    from train.drafter_config import load_config
+    from hdflash_jax.typed_config import ConfigError, to_dict
+    from hdflash_jax.training.config import load_config
 
     cfg = load_config(REPO / "train" / "configs" / "tiny_hyperdflash.yaml", ["optim.lr=1e-3", "train.steps=5",
-                                                                             "drafter.overrides.n_layers=3"])
-    assert (cfg.optim.lr, cfg.train.steps, cfg.drafter.overrides["n_layers"]) == (1e-3, 5, 3)  # 1e-3: YAML 1.1 str
-    assert cfg.optim.warmup_frac == 0.04 and cfg.data.max_len == 128 and cfg.loss.kl_slots == 2
+                                                                             "drafter.n_layers=3"])
+    assert (cfg.optim.lr, cfg.train.steps, cfg.drafter.n_layers) == (1e-3, 5, 3)  # 1e-3: YAML 1.1 str
+    assert cfg.optim.warmup_frac == 0.04 and cfg.data.max_len == 128 and cfg.drafter.loss.kl_slots == 2
     assert load_config(data=to_dict(cfg)) == cfg  # the run folder's config.yaml reads back equal
     v4 = load_config(REPO / "train" / "configs" / "v4flash_hyperdflash.yaml")
     assert v4.mesh == "data=4,fsdp=4,expert=8,tensor=4" and v4.target.checkpoint and v4.drafter.preset
@@ -147,8 +147,13 @@ def test_config_loader_names_the_key_path(tmp_path):
             ((None, ["optim.lrr=1"]), "optim.lrr: unknown key (known: lr, warmup_frac, warmup_steps, end_lr_frac, "
                                       "weight_decay, decay_matrices_only, b1, b2, eps, grad_clip)"),
             ((None, ["optim=3"]), "optim: expected a mapping, got 3"),
-            ((None, ["drafter.overrides.n_layerz=2"]), "drafter.overrides.n_layerz: unknown key (not a DrafterConfig "
-                                                       "field)"),
+            ((None, ["drafter.n_layerz=2"]), "drafter.n_layerz: unknown key (known: kind, preset, init_from_target, "
+                                             "n_layers, n_heads, n_kv_heads, head_dim, inter_dim, rope_theta, norm_eps, "
+                                             "block_size, mask_token_id, conditioning, target_layer_ids, reducer, "
+                                             "post_norm, gate_path_norm, gate_residual_rank, draft_cache, draft_chunk, "
+                                             "dim, hc_mult, vocab_size, target_n_layers, hc_eps, hc_norm_eps, dtype, "
+                                             "param_dtype, loss)"),
+            ((None, ["drafter.kind=medusa"]), "drafter.kind: unknown 'medusa'; one of block, dspark"),
             ((None, ["eval.every=5"]), "eval.every: > 0 needs data.eval (a JSONL of held-out prompts)"),
             ((None, ["checkpoint.max_to_keep=0"]), "checkpoint.max_to_keep: must be >= 1, got 0"),
             ((None, ["lr"]), "--override 'lr': expected key=value with a dotted key, e.g. optim.lr=3e-4"),

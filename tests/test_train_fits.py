@@ -23,7 +23,7 @@ from hdflash_jax.config import get_drafter_preset, get_preset
 from hdflash_jax.drafter.model import block_token_ids, init_drafter, masked_attention
 from hdflash_jax.drafter.sparse_attention import SparseLayout, block_sparse_attention
 from hdflash_jax.drafter.training import TrainAttention, train_hidden, training_mask
-from train.losses import LossConfig, decayed_ce_kl, drafter_loss, teacher_logits_for_blocks
+from hdflash_jax.training.losses import LossConfig, decayed_ce_kl, drafter_loss, teacher_logits_for_blocks
 
 TOL = 1e-5
 ANCHORS = np.array([[0, 3, 5, 9, 12], [1, 2, 7, 8, 11]], np.int32)
@@ -169,7 +169,7 @@ def test_vocab_chunked_loss_equals_full_logits(chunk):
 
 def test_teacher_from_gathered_hidden_equals_full_logits():
     from hdflash_jax.deepseek_v4.model import forward_full, init_target
-    from train.trainer import teacher_hidden_at_slots
+    from hdflash_jax.training.step import teacher_hidden_at_slots
 
     tcfg = get_preset("tiny").replace(n_layers=2, compress_ratios=(0, 4), n_mtp_layers=0, n_hash_layers=1)
     target = init_target(tcfg, seed=3)
@@ -182,7 +182,7 @@ def test_teacher_from_gathered_hidden_equals_full_logits():
 
 
 def test_master_params_fp32_and_compute_copy():
-    from train.pure import PureModule
+    from hdflash_jax.training.pure import PureModule
     from train.trainer import master_params
 
     cfg = get_drafter_preset("tiny-hyperdflash", dtype="bfloat16", param_dtype="bfloat16")
@@ -198,20 +198,16 @@ def test_master_params_fp32_and_compute_copy():
 
 @pytest.mark.slow
 def test_mesh_plan_train_program_and_overrides(tmp_path):
-    """`eval.mesh_plan --program train` compiles the real step on a mesh; `--train-override` / `--drafter-only`
+    """`python -m hdflash_jax.aot_plan --program train` compiles the real step on a mesh; `--train-override` / `--drafter-only`
     reach it (minutes: three compiles)."""
-    from eval import plan_train
+    from hdflash_jax.aot_plan.cli import plan_programs
 
     common = ["--program", "train", "--preset", "tiny", "--layers", "2", "--mesh", "fsdp=2,expert=2", "--batch", "2",
               "--seq", "64", "--anchors", "8", "--drafter", "tiny-hyperdflash"]
-    try:
-        new = plan_train.main(common)[0]
-        dense = plan_train.main(["--train-override", "train.attention=dense", "--train-override",
-                                 "loss.vocab_chunk=0"] + common)[0]
-        alone = plan_train.main(["--drafter-only"] + common)[0]
-    finally:
-        plan_train.TRAIN_OVERRIDES.clear()
-        plan_train.DRAFTER_ONLY[:] = [False]
+    new = plan_programs(common)[0]
+    dense = plan_programs(["--train-override", "train.attention=dense", "--train-override",
+                           "drafter.loss.vocab_chunk=0"] + common)[0]
+    alone = plan_programs(["--drafter-only"] + common)[0]
     assert new.program == "train" and new.temp_bytes > 0 and new.active_flops > 0
     assert new.hlo_chars != dense.hlo_chars  # another program
     assert alone.flops < new.flops  # no target forward

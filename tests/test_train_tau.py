@@ -42,8 +42,8 @@ def test_training_raises_heldout_tau(tmp_path):
     t_regen = time.time() - t0
     cfg = T.load_config(data={
         "out_dir": str(tmp_path / "run"), "seed": SEED,
-        "drafter": {"overrides": {"n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "inter_dim": 128,
-                                  "block_size": BLOCK}},
+        "drafter": {"kind": "block", "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "inter_dim": 128,
+                    "block_size": BLOCK},
         "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval_prompts.jsonl"),
                  "tokenizer": str(SMALL / "tokenizer"), "max_len": 128, "num_anchors": ANCHORS},
         "train": {"global_batch": BATCH, "steps": STEPS},

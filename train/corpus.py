@@ -12,10 +12,10 @@ Sources (all under `train/data/`, licenses in `train/data/LICENSES.md`):
 * python_stdlib (text): CPython 3.11.7 `Lib/*.py`, public top-level modules of at most 64 KB (PSF-2.0)
 * pydoc_topics (text): CPython 3.11.7 `pydoc_data/topics.py`, the language-reference help topics as prose (PSF-2.0)
 
-The chat prompts use the evaluation's own templates (`eval.suites.MATH_INSTRUCTION`, `MBPP_TEMPLATE`), so the
+The chat prompts use the evaluation's own templates (`hdflash_jax.suites.MATH_INSTRUCTION`, `MBPP_TEMPLATE`), so the
 model learns the format it will be prompted with, but never a held-out prompt: every training document is checked
 for word n-gram overlap (default 13-grams, as in GPT-3's contamination study) with every evaluation prompt of
-`eval.suites` (GSM8K test, MATH-500, HumanEval, MBPP test 11–510, MT-Bench); documents that share any n-gram are
+`hdflash_jax.suites` (GSM8K test, MATH-500, HumanEval, MBPP test 11–510, MT-Bench); documents that share any n-gram are
 dropped (counted in the manifest). N-grams are taken inside the pieces of text between the templates' fixed
 words (never across them, or every templated prompt would match every other), and pieces shorter than n words
 are matched whole. The finished splits are checked again and must come out clean; the manifest counts what was
@@ -41,14 +41,13 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Iterable, Iterator
 
-from pydoc_data.topics import topics
-
-from eval.suites import DATA_DIR as EVAL_DIR
 from hdflash_jax.cli import run_command
 from hdflash_jax.fileio import OutputKind, check_output, has_files, read_jsonl
-from eval.suites import FILES, HUMANEVAL_TEMPLATE, MATH_INSTRUCTION, MBPP_TEMPLATE, load_suite
+from hdflash_jax.suites import DATA_DIR as EVAL_DIR
+from hdflash_jax.suites import FILES, HUMANEVAL_TEMPLATE, MATH_INSTRUCTION, MBPP_TEMPLATE, load_suite
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CORPUS_VERSION = 1  # bump when the document formatting changes (invalidates cached corpora)

@@ -293,7 +293,7 @@ def records_check(source, tokenizer, max_len: int, limit: int = 4096) -> dict[st
         raise ValueError(f"{name}: no supervised token in {checked} (every response is empty or starts past "
                          f"data.max_len {max_len}); nothing to train on")
     if empty >= EMPTY_SHARE_WARNING * n:
-        from train.distributed import log
+        from hdflash_jax.distributed import log
 
         log(f"warning: {name}: {empty} of {checked} ({empty / n:.0%}) have no supervised token (an empty response, "
             f"or one cut off by data.max_len {max_len})")

@@ -4,17 +4,17 @@ frozen DeepSeek-V4 target.
     python -m train.drafter --config FILE [--override key=value ...] [--mesh data=2,fsdp=2,tensor=2]
         [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto] [--cpu-devices N]
 
-The config (`train.drafter_config.DrafterRunConfig`, YAML or JSON; examples in train/configs/) is checked when
+The config (`hdflash_jax.training.config.DrafterRunConfig`, YAML or JSON; examples in train/configs/) is checked when
 it is read: a bad value or key stops with one line naming its path (exit 2). The pieces:
-* `train.trainer.Trainer`: target, drafter, optimizer (`train.optim`), shardings and the jitted step;
-* `train.distributed`: `jax.distributed.initialize` (explicit `--coordinator/--num-processes/--process-id`, the
+* `train.trainer.Trainer`: target, drafter, optimizer (`hdflash_jax.training.optim`), shardings and the jitted step;
+* `hdflash_jax.distributed`: `jax.distributed.initialize` (explicit `--coordinator/--num-processes/--process-id`, the
   env vars HDFLASH_COORDINATOR / HDFLASH_NUM_PROCESSES / HDFLASH_PROCESS_ID, or `--distributed auto` for TPU
   pods and SLURM auto-detection; on CPU the collectives are gloo) and the per-process rows of a global batch;
 * `train.checkpointing.Checkpointer`: every `checkpoint.every` steps and at the end, the drafter params,
   optimizer state, step, RNG and the grain iterator state; a run restarted on the same out_dir continues exactly;
 * `train.metrics.MetricsWriter`: loss, ce, kl, per-slot accuracy, lr, grad norm, tokens/s to
   `<out_dir>/metrics.jsonl` (and TensorBoard); `train.evaluator.Evaluator`: held-out τ every `eval.every` steps.
-The run folder keeps the resolved config (`config.yaml`) and the drafter config (`drafter_config.json`).
+The run folder keeps the resolved config (`config.yaml`) and the drafter's config (its family's config file).
 """
 
 from __future__ import annotations
@@ -33,16 +33,14 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from hdflash_jax.drafter.checkpoint import save_drafter
-from hdflash_jax.dspark.checkpoint import save_dspark
 from hdflash_jax.cli import run_command
+from hdflash_jax.distributed import init_distributed, log, rows_str
 from hdflash_jax.errors import CommandError, UsageError
 from hdflash_jax.fileio import OutputKind, atomic_write_text, check_output, has_files
+from hdflash_jax.training.config import DrafterRunConfig, load_config
+from hdflash_jax.typed_config import to_dict
 from train.checkpointing import Checkpointer
-from train.config import to_dict
 from train.data import make_iterator
-from train.distributed import init_distributed, log, rows_str
-from train.drafter_config import DrafterRunConfig, load_config
 from train.evaluator import Evaluator, eval_prompts
 from train.metrics import MetricsWriter, peak_flops, throughput, to_py
 from train.trainer import Trainer, build_target  # noqa: F401 — build_target: part of this module's interface
@@ -118,7 +116,7 @@ def _write_run_files(cfg: DrafterRunConfig, trainer: Trainer, out_dir: Path) -> 
     """The run's records, written once the run is accepted (after a resume has been checked against them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_text(out_dir / "drafter_config.json", json.dumps(trainer.dcfg.to_dict(), indent=1))
+    atomic_write_text(out_dir / trainer.family.config_file, json.dumps(trainer.dcfg.to_dict(), indent=1))
 
 
 def _make_evaluator(cfg: DrafterRunConfig, trainer: Trainer, target_params, state) -> Evaluator | None:
@@ -245,9 +243,7 @@ def _run(cfg: DrafterRunConfig, mesh, target, resuming: bool, resume_intact: boo
     trainer = Trainer(cfg, mesh, target=target)
     source, batches, total = trainer.dataset()
     trainer.setup_optimizer(total)
-    design = ("dspark/" + trainer.dcfg.pooling if trainer.is_dspark
-              else f"{trainer.dcfg.conditioning}/{trainer.dcfg.reducer}")
-    log(f"drafter {design}, B={trainer.block_size}, "
+    log(f"drafter {trainer.family.describe(trainer.dcfg)}, B={trainer.block_size}, "
         f"{trainer.n_params:,} trainable params; {len(source)} records, {total} steps of global batch "
         f"{trainer.global_batch}; mesh {dict(trainer.mesh.shape)}, {jax.process_count()} process(es), "
         f"rows {rows_str(trainer.rows)} here")
@@ -295,13 +291,12 @@ def _run(cfg: DrafterRunConfig, mesh, target, resuming: bool, resume_intact: boo
 
 
 def _export(trainer: Trainer, params, out_dir: Path) -> None:
-    """A drafter checkpoint (hdflash_jax.drafter.checkpoint) at <out_dir>/drafter."""
+    """A checkpoint of the drafter's family at <out_dir>/drafter."""
     if jax.process_count() > 1:  # save_drafter is a single-process writer; the orbax checkpoints have the params
         log("note: export_drafter skipped with several processes (train.drafter.load_run_params reads the "
             "latest checkpoint's params)")
         return
-    save = save_dspark if trainer.is_dspark else save_drafter
-    save(out_dir / "drafter", trainer.drafter_module(params), trainer.dcfg, overwrite=True)
+    trainer.family.save(out_dir / "drafter", trainer.drafter_module(params), trainer.dcfg, overwrite=True)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
@@ -309,7 +304,7 @@ def _export(trainer: Trainer, params, out_dir: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.drafter", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML/JSON config (train.drafter_config.DrafterRunConfig)")
+    p.add_argument("--config", required=True, help="YAML/JSON config (hdflash_jax.training.config.DrafterRunConfig)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted key = YAML value, e.g. optim.lr=3e-4 (repeatable)")
     p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,fsdp=2,tensor=2 (default: data=all devices)")

@@ -9,8 +9,8 @@ from flax import nnx
 
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.decode.stats import AcceptanceStats
+from hdflash_jax.distributed import host_tree
 from train import data as D
-from train.distributed import host_tree
 
 
 class Evaluator:

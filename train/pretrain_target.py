@@ -17,7 +17,7 @@ S + 1 tokens t_0..t_S: the main model reads t_0..t_{S-1} and predicts t_{i+1} at
 main model's final pre-collapse streams H[i] and the embedding of t_{i+1}, and predicts t_{i+2} (i = 0..S−2).
 Gradients flow from the MTP loss into the trunk, as in DeepSeek's training.
 
-Only `nnx.Param`s train (`train.optim`: AdamW, linear warmup then cosine, global-norm clipping, weight decay on
+Only `nnx.Param`s train (`hdflash_jax.training.optim`: AdamW, linear warmup then cosine, global-norm clipping, weight decay on
 matrices only). The `Buffer`s never get gradients: the hash layers' token→expert table (`tid2eid`) is drawn once
 at init (a fixed random k-subset of experts per token id, as a hash would give), and the routed layers'
 score-correction bias follows DeepSeek-V3's auxiliary-loss-free balancing, b_e += γ·sign(mean load − load_e)
@@ -57,17 +57,16 @@ from tqdm import tqdm
 
 from hdflash_jax.checkpoint import nest, save_params
 from hdflash_jax.cli import run_command
-from hdflash_jax.errors import UsageError
-from hdflash_jax.fileio import OutputKind, check_output, has_files, read_json
 from hdflash_jax.config import PRESETS, TargetConfig, get_preset
 from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
+from hdflash_jax.errors import UsageError
+from hdflash_jax.fileio import OutputKind, check_output, has_files, read_json
+from hdflash_jax.training.config import CheckpointConfig, LogConfig, OptimConfig
+from hdflash_jax.training.optim import make_optimizer
+from hdflash_jax.typed_config import ConfigError, check, check_fields_of, load, to_dict
 from train.checkpointing import Checkpointer
-from train.config import (
-    CheckpointConfig, ConfigError, LogConfig, OptimConfig, check, check_fields_of, load, to_dict,
-)
 from train.metrics import MetricsWriter
-from train.optim import make_optimizer
 from train.pretrain_data import eval_windows, tokenize_corpus, train_batch
 from train.tokenizer_train import BOS, EOS
 

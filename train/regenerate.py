@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from hdflash_jax.checkpoint import is_checkpoint
 from hdflash_jax.cli import run_command
+from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.errors import CommandError, UsageError
 from hdflash_jax.fileio import OutputKind, check_output
-from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.tokenizer import load_tokenizer
-from train.config import build
+from hdflash_jax.training.config import TargetSection
+from hdflash_jax.typed_config import build
 from train.data import JsonlSource, prompt_ids, prompt_messages
-from train.drafter_config import TargetSection
 from train.trainer import build_target
 
 

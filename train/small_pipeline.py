@@ -40,8 +40,9 @@ from eval.methods import is_builtin
 from eval.report import summary_table
 from eval.results import SEED_SUFFIX
 from hdflash_jax.cli import run_command
+from hdflash_jax.families import family
 from hdflash_jax.fileio import OutputKind, atomic_dir, atomic_write_text, check_output, has_files, read_json
-from train.drafter_config import load_config as load_drafter_config
+from hdflash_jax.training.config import load_config as load_drafter_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", "report")
@@ -49,12 +50,21 @@ STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One drafter of the comparison: what differs from the shared budget (everything else is `SIZES[...]`)."""
-    overrides: dict  # DrafterConfig fields (kind "block") or DSparkConfig fields (kind "dspark")
-    loss: dict = dataclasses.field(default_factory=dict)  # the block loss's overrides
+    overrides: dict  # fields of its family's config (DrafterConfig for "block", DSparkConfig for "dspark")
+    loss: dict = dataclasses.field(default_factory=dict)  # its family's loss config, over the family's base
     block: int = 8  # the training block (a DSpark block of B slots drafts B tokens: B = 7 is the others' budget)
-    kind: str = "block"
+    kind: str = "block"  # the drafter family (hdflash_jax.families)
     regen: str = "greedy"  # the regenerated responses it trains on: "greedy" or "t1" (sampled at T = 1)
     budget: int = 1  # training steps = budget × the size's steps (same batch, lr schedule stretched)
+
+    def design(self) -> str:
+        """What the drafter is, as its family describes it (from the fields this variant sets)."""
+        fam = family(self.kind)
+        return fam.describe(fam.section_cls(**self.overrides))
+
+    def loss_text(self) -> str:
+        fam = family(self.kind)
+        return fam.describe_loss(fam.loss_cls(**{**BASE_LOSS[self.kind], **self.loss}))
 
 
 # 'hyperdflash' and 'dflash' are the two methods of the paper; the ablations each differ from one of them in one
@@ -92,14 +102,16 @@ SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
 GATE_VARIANTS = ("hd-pathnorm", "hd-lowrank")  # evaluated beside hyperdflash and dflash in their own run
 REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
-BASE_LOSS = {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0}  # a Variant's `loss` overrides it
+# per family: the loss a Variant's `loss` overrides (DSpark: DeepSpec's recipe, its loss config's defaults)
+BASE_LOSS = {"block": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0}, "dspark": {}}
 
 SIZES: dict[str, dict] = {
     "full": {
         "vocab_size": 4096,
         "pretrain": [],  # the `small` preset and PretrainConfig defaults: 1,200 steps of 8 × 256 tokens
         "regen": {"prompts": 1536, "eval_prompts": 32, "max_new_tokens": 160, "batch_size": 32},
-        "drafter": {"overrides": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "inter_dim": 384},
+        # the draft layers' shape, per family (a variant's fields go on top)
+        "drafter": {"shape": {"block": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "inter_dim": 384}},
                     "max_len": 256, "num_anchors": 32, "global_batch": 8, "steps": 400, "lr": 3e-3,
                     "eval_prompts": 16, "eval_max_new_tokens": 96},
         "variants": tuple(VARIANTS),
@@ -115,7 +127,7 @@ SIZES: dict[str, dict] = {
                      "model.n_routed_experts=4", "model.moe_inter_dim=32", "model.hc_sinkhorn_iters=4",
                      "model.compress_ratios=[0,4,8,0]", "model.original_seq_len=64", "model.max_seq_len=1024"],
         "regen": {"prompts": 48, "eval_prompts": 8, "max_new_tokens": 24, "batch_size": 16},
-        "drafter": {"overrides": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "inter_dim": 64},
+        "drafter": {"shape": {"block": {"n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "inter_dim": 64}},
                     "max_len": 96, "num_anchors": 8, "global_batch": 8, "steps": 40, "lr": 5e-3,
                     "eval_prompts": 8, "eval_max_new_tokens": 24},
         "variants": ("hyperdflash", "dflash"),
@@ -189,8 +201,8 @@ def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) ->
     RNG and the data order, and names the run `<name>-s<seed>`."""
     v, d = VARIANTS[name], size["drafter"]
     regen = out / REGEN_DIRS[v.regen]
-    drafter = ({"kind": "dspark", "overrides": dict(v.overrides)} if v.kind == "dspark" else
-               {"preset": None, "overrides": {**d["overrides"], **v.overrides}, "init_from_target": True})
+    drafter = {"kind": v.kind, **d["shape"].get(v.kind, {}), **v.overrides, "block_size": v.block,
+               "init_from_target": True, "loss": {**BASE_LOSS[v.kind], **v.loss}}
     return {
         "out_dir": str(out / "drafters" / seeded_name(name, seed)),
         "seed": 0 if seed is None else seed,
@@ -199,8 +211,7 @@ def drafter_config(name: str, size: dict, out: Path, seed: int | None = None) ->
         "data": {"train": str(regen / "train.jsonl"), "eval": str(out / "regen" / "eval_prompts.jsonl"),
                  "tokenizer": str(out / "tokenizer"), "max_len": d["max_len"], "num_anchors": d["num_anchors"],
                  "shuffle_seed": 0 if seed is None else seed},
-        "train": {"global_batch": d["global_batch"], "steps": d["steps"] * v.budget, "block_size": v.block},
-        "loss": {**BASE_LOSS, **v.loss},
+        "train": {"global_batch": d["global_batch"], "steps": d["steps"] * v.budget},
         "optim": {"lr": d["lr"], "warmup_frac": 0.04, "grad_clip": 1.0},
         "checkpoint": {"every": 100, "max_to_keep": 1},
         # τ of the untrained drafter, then of the trained one (T = 1 drafters: sampled τ)
@@ -266,24 +277,13 @@ def render_report(merged: dict) -> str:
     lines.append("Cells: speedup over AR (wall clock, same prompts, same run) / τ; avg = mean over the suites.\n")
     if merged.get("drafter_training"):
         lines.append("### drafter variants: held-out τ before / after training (same budget)\n")
-        lines.append("| variant | conditioning / reducer | loss | B | params | τ untrained | τ trained | train s |")
+        lines.append("| variant | design | loss | B | params | τ untrained | τ trained | train s |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for name, t in merged["drafter_training"].items():
             seeded = SEED_SUFFIX.match(name)
             v = VARIANTS.get(name) or (VARIANTS.get(seeded.group("variant")) if seeded else None)
             f = lambda x, spec: format(x, spec) if x is not None else "–"  # noqa: E731
-            if v is None:
-                design, kl, block = "–", "–", "–"
-            elif v.kind == "dspark":
-                design, kl, block = f"dspark / {v.overrides['pooling']} pooling", "TV+CE", v.block
-            else:
-                design = f"{v.overrides.get('conditioning')} / {v.overrides.get('reducer')}"
-                design += " + per-stream norm" if v.overrides.get("gate_path_norm") else ""
-                rank = v.overrides.get("gate_residual_rank")
-                design += f" + rank-{rank} residual" if rank else ""
-                loss = {**BASE_LOSS, **v.loss}
-                alpha, slots = loss["kl_alpha"], loss["kl_slots"]
-                kl, block = ("no" if alpha == 0.0 else f"KL {alpha:g} × {slots} slots"), v.block
+            design, kl, block = (v.design(), v.loss_text(), v.block) if v is not None else ("–", "–", "–")
             design += " (T=1 data)" if v is not None and v.regen == "t1" else ""
             design += f" ({v.budget}× steps)" if v is not None and v.budget > 1 else ""
             lines.append(f"| {name} | {design} | {kl} | {block} | "

@@ -28,12 +28,14 @@ import jax
 import numpy as np
 
 from hdflash_jax.checkpoint import is_checkpoint, save_params
+from hdflash_jax.cli import run_command
 from hdflash_jax.config import get_preset
 from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.errors import UsageError
 from hdflash_jax.tokenizer import load_tokenizer
+from hdflash_jax.training.config import TargetSection
 from train import drafter as T
 from train import regenerate as R
-from train.drafter_config import TargetSection
 
 
 def random_prompts(n: int, seed: int, alphabet: str = "abcdefgh ", lo: int = 4, hi: int = 16) -> list[str]:
@@ -66,7 +68,7 @@ def prepare_target(args, out: Path) -> Path:
     if args.target:
         ckpt = Path(args.target)
         if not is_checkpoint(ckpt):
-            raise SystemExit(f"error: --target {ckpt}: not a params checkpoint")
+            raise UsageError(f"--target {ckpt}: not a params checkpoint")
         return ckpt
     tcfg = get_preset("tiny")
     ckpt = out / "target"
@@ -83,8 +85,8 @@ def train_config(args, out: Path, ckpt: Path):
         "out_dir": str(out / "run"),
         "seed": args.seed,
         "target": {"checkpoint": str(ckpt)},
-        "drafter": {"overrides": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "inter_dim": 128,
-                                  "block_size": args.block_size}},
+        "drafter": {"kind": "block", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "inter_dim": 128,
+                    "block_size": args.block_size},
         "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval_prompts.jsonl"), "max_len": max_len,
                  "num_anchors": args.anchors, "tokenizer": args.tokenizer},
         "train": {"global_batch": args.batch, "steps": args.steps},
@@ -97,7 +99,7 @@ def train_config(args, out: Path, ckpt: Path):
     })
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.cpu_devices:  # before the first backend use (the imports above do not touch one)
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -141,6 +143,10 @@ def main(argv=None) -> int:
     (out / "smoke_tau.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("tau_untrained", "tau_trained", "train_steps_per_s", "total_s")}))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

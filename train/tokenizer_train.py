@@ -37,6 +37,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from hdflash_jax.cli import run_command
+from hdflash_jax.fileio import OutputKind, check_output, has_files
 from hdflash_jax.tokenizer import TAG_ASSISTANT as ASSISTANT
 from hdflash_jax.tokenizer import TAG_BOS as BOS
 from hdflash_jax.tokenizer import TAG_EOS as EOS
@@ -44,8 +46,6 @@ from hdflash_jax.tokenizer import TAG_MASK as MASK
 from hdflash_jax.tokenizer import TAG_PAD as PAD
 from hdflash_jax.tokenizer import TAG_USER as USER
 from hdflash_jax.tokenizer import render_role_tags
-from hdflash_jax.cli import run_command
-from hdflash_jax.fileio import OutputKind, check_output, has_files
 from train.corpus import document_texts
 
 LEADING_SPECIALS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4, in this order; MASK is the last id

@@ -5,6 +5,8 @@
   ceiling of the benchmarks.
 * `MTPDrafter` — DeepSeek's native MTP block chained k times on its own streams.
 * `BlockDrafterAdapter` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass per block.
+
+Which adapter a drafter gets, and with how many drafts, is its family's to say (`hdflash_jax.families`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardin
 from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.deepseek_v4.cache import init_cache
+from hdflash_jax.decode.verify import check_block_size
 
 
 class _Stateless:
@@ -89,8 +92,7 @@ class MTPDrafter:
     def check_target(self, tcfg: TargetConfig) -> None:
         if tcfg.n_mtp_layers < 1:
             raise ValueError("the target has no MTP layer (n_mtp_layers = 0)")
-        if self.num_drafts < 1:
-            raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
+        check_block_size(self.num_drafts + 1, where="block size")
 
     def init_state(self, target, modules, batch, max_len):
         c = init_cache(target.cfg, batch, max_len, max_block=self.num_drafts + 1)["mtp"]
@@ -157,8 +159,7 @@ class BlockDrafterAdapter:
 
     def check_target(self, tcfg: TargetConfig) -> None:
         self.cfg.check_target(tcfg)
-        if self.num_drafts < 1:
-            raise ValueError(f"block size must be >= 2 (anchor + at least one draft), got {self.num_drafts + 1}")
+        check_block_size(self.num_drafts + 1, where="block size")
 
     def init_state(self, target, modules, batch, max_len):
         return {"cache": constrain_draft_cache(init_draft_cache(self.cfg, batch, max_len))}
@@ -178,23 +179,3 @@ class BlockDrafterAdapter:
         tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), in_axes=(1, 0),
                                  out_axes=1)(logits, keys)
         return tokens, probs, state
-
-
-def default_num_drafts(cfg) -> int:
-    """Drafts per step of a trained drafter at its own block: B − 1 for a block drafter ([anchor, mask × (B − 1)]),
-    B for DSpark (slot j of a block of B drafts the token j + 1 after the anchor)."""
-    from hdflash_jax.dspark.config import DSparkConfig
-
-    return cfg.block_size if isinstance(cfg, DSparkConfig) else cfg.block_size - 1
-
-
-def drafter_adapter(cfg, num_drafts: int | None = None, temperature: float = 0.0):
-    """The decoder's `Drafter` for a trained drafter's config: `DSparkDrafterAdapter` for a DSparkConfig, else
-    `BlockDrafterAdapter`; `num_drafts` None: `default_num_drafts`; sampled drafts when temperature > 0."""
-    from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter  # it imports this module
-    from hdflash_jax.dspark.config import DSparkConfig
-
-    k = default_num_drafts(cfg) if num_drafts is None else num_drafts
-    sampled = temperature > 0
-    adapter = DSparkDrafterAdapter if isinstance(cfg, DSparkConfig) else BlockDrafterAdapter
-    return adapter(cfg, k, sampled=sampled, temperature=temperature if sampled else 1.0)

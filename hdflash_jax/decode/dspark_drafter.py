@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from hdflash_jax.config import TargetConfig
 from hdflash_jax.decode.drafters import choose_drafts
+from hdflash_jax.decode.verify import check_block_size
 from hdflash_jax.dspark.config import DSparkConfig
 from hdflash_jax.dspark.model import draft_hidden, extend_dspark_cache, init_dspark_cache, markov_draft
 
@@ -33,8 +34,7 @@ class DSparkDrafterAdapter:
 
     def check_target(self, tcfg: TargetConfig) -> None:
         self.cfg.check_target(tcfg)
-        if self.num_drafts < 1:
-            raise ValueError(f"a DSpark block needs at least one slot, got {self.num_drafts}")
+        check_block_size(self.num_drafts + 1, where="block size")
 
     def init_state(self, target, modules, batch, max_len):
         return {"cache": init_dspark_cache(modules, batch)}

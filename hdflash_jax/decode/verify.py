@@ -25,6 +25,15 @@ class Acceptance(NamedTuple):
     bonus: jax.Array  # [B] the target's token after the accepted drafts (becomes the next anchor)
 
 
+
+MIN_BLOCK = 2  # a speculative verify block holds the anchor plus at least one draft
+
+
+def check_block_size(block_size: int | None, where: str = "--block-size") -> None:
+    """The one block-size rule of a speculative verify block (AR's block of 1 is not one): anchor + >= 1 draft."""
+    if block_size is not None and block_size < MIN_BLOCK:
+        raise ValueError(f"{where} must be >= {MIN_BLOCK} (anchor + at least one draft), got {block_size}")
+
 def target_probs(logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
     """The sampling distribution at temperature T (> 0), optionally restricted to the top-p nucleus."""
     probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)

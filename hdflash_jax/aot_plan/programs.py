@@ -1,0 +1,42 @@
+"""What every `hdflash_jax.aot_plan.cli` program builder shares: the `Program` record and abstract sharded state."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+
+class Program(NamedTuple):
+    fn: Callable  # jitted by the planner
+    args: tuple  # abstract arguments (ShapeDtypeStruct with shardings, or pytrees of them)
+    donate: tuple[int, ...]  # donated argument numbers
+    active_flops: float  # 2 · active parameters · tokens / devices (0 where it means nothing)
+
+
+def abstract_target(cfg, mesh) -> tuple[Any, Any, int]:
+    """(graphdef, abstract state with mesh shardings, active parameter count) of the target; nothing allocated."""
+    import jax
+    from flax import nnx
+
+    from hdflash_jax.deepseek_v4.layers import KeyGen
+    from hdflash_jax.deepseek_v4.model import DeepseekV4
+    from hdflash_jax.params import active_params
+    from hdflash_jax.sharding import state_shardings
+
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=KeyGen(0)))
+    graph, state = nnx.split(model)
+    n_active = active_params(cfg, nnx.state(model, nnx.Param))
+    shardings = state_shardings(state, mesh)
+    state = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)), state,
+                         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graph, state, n_active
+
+
+def batch_ways(mesh) -> int:
+    return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
