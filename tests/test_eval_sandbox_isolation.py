@@ -208,7 +208,7 @@ def test_no_child_outlives_the_program(mechanism, main_waits):
 
 
 def test_probe_rejects_an_unisolated_run():
-    r = sb._execute(sb._PROBE, 10.0, "none", (10.0, 1 << 30, 1 << 20, 64))
+    r = sb._execute(sb._PROBE, "", 10.0, "none", sb.Limits())
     assert r.status == "failed" and ("runs as root" in r.stderr_tail or "no PID namespace" in r.stderr_tail)
 
 
