@@ -177,10 +177,10 @@ def _not_passing(samples, mechanism, timeout_s):
     for s in samples:
         m = s.meta
         if s.suite == "humaneval":
-            src = S.build_humaneval_program(m["prompt"], m["canonical_solution"], m["test"], m["entry_point"])
+            src, checks = S.humaneval_program(m["prompt"], m["canonical_solution"], m["test"], m["entry_point"])
         else:
-            src = S.build_mbpp_program(m["reference_code"], m["test_setup_code"], m["test_list"])
-        if not sandbox.run_program(src, timeout_s, mechanism=mechanism).passed:
+            src, checks = S.mbpp_program(m["reference_code"], m["test_setup_code"], m["test_list"])
+        if not sandbox.run_program(src, timeout_s, checks=checks, mechanism=mechanism).passed:
             bad.append(s.id)
     return bad
 
