@@ -297,7 +297,8 @@ def _find_cgroup_support(own: dict[str, str], mounts: dict[str, tuple[str, str]]
                 raise OSError(errno.ENOTSUP, f"controllers {sorted(have)} lack memory or pids")
             with open(os.path.join(base, "cgroup.subtree_control")) as f:
                 enabled = set(f.read().split())
-            if not {"memory", "pids"} <= enabled:  # refused (EBUSY) where `base` holds processes: v2's no-internal-process rule
+            # Refused (EBUSY) where `base` holds processes itself: v2's no-internal-process rule.
+            if not {"memory", "pids"} <= enabled:
                 with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
                     f.write("+memory +pids")
             return _CgroupSupport(2, (("unified", base),))

@@ -144,7 +144,8 @@ def _build_root(spec: dict) -> None:
     os.makedirs(root + spec["scratch"], mode=0o755, exist_ok=True)
     # Owned by the program: uid `uid` as root; the user namespace's root (mapped to `uid` in the nested one) otherwise.
     owner = f",uid={spec['uid']},gid={spec['uid']}" if spec["as_root"] else ""
-    _mount("tmpfs", root + spec["scratch"], "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec['scratch_bytes']},mode=0755{owner}")
+    _mount("tmpfs", root + spec["scratch"], "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={spec['scratch_bytes']},mode=0755{owner}")
     os.makedirs(root + "/dev", mode=0o755)
     for name in DEVICES:
         open(f"{root}/dev/{name}", "w").close()

@@ -218,8 +218,8 @@ def test_limits_are_set_with_and_without_prlimit(monkeypatch, prlimit):
     if not prlimit:
         which = sandbox.shutil.which
         monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "prlimit" else which(name))
-    src = ("import resource, sys\nprint(resource.getrlimit(resource.RLIMIT_FSIZE), resource.getrlimit(resource.RLIMIT_NOFILE),"
-           " file=sys.stderr)\n")
+    src = ("import resource as r, sys\n"
+           "print(r.getrlimit(r.RLIMIT_FSIZE), r.getrlimit(r.RLIMIT_NOFILE), file=sys.stderr)\n")
     r = run_program(src, 5, file_bytes=12345, open_files=77)
     assert r.passed and "(12345, 12345) (77, 77)" in r.stderr_tail
     r = run_program("x = bytearray(4 << 30)\n", 5)

@@ -67,8 +67,9 @@ def test_no_new_user_namespace(mech, monkeypatch):
 
 SOCKETS = """\
 import socket, sys
-for name, fam, kind in [("unix", 1, socket.SOCK_STREAM), ("inet", 2, socket.SOCK_DGRAM), ("inet6", 10, socket.SOCK_DGRAM),
-                        ("netlink", 16, socket.SOCK_RAW), ("vsock", 40, socket.SOCK_STREAM)]:
+for name, fam, kind in [("unix", 1, socket.SOCK_STREAM), ("inet", 2, socket.SOCK_DGRAM),
+                        ("inet6", 10, socket.SOCK_DGRAM), ("netlink", 16, socket.SOCK_RAW),
+                        ("vsock", 40, socket.SOCK_STREAM)]:
     try:
         socket.socket(fam, kind).close()
         print(f"{name}=ok", file=sys.stderr)

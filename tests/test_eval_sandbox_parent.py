@@ -369,7 +369,7 @@ def test_cleanup_failures_do_not_raise(monkeypatch, capsys, no_leftover):
         raise OSError(16, "Device or resource busy", path)
 
     monkeypatch.setattr(sb._Cgroup, "__init__", record)
-    monkeypatch.setattr(sb._Cgroup, "remove", lambda self, deadline: [f"{d}: held by the test" for d in self.dirs.values()])
+    monkeypatch.setattr(sb._Cgroup, "remove", lambda self, deadline: [f"{d}: held" for d in self.dirs.values()])
     monkeypatch.setattr(sb.shutil, "rmtree", failing_rmtree)
     r, _ = timed("cleanup failing", "print('ok')", iso.mechanism)
     assert r.status == "passed" and len(made) == 1

@@ -49,7 +49,8 @@ def new_verdict(suite: str, completion: str, mechanism: str) -> sb.SandboxResult
 HE_WRONG = "    return False\n"  # fails HumanEval/0's first assert
 MBPP_WRONG = "def remove_Occ(s, ch):\n    return s\n"  # fails mbpp/11's first assert
 UNITTEST_BOILERPLATE = (
-    "\n\nimport unittest\n\nclass TestIt(unittest.TestCase):\n    def test_runs(self):\n        self.assertTrue(True)\n\n"
+    "\n\nimport unittest\n\nclass TestIt(unittest.TestCase):\n"
+    "    def test_runs(self):\n        self.assertTrue(True)\n\n"
     "if __name__ == '__main__':\n    unittest.main()\n"
 )
 
@@ -71,16 +72,19 @@ FORGED = [
      {"failed"}),
     ("atexit hook exits 0", "humaneval", HE_WRONG + "\nimport atexit, os\natexit.register(os._exit, 0)\n", {"failed"}),
     ("finalizer exits 0", "humaneval",
-     HE_WRONG + "\nimport os\n\nclass _Bye:\n    def __del__(self):\n        os._exit(0)\n\n_bye = _Bye()\n", {"failed"}),
+     HE_WRONG + "\nimport os\n\nclass _Bye:\n    def __del__(self):\n        os._exit(0)\n\n_bye = _Bye()\n",
+     {"failed"}),
     ("thread exits 0 after the checks failed", "humaneval",
-     HE_WRONG + "\nimport os, threading, time\nthreading.Thread(target=lambda: (time.sleep(0.5), os._exit(0))).start()\n",
+     HE_WRONG + "\nimport os, threading, time\n"
+     "threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0))).start()\n",
      {"failed"}),
     ("exec into an interpreter that exits 0", "humaneval",
      HE_WRONG + "\nimport os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'pass'])\n", {"unverified"}),
     ("fork: the parent exits 0, the child fails", "humaneval",
      HE_WRONG + "\nimport os\nif os.fork():\n    os.wait()\n    os._exit(0)\n", {"unverified"}),
     ("a guessed marker on every descriptor, then exit 0", "humaneval",
-     HE_WRONG + "\nimport os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'passed ' + b'0' * 32 + b'\\n')\n"
+     HE_WRONG + "\nimport os\nfor fd in range(3, 64):\n    try:\n"
+     "        os.write(fd, b'passed ' + b'0' * 32 + b'\\n')\n"
      "    except OSError:\n        pass\nos._exit(0)\n", {"unverified"}),
 ]
 
@@ -115,7 +119,8 @@ def _table(mechanism, tmp_path):
         rows.append(("honest", name, old_verdict(suite, completion, tmp_path), r.status, {"passed"}, dt))
     print(f"\n[{mechanism}] {'kind':7} {'program':52} {'old (exit code)':16} {'new':11} new run s")
     for kind, name, old, new, _, dt in rows:
-        print(f"{' ' * (len(mechanism) + 3)}{kind:7} {name:52} {'passed' if old else 'not passed':16} {new:11} {dt:.2f}")
+        pad = " " * (len(mechanism) + 3)
+        print(f"{pad}{kind:7} {name:52} {'passed' if old else 'not passed':16} {new:11} {dt:.2f}")
     return rows
 
 
