@@ -11,9 +11,13 @@ change answer quality, not to compete with a full grader):
   the last number inside the last one; equal to the reference numerically (|a-b| <= 1e-6).
 - MATH-500: the content of the last \\boxed{...} (balanced braces), normalised
   (`normalize_math_answer`), equal to the normalised reference; or both parse as equal floats.
-- HumanEval: prompt + completion + test + `check(entry_point)`. The completion may be a body
-  or a whole function: redefining the function after the prompt's docstring-only definition
-  is valid Python. MBPP: completion + test_setup_code + the test_list asserts.
+- HumanEval: the program is prompt + completion, the checks test + `check(entry_point)`. The
+  completion may be a body or a whole function: redefining the function after the prompt's
+  docstring-only definition is valid Python. MBPP: the program is the completion, the checks
+  test_setup_code + the test_list asserts. The sandbox compiles the two separately (the
+  completion's text cannot swallow a check) and runs them in one namespace; only a run whose
+  every check returned passes (eval.sandbox: an exit, a hook or `if __name__ == '__main__':`
+  boilerplate cannot pass a wrong answer).
 - Code completions: the fenced ```python block (the one defining the entry point if there are
   several), else the raw text.
 """
@@ -147,23 +151,23 @@ def extract_code(output: str, entry_point: str | None = None) -> str:
     return py[0]
 
 
-def build_humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """prompt + completion + test + check(entry_point), as the HumanEval harness does."""
-    return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
+def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> tuple[str, str]:
+    """(program, checks): prompt + completion, then test + check(entry_point), as the HumanEval harness runs them."""
+    return f"{prompt}{completion}\n", f"{test}\n\ncheck({entry_point})\n"
 
 
-def build_mbpp_program(completion: str, test_setup_code: str, test_list: Sequence[str]) -> str:
-    """completion + test_setup_code + the test asserts."""
+def mbpp_program(completion: str, test_setup_code: str, test_list: Sequence[str]) -> tuple[str, str]:
+    """(program, checks): the completion, then test_setup_code + the test asserts."""
     tests = "\n".join(test_list)
-    return f"{completion}\n\n{test_setup_code}\n\n{tests}\n"
+    return f"{completion}\n", f"{test_setup_code}\n\n{tests}\n"
 
 
 def humaneval_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
                   allow_unisolated: bool = False) -> SandboxResult:
     """Run a HumanEval answer (raw model output) against its tests in the sandbox."""
     code = extract_code(output, meta["entry_point"])
-    src = build_humaneval_program(meta["prompt"], code, meta["test"], meta["entry_point"])
-    return run_program(src, timeout_s, allow_unisolated=allow_unisolated)
+    src, checks = humaneval_program(meta["prompt"], code, meta["test"], meta["entry_point"])
+    return run_program(src, timeout_s, checks=checks, allow_unisolated=allow_unisolated)
 
 
 def mbpp_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
@@ -171,8 +175,8 @@ def mbpp_run(output: str, meta: dict, timeout_s: float = DEFAULT_TIMEOUT_S, *,
     """Run an MBPP answer (raw model output) against its asserts in the sandbox."""
     entry = re.match(r"assert\s+(?:not\s+)?\(?\s*(?:set\()?\s*([A-Za-z_]\w*)\s*\(", meta["test_list"][0])
     code = extract_code(output, entry.group(1) if entry else None)
-    src = build_mbpp_program(code, meta["test_setup_code"], meta["test_list"])
-    return run_program(src, timeout_s, allow_unisolated=allow_unisolated)
+    src, checks = mbpp_program(code, meta["test_setup_code"], meta["test_list"])
+    return run_program(src, timeout_s, checks=checks, allow_unisolated=allow_unisolated)
 
 
 def score_output(sample, output: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,

@@ -47,10 +47,18 @@ def test_sleeping_child_process_is_killed_without_isolation_too(tmp_path):
     assert not marker.exists()  # the whole process group died with the parent
 
 
-@pytest.mark.parametrize("src", ["raise SystemExit(3)", "import os\nos.abort()"])
+@pytest.mark.parametrize("src", ["import os\nos._exit(3)", "import os\nos.abort()"])
 def test_crashes_are_reported(src):
     r = run_program(src, 5)
     assert (r.passed, r.status) == (False, "crashed")
+
+
+def test_system_exit_is_a_failure_whatever_its_code():
+    """The harness catches BaseException: SystemExit(3) and SystemExit(0) fail like an AssertionError."""
+    for code in (3, 0):
+        r = run_program(f"raise SystemExit({code})", 5)
+        assert (r.passed, r.status, r.returncode) == (False, "failed", 1)
+        assert f"SystemExit: {code}" in r.stderr_tail if code else "SystemExit" in r.stderr_tail
 
 
 def test_memory_is_limited():
@@ -62,11 +70,13 @@ def test_isolated_fresh_dir_and_env():
     src = (
         "import os, sys\n"
         f"assert os.getcwd() != {os.getcwd()!r}\n"
-        "assert sorted(os.listdir('.')) == ['program.py', 'stderr.txt', 'stdout.txt']\n"
+        "assert os.listdir('.') == [], os.listdir('.')  # the program and its output are not files in it\n"
         "assert sys.flags.isolated == 1\n"
         "assert 'PYTHONPATH' not in os.environ\n"
+        "assert __name__ == 'program' and sys.argv == ['program.py']\n"
     )
-    assert run_program(src, 5).status == "passed"
+    r = run_program(src, 5)
+    assert r.status == "passed", r.stderr_tail
 
 
 # ---- scoring ----------------------------------------------------------------------------
@@ -167,10 +177,10 @@ def _not_passing(samples, mechanism, timeout_s):
     for s in samples:
         m = s.meta
         if s.suite == "humaneval":
-            src = S.build_humaneval_program(m["prompt"], m["canonical_solution"], m["test"], m["entry_point"])
+            src, checks = S.humaneval_program(m["prompt"], m["canonical_solution"], m["test"], m["entry_point"])
         else:
-            src = S.build_mbpp_program(m["reference_code"], m["test_setup_code"], m["test_list"])
-        if not sandbox.run_program(src, timeout_s, mechanism=mechanism).passed:
+            src, checks = S.mbpp_program(m["reference_code"], m["test_setup_code"], m["test_list"])
+        if not sandbox.run_program(src, timeout_s, checks=checks, mechanism=mechanism).passed:
             bad.append(s.id)
     return bad
 
@@ -208,8 +218,9 @@ def test_limits_are_set_with_and_without_prlimit(monkeypatch, prlimit):
     if not prlimit:
         which = sandbox.shutil.which
         monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "prlimit" else which(name))
-    src = "import resource, sys\nprint(resource.getrlimit(resource.RLIMIT_FSIZE), file=sys.stderr)\n"
-    r = run_program(src, 5, file_bytes=12345)
-    assert r.passed and "(12345, 12345)" in r.stderr_tail
+    src = ("import resource as r, sys\n"
+           "print(r.getrlimit(r.RLIMIT_FSIZE), r.getrlimit(r.RLIMIT_NOFILE), file=sys.stderr)\n")
+    r = run_program(src, 5, file_bytes=12345, open_files=77)
+    assert r.passed and "(12345, 12345) (77, 77)" in r.stderr_tail
     r = run_program("x = bytearray(4 << 30)\n", 5)
     assert not r.passed and "MemoryError" in r.stderr_tail

@@ -208,7 +208,7 @@ def test_no_child_outlives_the_program(mechanism, main_waits):
 
 
 def test_probe_rejects_an_unisolated_run():
-    r = sb._execute(sb._PROBE, 10.0, "none", (10.0, 1 << 30, 1 << 20, 64))
+    r = sb._execute(sb._PROBE, "", 10.0, "none", sb.Limits())
     assert r.status == "failed" and ("runs as root" in r.stderr_tail or "no PID namespace" in r.stderr_tail)
 
 
@@ -291,12 +291,14 @@ def test_cli_records_the_isolation_in_results_json(no_isolation, monkeypatch, tm
     assert ev.main([*CLI, "--allow-unisolated", "--out", str(tmp_path / "a")]) == 0
     rec = json.loads((tmp_path / "a/results.json").read_text())["config"]["isolation"]
     assert rec["mechanism"] == "none (allowed by --allow-unisolated)"
+    assert rec["caps"]["cgroup"] is None and rec["caps"]["rlimits"]["nofile"] == sb.Limits.open_files
     sb.isolation.cache_clear()
     monkeypatch.delenv(sb.ENV_MECHANISM)
     assert ev.main([*CLI, "--out", str(tmp_path / "b")]) == (0 if sb.isolation().isolated else 2)
     if sb.isolation().isolated:
         rec = json.loads((tmp_path / "b/results.json").read_text())["config"]["isolation"]
         assert rec["mechanism"] == sb.isolation().mechanism in sb.MECHANISMS
+        assert rec["caps"] == sb.caps_record(rec["mechanism"]) and rec["caps"]["scratch"]["fs"] == "tmpfs"
 
 
 def test_runner_scores_pass_the_permission_on(no_isolation):
