@@ -15,7 +15,7 @@ import pytest
 
 from eval import sandbox as sb
 from eval import scoring as S
-from eval.suites import load_suite
+from hdflash_jax.suites import load_suite
 
 
 @functools.cache
