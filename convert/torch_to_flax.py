@@ -20,7 +20,8 @@ one at a time from memory-mapped shards, renamed, dequantized with their scale p
 their tree leaf (experts into a preallocated stacked leaf, one row per expert). Completed leaves are flushed to
 orbax (partial saves) whenever they reach --flush-mb, so the resident set is about one layer plus the flush size,
 whatever the depth. Output goes to DST.tmp-<pid> and is renamed to DST at the very end: an interrupted or refused
-run leaves no checkpoint at DST. Every bad input and every OSError is one `error:` line and exit status 1.
+run leaves no checkpoint at DST. Every bad input and every OSError is one `error:` line and exit status 1; a
+refused DST (`hdflash_jax.fileio.check_output`) exits 2 before anything is read.
 
 DST then holds config.json (TargetConfig, official names), params/ (orbax) and report.json; load it with
 `hdflash_jax.checkpoint.load_params(DST)`. A DSpark checkpoint (`dspark_*` config keys, DSpark `mtp.*` tensors)

@@ -18,7 +18,7 @@ checkpoints / selection (all checked before any weights are loaded) or a target 
 finite, 3 greedy mismatch.
 
 Targets (`--target`): a name of `eval.targets.TARGETS` (`small`: the built-in pretrained small DeepSeek-V4 of
-models/small with its tokenizer and trained `hyperdflash` / `dflash` drafters, built by
+models/small with its tokenizer and trained `hyperdflash`, `dflash`, `dspark`, `dspark-gated` drafters, built by
 `python -m train.small_pipeline`; `tiny-random`: the random tiny DeepSeek-V4 with untrained drafters and a byte
 tokenizer, for checking the pipeline end to end — its τ and speedups mean nothing) or a converted checkpoint
 folder (`config.json` + `params/`, hdflash_jax.checkpoint). Drafters (`--drafter NAME=CKPT`): a drafter

@@ -127,8 +127,8 @@ SMALL_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "small"
 
 def _small(tokenizer: str | None, chat_template: str | None) -> TargetSpec:
     """The built-in small model (built by `python -m train.small_pipeline`, shipped in models/small): a
-    pretrained small DeepSeek-V4 target with its MTP layer, its tokenizer, and trained HyperDFlash / DFlash
-    drafters (every folder under models/small/drafters becomes a method of that name)."""
+    pretrained small DeepSeek-V4 target with its MTP layer, its tokenizer, and trained HyperDFlash, DFlash, DSpark
+    and DSpark-gated drafters (every checkpoint under models/small/drafters becomes a method of its name)."""
     root = Path(os.environ.get("HDFLASH_SMALL_MODEL", SMALL_MODEL_DIR))
     if not (root / "target" / "config.json").is_file():
         raise UsageError(f"--target small: no built model at {root} (build it: python -m train.small_pipeline)")

@@ -2,7 +2,8 @@
 
 speculators' `DFlashDraftModel` (and `DSparkDraftModel`, the same backbone plus a Markov and a confidence head) is a
 stack of Qwen3 decoder layers with KV injection, trained on N anchored blocks per sequence in one pass
-(`_backbone_forward`). Weights reach it from a project drafter through the block family's z-lab export (`family("block").export("zlab", ...)` (z-lab's
+(`_backbone_forward`). Weights reach it from a project drafter through the block family's z-lab export
+(`family("block").export("zlab", ...)`; z-lab's
 names are speculators' names; the exporter permutes q/k rows from our interleaved RoPE to rotate_half). On CPU:
 eager attention with a dense float mask (`_attn_implementation="eager"`; flex attention is the GPU default), no
 torch.compile (speculators compiles only when CUDA is present). Anchors are random in speculators; the tests fix

@@ -172,7 +172,7 @@ def test_sharded_cache_matches_unsharded(setup, kind):
 
 
 def test_mesh_plan_draft_updates_the_cache_in_place(capsys):
-    """The draft program of hdflash_jax.aot_plan.cli: the donated cache comes back aliased (alias bytes = its bytes on one
+    """The draft program of the AOT planner: the donated cache comes back aliased (alias bytes = its bytes on one
     device: rows over data × expert, features over tensor)."""
     from hdflash_jax.aot_plan import cli as mesh_plan
 

@@ -137,7 +137,8 @@ def test_drafter_checkpoint_round_trip(drafter_ckpt, tmp_path):
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
     with pytest.raises(ValueError, match="built for another target: target_n_layers=6, the target has 3"):
-        family("block").load(path, get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1))
+        family("block").load(path, get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0),
+                                                              n_hash_layers=1))
     with pytest.raises(FileExistsError):
         family("block").save(path, d, d.cfg)
     with pytest.raises(FileNotFoundError, match="not a block drafter"):

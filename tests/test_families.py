@@ -38,7 +38,8 @@ def ar_tokens(target):
 
 
 def params_of(module) -> dict:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
 
 
 def test_the_toy_family_is_registered_like_the_others():

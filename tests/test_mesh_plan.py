@@ -1,4 +1,5 @@
-"""hdflash_jax.aot_plan.cli: abstract-shape AOT compiles on simulated devices, per-device figures, JSON, errors."""
+"""The AOT planner (hdflash_jax.aot_plan): abstract-shape AOT compiles on simulated devices, per-device figures,
+JSON, errors."""
 
 import json
 

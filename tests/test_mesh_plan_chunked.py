@@ -1,5 +1,5 @@
-"""hdflash_jax.aot_plan.cli --chunk: the prefill program through the cache in chunks compiles, reports its chunk, and needs
-less temp memory than one call over the whole prompt (whose activations are [T, ...] wide)."""
+"""The AOT planner (hdflash_jax.aot_plan) --chunk: the prefill program through the cache in chunks compiles, reports its
+chunk, and needs less temp memory than one call over the whole prompt (whose activations are [T, ...] wide)."""
 
 import json
 

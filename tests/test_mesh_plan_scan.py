@@ -1,7 +1,7 @@
-"""hdflash_jax.aot_plan.cli under scan: a scanned unit adds (almost) no per-device temp memory, so nothing of ours is held per
-unit (no stream, cache copy or weight copy that outlives its unit). fp32 weights, because XLA:CPU makes an fp32 copy
-of every bf16 array that a scan slices, and hoists it out of the loop: with bf16 weights each scanned layer adds its
-weights in fp32 to the CPU temp (see README "Planning a mesh"); TPU/GPU slice bf16 natively."""
+"""The AOT planner (hdflash_jax.aot_plan) under scan: a scanned unit adds (almost) no per-device temp memory, so nothing
+of ours is held per unit (no stream, cache copy or weight copy that outlives its unit). fp32 weights, because XLA:CPU
+makes an fp32 copy of every bf16 array that a scan slices, and hoists it out of the loop: with bf16 weights each
+scanned layer adds its weights in fp32 to the CPU temp (docs/scaling.md, "The planner"); TPU/GPU slice bf16 natively."""
 
 import json
 

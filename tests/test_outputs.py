@@ -397,7 +397,8 @@ def test_zlab_export_says_what_zlab_cannot_load(sources, tmp_path, capsys):
 
     for preset, loadable, note in [("tiny-dflash", False, "fc is [D, K·n·D]"),
                                    ("tiny-hyperdflash", False, "HyperDFlash gate")]:
-        src = family("block").save(tmp_path / preset, init_drafter(get_drafter_preset(preset)), get_drafter_preset(preset))
+        cfg = get_drafter_preset(preset)
+        src = family("block").save(tmp_path / preset, init_drafter(cfg), cfg)
         rc = de.main(["--to", "zlab", "--src", str(src), "--dst", str(tmp_path / f"{preset}-zlab")])
         cap = capsys.readouterr()
         assert rc == 0, cap.err

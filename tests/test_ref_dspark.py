@@ -306,7 +306,8 @@ def spec_case(tmp_path_factory):
 
     bcfg = tiny_cfg(hc_mult=1)
     root = tmp_path_factory.mktemp("spec_dspark")
-    family("block").export("zlab", family("block").save(root / "here", random_drafter(bcfg, seed=6), bcfg), root / "zlab")
+    here = family("block").save(root / "here", random_drafter(bcfg, seed=6), bcfg)
+    family("block").export("zlab", here, root / "zlab")
     tcfg = TCFG.replace(vocab_size=VV, dim=DD, hc_mult=4, hc_eps=1e-6, swiglu_limit=10.0, window_size=8)
     dcfg = DCFG.replace(block_size=bcfg.block_size, noise_token_id=bcfg.mask_token_id)
     ours = init_dspark(dcfg, tcfg, seed=4)

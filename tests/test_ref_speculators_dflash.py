@@ -1,16 +1,15 @@
-"""The vanilla DFlash drafter against speculators' DFlashDraftModel (Red Hat; the format vLLM's DFlash loads).
+"""The vanilla DFlash drafter against speculators' DFlashDraftModel (vllm-project; the format vLLM's DFlash loads).
 
-The project's drafter goes out through `convert.drafter_export.to_zlab` (speculators and z-lab share tensor
-names) into speculators' class; both run the training layout: N anchored blocks in one pass, block n at
-positions a_n..a_n+B-1 seeing context keys k < a_n and its own block (speculators: `create_anchor_block_mask_mod`,
-ours: `drafter.training.training_mask`). fp32; the logits of every slot must agree.
+The project's drafter goes out through the block family's z-lab export (speculators and z-lab share tensor names)
+into speculators' class; both run the training layout: N anchored blocks in one pass, block n at positions
+a_n..a_n+B-1 seeing context keys k < a_n and its own block (speculators: `create_anchor_block_mask_mod`, ours:
+`drafter.training.training_mask`). fp32; the logits of every slot must agree.
 
-The block-slot convention is explicit in speculators (`sample_from_anchor`): False (DFlash's) = slot 0 is the
-anchor and carries no loss, slot j predicts token a+j from the target's distribution at a+j-1; True (DSpark's)
-= slot j predicts a+j+1 from the distribution at a+j, every slot trained. Our DFlash training
-(`hdflash_jax.training.losses.block_labels` / `teacher_logits_for_blocks`) follows False; read with True, the same checkpoint's
-targets are one slot off (the τ≈1 trap), which the negative control shows.
-"""
+The block-slot convention is explicit in speculators (`sample_from_anchor`): False (DFlash's) = slot 0 is the anchor
+and carries no loss, slot j predicts token a+j from the target's distribution at a+j-1; True (DSpark's) = slot j
+predicts a+j+1 from the distribution at a+j, every slot trained. Our DFlash training
+(`hdflash_jax.training.losses.block_labels` / `teacher_logits_for_blocks`) follows False; read with True, the same
+checkpoint's targets are one slot off (the τ≈1 trap), which the negative control shows."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def test_config_loader_names_the_key_path(tmp_path):
                                       "weight_decay, decay_matrices_only, b1, b2, eps, grad_clip)"),
             ((None, ["optim=3"]), "optim: expected a mapping, got 3"),
             ((None, ["drafter.n_layerz=2"]), "drafter.n_layerz: unknown key (known: kind, preset, init_from_target, "
-                                             "n_layers, n_heads, n_kv_heads, head_dim, inter_dim, rope_theta, norm_eps, "
+                                             "n_layers, n_heads, n_kv_heads, head_dim, inter_dim, rope_theta, "
+                                             "norm_eps, "
                                              "block_size, mask_token_id, conditioning, target_layer_ids, reducer, "
                                              "post_norm, gate_path_norm, gate_residual_rank, draft_cache, draft_chunk, "
                                              "dim, hc_mult, vocab_size, target_n_layers, hc_eps, hc_norm_eps, dtype, "
@@ -424,7 +425,7 @@ def test_two_processes_match_one_process(work, reference_run):
     traj = [(k, ref[k], multi[k]) for k in (1, 2, 3)]
     print("loss trajectory (step, 1 process, 2 processes):", traj)
     for _, a, b in traj:
-        assert a == b, traj  # bit for bit, as the README says: the same reduction order on one and two processes
+        assert a == b, traj  # bit for bit, as docs/training.md says: the same reduction order on one and two processes
     assert ref[3] < ref[1]  # it trains
 
 

@@ -198,8 +198,8 @@ def test_master_params_fp32_and_compute_copy():
 
 @pytest.mark.slow
 def test_mesh_plan_train_program_and_overrides(tmp_path):
-    """`python -m hdflash_jax.aot_plan --program train` compiles the real step on a mesh; `--train-override` / `--drafter-only`
-    reach it (minutes: three compiles)."""
+    """`python -m hdflash_jax.aot_plan --program train` compiles the real step on a mesh; `--train-override` /
+    `--drafter-only` reach it (minutes: three compiles)."""
     from hdflash_jax.aot_plan.cli import plan_programs
 
     common = ["--program", "train", "--preset", "tiny", "--layers", "2", "--mesh", "fsdp=2,expert=2", "--batch", "2",

@@ -367,7 +367,8 @@ def _main(argv: list[str]) -> int:
         return 0
     if not args.out:
         ap.error("--out is required")
-    check_output(args.out, flag="--out", kind=CORPUS_FOLDER, reuse=True, inputs=[("the vendored data", DATA_DIR), ("the suites' data", EVAL_DIR)])
+    check_output(args.out, flag="--out", kind=CORPUS_FOLDER, reuse=True,
+                 inputs=[("the vendored data", DATA_DIR), ("the suites' data", EVAL_DIR)])
     build_corpus(args.out, heldout_frac=args.heldout_frac, ngram=args.ngram, force=args.force)
     return 0
 

@@ -17,9 +17,9 @@ S + 1 tokens t_0..t_S: the main model reads t_0..t_{S-1} and predicts t_{i+1} at
 main model's final pre-collapse streams H[i] and the embedding of t_{i+1}, and predicts t_{i+2} (i = 0..S−2).
 Gradients flow from the MTP loss into the trunk, as in DeepSeek's training.
 
-Only `nnx.Param`s train (`hdflash_jax.training.optim`: AdamW, linear warmup then cosine, global-norm clipping, weight decay on
-matrices only). The `Buffer`s never get gradients: the hash layers' token→expert table (`tid2eid`) is drawn once
-at init (a fixed random k-subset of experts per token id, as a hash would give), and the routed layers'
+Only `nnx.Param`s train (`hdflash_jax.training.optim`: AdamW, linear warmup then cosine, global-norm clipping,
+weight decay on matrices only). The `Buffer`s never get gradients: the hash layers' token→expert table
+(`tid2eid`) is drawn once at init (a fixed random k-subset of experts per token id, as a hash would give), and the routed layers'
 score-correction bias follows DeepSeek-V3's auxiliary-loss-free balancing, b_e += γ·sign(mean load − load_e)
 per step (γ = `train.bias_update_speed`; 0 freezes it), with the loads read from the gates' outputs.
 

@@ -111,7 +111,7 @@ SIZES: dict[str, dict] = {
         "pretrain": [],  # the `small` preset and PretrainConfig defaults: 1,200 steps of 8 × 256 tokens
         "regen": {"prompts": 1536, "eval_prompts": 32, "max_new_tokens": 160, "batch_size": 32},
         # the draft layers' shape, per family (a variant's fields go on top)
-        "drafter": {"shape": {"block": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "inter_dim": 384}},
+        "drafter": {"shape": {"block": dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, inter_dim=384)},
                     "max_len": 256, "num_anchors": 32, "global_batch": 8, "steps": 400, "lr": 3e-3,
                     "eval_prompts": 16, "eval_max_new_tokens": 96},
         "variants": tuple(VARIANTS),

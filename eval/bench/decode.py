@@ -5,7 +5,7 @@ ceiling of speculation here (a replay drafter proposing the known AR continuatio
     python -m eval.bench.decode [--batch 1] [--prompt-len 32] [--new-tokens 64] [--block-size 8] [--json out.json]
 
 Untrained drafters on random weights accept little; what they show is the cost of drafting. Trained drafters
-approach the replay ceiling (see the README's results on the built-in small model).
+approach the replay ceiling (docs/results.md: the built-in small model).
 """
 
 from __future__ import annotations

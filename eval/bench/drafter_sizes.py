@@ -1,7 +1,7 @@
 """Parameter counts of the block drafters at real target dims, from shapes only (`nnx.eval_shape`, no allocation).
 
-    python eval/drafter_sizes.py                      # V4-Flash: HyperDFlash, vanilla DFlash, the two ablations
-    python eval/drafter_sizes.py --target v4-pro --n-layers 3 --json sizes.json
+    python -m eval.bench.drafter_sizes                # V4-Flash: HyperDFlash, vanilla DFlash, the two ablations
+    python -m eval.bench.drafter_sizes --target v4-pro --n-layers 3 --json sizes.json
 
 Counts exclude the target's embedding and LM head (frozen, shared, never drafter parameters).
 """

@@ -2,7 +2,7 @@
 what one device needs (argument, output, temp and alias bytes), its FLOPs and bytes accessed, and, for a chosen
 accelerator, whether it fits and the bandwidth floor (bytes accessed / HBM bandwidth).
 
-    python -m hdflash_jax.aot_plan.cli --preset v4-flash --layers 4 --mesh expert=8,tensor=8 --program prefill \
+    python -m hdflash_jax.aot_plan --preset v4-flash --layers 4 --mesh expert=8,tensor=8 --program prefill \
         --batch 1 --seq 32768 [--context L] [--json FILE] [--fits v5p|h100|h200]
 
 Nothing is allocated: parameters, caches and inputs are `jax.ShapeDtypeStruct`s with their `NamedSharding`s, the

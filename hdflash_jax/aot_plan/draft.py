@@ -1,4 +1,4 @@
-"""The draft program for `hdflash_jax.aot_plan.cli`: one drafting step (append the verified block's features to the draft
+"""The draft program for the AOT planner: one drafting step (append the verified block's features to the draft
 cache, then draft one block) at the target's width, with the preset drafter (`--drafter`).
 
 The cache holds `--context` committed tokens (default `--seq`) plus room for the step's block; it is donated and

@@ -1,4 +1,4 @@
-"""What every `hdflash_jax.aot_plan.cli` program builder shares: the `Program` record and abstract sharded state."""
+"""What every the AOT planner program builder shares: the `Program` record and abstract sharded state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The target's programs for `hdflash_jax.aot_plan.cli`: prefill, verify and generate, over abstract sharded parameters."""
+"""The target's programs for the AOT planner: prefill, verify and generate, over abstract sharded parameters."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ z-lab's format (`dflash.DFlashDraftModel`, what vLLM / SGLang / speculators load
 * DeepSeek-V4 features: a tapped layer carries hc_mult streams [n, D]; they enter `fc` flattened stream-major
   (vec(H) = [H_0; …; H_{n−1}]) and the K layers are concatenated in `target_layer_ids` order, so `fc` is
   [D, K·n·D] (z-lab's class, like speculators' `DFlashDraftModel`, builds `fc` as [D, K·D] and loads such a
-  drafter only with hc_mult = 1; `export` says so in its notes). Layer ids are 0-based decoder layers; layer l is transformers'
+  drafter only with hc_mult = 1; `export` says so in its notes). Layer ids are 0-based decoder layers; layer l is
+  transformers'
   `hidden_states[l + 1]` (entry 0 is the embedding), except the last layer, whose entry transformers replaces by
   the collapsed, normed output.
 * HyperDFlash's gated reducer has no counterpart in the reference: it is written as the extra tensors

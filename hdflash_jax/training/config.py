@@ -1,4 +1,5 @@
-"""Training configs, typed: the sections both trainers share (`OptimConfig` from `training.optim`, `CheckpointConfig`, `LogConfig`) and
+"""Training configs, typed: the sections both trainers share (`OptimConfig` from `training.optim`,
+`CheckpointConfig`, `LogConfig`) and
 the drafter trainer's whole config (`DrafterRunConfig`, `python -m train.drafter --config FILE`).
 
 Loaded with `hdflash_jax.typed_config.load(DrafterRunConfig, path, overrides)`; `load_config` is that call. The
