@@ -100,7 +100,11 @@ def test_export_round_trip(name, fmt, target, tmp_path):
     fam = family(name)
     cfg = fam.example_config(TCFG)
     src = fam.save(tmp_path / "here", fam.init(cfg, target, seed=2), cfg)
-    summary = fam.export(fmt, src, tmp_path / "there", target_cfg=TCFG)
+    try:
+        summary = fam.export(fmt, src, tmp_path / "there", target_cfg=TCFG)
+    except ValueError as e:  # a format that cannot hold this drafter says so before writing (its own tests cover it)
+        assert not (tmp_path / "there").exists()
+        pytest.skip(f"{fmt} cannot hold the family's example drafter: {e}")
     assert summary["tensors"] > 0
     assert format_of_folder(tmp_path / "there")[1].name == fmt
     fam.import_folder(fmt, tmp_path / "there", tmp_path / "back", target_cfg=TCFG)

@@ -8,7 +8,7 @@ import dataclasses
 
 from hdflash_jax.config import DrafterConfig, get_drafter_preset
 from hdflash_jax.families.registry import DrafterFamily, register, section_fields, training_section
-from hdflash_jax.formats import ZLAB
+from hdflash_jax.formats import SPECULATORS, ZLAB
 from hdflash_jax.training.losses import LossConfig
 
 
@@ -21,7 +21,7 @@ class BlockFamily(DrafterFamily):
     loss_cls = LossConfig
     section_cls = training_section("block", DrafterConfig, LossConfig, preset=(str | None, None),
                                    init_from_target=(bool, True))
-    formats = {"zlab": ZLAB}
+    formats = {"zlab": ZLAB, "speculators": SPECULATORS}
 
     def num_drafts(self, cfg: DrafterConfig, block_size: int | None) -> int:
         return (cfg.block_size if block_size is None else block_size) - 1  # [anchor, mask × (B − 1)]

@@ -1,6 +1,7 @@
 """Serving formats of drafters: the folders other engines load, exported from and imported into this project's
-drafter checkpoints. Each format belongs to one drafter family, which lists it (`DrafterFamily.formats`); the CLI
-is `python -m convert.drafter_export --to FORMAT|here`.
+drafter checkpoints (z-lab's DFlash folder, speculators' DFlash folder, DeepSpec's DSpark layout). Each format
+belongs to one drafter family, which lists it (`DrafterFamily.formats`); the CLI is
+`python -m convert.drafter_export --to FORMAT|here`.
 
 A format is a `DrafterFormat`: its output kind (how an export folder is recognised), `export(cfg, module, dst, *,
 target_cfg, overwrite) -> summary` and `read(src, *, target_cfg, **options) -> (cfg, {tree path: array})`; the family
@@ -13,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from hdflash_jax.fileio import OutputKind
-from hdflash_jax.formats import dspark, zlab, zlab_read
+from hdflash_jax.formats import dspark, speculators, zlab, zlab_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,7 @@ class DrafterFormat:
     folder: OutputKind  # an export folder of this format (recognised by `folder.is_own`)
     export: Callable[..., dict]
     read: Callable[..., tuple]
-    needs_target: bool = False  # the shapes follow the target (a folder alone does not say them)
+    needs_target: bool = False  # exporting needs the target (the drafter's shapes follow it)
     options: tuple[str, ...] = ()  # keyword options `read` takes beyond target_cfg
 
     def recognises(self, path) -> bool:
@@ -31,3 +32,5 @@ class DrafterFormat:
 
 ZLAB = DrafterFormat("zlab", zlab.ZLAB_FOLDER, zlab.export, zlab_read.read_zlab, options=("stream_pooling",))
 DSPARK = DrafterFormat("dspark", dspark.DSPARK_FOLDER, dspark.export, dspark.read_dspark, needs_target=True)
+SPECULATORS = DrafterFormat("speculators", speculators.SPECULATORS_FOLDER, speculators.export,
+                            speculators.read_speculators)

@@ -189,8 +189,8 @@ def read_zlab(src: str | Path, *, target_cfg=None, stream_pooling: str = "flatte
               ) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
     """A z-lab DFlash folder → (DrafterConfig, {this project's dotted path: array}), every check applied.
 
-    stream_pooling: how the drafter was fed a DeepSeek-V4 layer's hc_mult streams. 'flatten' (speculators'
-    layout, this project's): `fc` is [D, K·n·D]. 'mean' (the per-layer stream mean that vLLM's and ATOM's
+    stream_pooling: how the drafter was fed a DeepSeek-V4 layer's hc_mult streams. 'flatten' (this project's
+    layout): `fc` is [D, K·n·D]. 'mean' (the per-layer stream mean that vLLM's and ATOM's
     DeepSeek-V4 auxiliary hidden states carry): `fc` is [D, K·D] and is imported as the equivalent flattened
     compressor, each stream's block fc_k / n (needs `target_cfg` for n).
     """
@@ -208,6 +208,14 @@ def read_zlab(src: str | Path, *, target_cfg=None, stream_pooling: str = "flatte
     if neox is not True and (neox is not False or EXT in c):  # this project's exports always hold rotate_half rows
         raise ExportError(f"{cpath}: is_neox_style={neox!r}: expected true (rotate_half rows) or, for a file "
                           "not written here, false (interleaved rows, as vLLM reads them)")
+    return from_reference(cpath, c, tensors, wpath, target_cfg=target_cfg, stream_pooling=stream_pooling,
+                          permute=neox)
+
+
+def from_reference(cpath: Path, c: dict, tensors: dict, wpath: Path, *, target_cfg, stream_pooling: str,
+                   permute: bool = True) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
+    """A reference DFlash config (z-lab's keys) and its tensors → (DrafterConfig, this project's tree): the checks
+    both reference formats share (z-lab's folder, speculators' folder mapped onto z-lab's keys)."""
     if stream_pooling == "mean":
         _expand_mean_pooled(cpath, c, tensors, wpath, target_cfg)
     elif stream_pooling != "flatten":
@@ -222,7 +230,7 @@ def read_zlab(src: str | Path, *, target_cfg=None, stream_pooling: str = "flatte
                           f"hc_mult={target_cfg.hc_mult} streams: a drafter trained on the stream mean (vLLM's "
                           "DeepSeek-V4 auxiliary hidden states) imports with --stream-pooling mean; one trained on "
                           f"flattened streams has {target_cfg.hc_mult * cfg.dim} inputs per layer")
-    return cfg, _tensors_here(cfg, tensors, wpath, permute=neox)
+    return cfg, _tensors_here(cfg, tensors, wpath, permute=permute)
 
 
 def _expand_mean_pooled(cpath: Path, c: dict, tensors: dict, wpath: Path, target_cfg) -> None:
@@ -269,4 +277,4 @@ def _tensors_here(cfg: DrafterConfig, tensors: dict[str, np.ndarray], wpath: Pat
     return out
 
 
-__all__ = ["read_zlab", "drafter_config_from_zlab"]
+__all__ = ["read_zlab", "from_reference", "drafter_config_from_zlab"]
