@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from hdflash_jax.checkpoint import load_params
 from hdflash_jax.config import get_preset
 from hdflash_jax.deepseek_v4.model import init_target
+from hdflash_jax.deepseek_v4.scan import stacks_as_words
 from hdflash_jax.distributed import host_tree, place, process_rows
 from hdflash_jax.families import family
 from hdflash_jax.params import active_params
@@ -78,7 +79,9 @@ class Trainer:
         del target, drafter
         self.target_shardings = self.tpure.shardings(mesh)
         self.param_shardings = self.dpure.shardings(mesh)
-        self._target_values = self.tpure.tree()
+        # the scanned stacks as 16-bit words (`scan.stacks_as_words`): the step's target forward then never holds
+        # an fp32 copy of them on XLA:CPU
+        self._target_values = stacks_as_words(self.tpure.tree())
         self._param_values = master_params(self.dpure.tree(), cfg.train.master_dtype)
         self.n_params = int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self._param_values)))
         self.replicated = NamedSharding(mesh, P())

@@ -55,6 +55,7 @@ def build(name, cfg, args, mesh) -> Program:
     from flax import nnx
 
     from hdflash_jax.deepseek_v4.model import abstract_target
+    from hdflash_jax.deepseek_v4.scan import stacks_as_words
     from hdflash_jax.drafter.model import count_params
     from hdflash_jax.families import family_of
     from hdflash_jax.params import active_params
@@ -74,7 +75,7 @@ def build(name, cfg, args, mesh) -> Program:
     tmodel = abstract_target(cfg)
     n_target = active_params(cfg, nnx.state(tmodel, nnx.Param))
     tpure, dpure = PureModule(tmodel), PureModule(fam.abstract(dcfg, cfg), params_only=True)
-    target_params = abstract(tpure.tree(), tpure.shardings(mesh))
+    target_params = stacks_as_words(abstract(tpure.tree(), tpure.shardings(mesh)))  # as `Trainer` holds them
     params = master_params(dpure.tree(), run.train.master_dtype)
     tx, schedule, _ = make_optimizer(run.optim, STEPS, params)
     state, state_sh, rep = _abstract_state(tx, params, dpure.shardings(mesh), mesh)

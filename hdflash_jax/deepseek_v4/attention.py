@@ -284,7 +284,7 @@ class Attention(nnx.Module):
         self.wq_b = Linear(cfg.q_lora_rank, h * d, ("heads", "q_lora"), dtype=dtype, rngs=rngs)
         self.wkv = Linear(cfg.dim, d, ("kv", "embed"), dtype=dtype, rngs=rngs)
         self.kv_norm = RMSNorm(d, cfg.norm_eps, dtype=dtype, axes=("kv",))
-        self.wo_a = Linear(h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, ("o_groups", None),
+        self.wo_a = Linear(h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, ("o_groups", "o_group_in"),
                            dtype=dtype, rngs=rngs)
         self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, ("embed", "o_groups"), dtype=dtype, rngs=rngs)
         self.attn_sink = param(rngs, (h,), ("heads_only",), jnp.float32, init="zeros")

@@ -6,6 +6,13 @@ pair at V4-Flash), and an unrolled tail. Unit position j of every unit has the s
 stack into one `Block` whose arrays carry a leading axis of size `n_units` (logical axis "layers", never sharded),
 and its caches stack the same way. The compiled program then holds one unit's layers whatever the depth.
 
+A frozen target may hand its stacks in as 16-bit words (`stacks_as_words`: the bits of each bf16 stack as uint16,
+what the drafter trainer and its AOT plan pass): the scan then slices words and bitcasts each unit's slice back, so
+the weights stay 16-bit per unit on every backend. It exists for XLA:CPU, which has no bf16 dynamic-slice: its
+float normalisation widens the whole stacked operand to fp32 and moves that copy out of the loop (an fp32 copy of
+every scanned weight, 0.68 GiB per V4-Flash layer and device on fsdp=8,expert=8); sliced as words there is
+nothing to widen. On TPU/GPU the words slice like bf16 and the bitcasts are free.
+
 Layer i of the canonical (unrolled) numbering is unit (i - prefix) // period, position (i - prefix) % period.
 """
 
@@ -118,6 +125,29 @@ def layer_caches(cache: dict, plan: LayerPlan) -> list[dict]:
     return out + list(cache.get("tail", []))
 
 
+# ---- 16-bit words ---------------------------------------------------------------------------------------------
+
+WORD_DTYPES = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}  # a stacked dtype -> the words that carry it
+
+
+def stacks_as_words(tree: dict) -> dict:
+    """A target's pure tree (`training.pure.PureModule.tree()`, arrays or ShapeDtypeStructs) with every bf16 leaf
+    under "scan" replaced by its bits as uint16 (same shape; a numpy view or a bitcast, no arithmetic)."""
+    def words(x):
+        dt = WORD_DTYPES.get(jnp.dtype(x.dtype))
+        if dt is None:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return jax.lax.bitcast_convert_type(x, dt)
+    return {k: jax.tree.map(words, v) if k == "scan" else v for k, v in tree.items()}
+
+
+def _from_words(x):
+    dt = {w: d for d, w in WORD_DTYPES.items()}.get(jnp.dtype(x.dtype))
+    return x if dt is None else jax.lax.bitcast_convert_type(x, dt)
+
+
 # ---- the scan ------------------------------------------------------------------------------------------------
 
 def run_units(blocks, plan: LayerPlan, streams, tokens, positions, start, n_new, caches, taps: tuple[int, ...]):
@@ -128,6 +158,7 @@ def run_units(blocks, plan: LayerPlan, streams, tokens, positions, start, n_new,
     each written at its own unit, so the cost is one select per tap and layer, never a stream per unit.
     The stacked caches ride in the carry, each unit's slice read and written back in place: as scan outputs they
     would be a second stacked copy of every cache (the loop cannot write its outputs into the donated inputs).
+    Stacks held as 16-bit words (`stacks_as_words`) are bitcast back one unit at a time.
     Returns (streams, new stacked caches, dropped expert assignments, tapped streams in the order of `taps`).
     """
     graphdefs, states = zip(*(nnx.split(b) for b in blocks))
@@ -136,6 +167,7 @@ def run_units(blocks, plan: LayerPlan, streams, tokens, positions, start, n_new,
     def body(carry, xs):
         streams, dropped, kept, caches = carry
         unit, unit_states = xs
+        unit_states = jax.tree.map(_from_words, unit_states)
         new_caches = []
         for pos in range(plan.period):
             block = nnx.merge(graphdefs[pos], unit_states[pos])
