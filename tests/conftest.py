@@ -16,3 +16,27 @@ _cache_dir = os.environ.get("HDFLASH_JAX_CACHE", os.path.join(os.path.dirname(__
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache_dir))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ---- the sandbox tests' mechanisms ---------------------------------------------------------------------------
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+from eval import sandbox as _sandbox  # noqa: E402 — stdlib only (≈ 50 ms)
+
+
+@functools.cache
+def sandbox_why_not(mechanism):
+    """None when `mechanism` isolates on this machine, else the reason (probed once per process)."""
+    return _sandbox.probe(mechanism)
+
+
+@pytest.fixture(params=_sandbox.MECHANISMS)
+def mech(request):
+    """Each sandbox mechanism this machine can use; the others skip with their reason."""
+    why = sandbox_why_not(request.param)
+    if why is not None:
+        pytest.skip(f"{request.param} does not isolate here: {why}")
+    return request.param

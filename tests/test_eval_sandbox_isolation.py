@@ -6,7 +6,6 @@ control run without isolation is harmless, it shows the same program does succee
 checks are not vacuous).
 """
 
-import functools
 import os
 import socket
 import sys
@@ -15,22 +14,10 @@ import uuid
 
 import pytest
 
+from conftest import sandbox_why_not
 from eval import sandbox as sb
 from eval import scoring as S
 from hdflash_jax.suites import load_suite
-
-
-@functools.cache
-def _why_not(mechanism):
-    return sb.probe(mechanism)
-
-
-@pytest.fixture(params=sb.MECHANISMS)
-def mech(request):
-    why = _why_not(request.param)
-    if why is not None:
-        pytest.skip(f"{request.param} does not isolate here: {why}")
-    return request.param
 
 
 def run(src, mechanism, timeout_s=10, **kw):
@@ -181,7 +168,7 @@ def _processes_with(token: str) -> list[int]:
 @pytest.mark.parametrize("mechanism", ["none", *sb.MECHANISMS])
 @pytest.mark.parametrize("main_waits", [False, True])
 def test_no_child_outlives_the_program(mechanism, main_waits):
-    if mechanism != "none" and _why_not(mechanism) is not None:
+    if mechanism != "none" and sandbox_why_not(mechanism) is not None:
         pytest.skip(f"{mechanism} does not isolate here")
     token = f"hdflash-stray-{uuid.uuid4().hex}"
     src = (

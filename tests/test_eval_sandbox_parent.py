@@ -6,7 +6,6 @@ real: the removed parent logic (`old_tail`, `shutil.rmtree`) on the same thing l
 same program takes more when its cap is raised.
 """
 
-import functools
 import os
 import shutil
 import subprocess
@@ -19,19 +18,6 @@ import uuid
 import pytest
 
 from eval import sandbox as sb
-
-
-@functools.cache
-def _why_not(mechanism):
-    return sb.probe(mechanism)
-
-
-@pytest.fixture(params=sb.MECHANISMS)
-def mech(request):
-    why = _why_not(request.param)
-    if why is not None:
-        pytest.skip(f"{request.param} does not isolate here: {why}")
-    return request.param
 
 
 def cgroup_or_skip():
