@@ -170,20 +170,20 @@ class DrafterFamily:
         """What a feature capture writes per position for this family's step: {name: (shape, dtype)} with
         `features` (what the step's batch carries instead of running the target) and, when the loss has a
         teacher, `hidden` (the target's normed hidden state [D])."""
-        raise ValueError(f"{self.what} is not trained here")
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
 
     def teacher_slots(self, cfg, loss) -> int:
         """Positions a, a + 1, ... per anchor a whose `hidden` the step's teacher reads (0: no teacher)."""
-        raise ValueError(f"{self.what} is not trained here")
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
 
     def feature_fields(self, cfg) -> dict:
         """The config fields that select the features (a capture records them; an offline run checks them)."""
-        raise ValueError(f"{self.what} is not trained here")
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
 
     def capture(self, cfg, loss, target, tokens) -> dict:
         """Pure: the arrays of `offline_layout` for rows tokens [b, S], [b, S, ...] each (the frozen target's
         forward; the same functions the online step calls)."""
-        raise ValueError(f"{self.what} is not trained here")
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
 
 
 _FAMILIES: dict[str, DrafterFamily] = {}
