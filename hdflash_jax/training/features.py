@@ -264,7 +264,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
 
 class FeatureReader:
     """A captured folder, opened strictly: index.json valid, every shard file present, with the shape, dtype and
-    byte size the index implies. `record(i)` → {array: [S, ...]} in its logical dtype (a copy)."""
+    byte size the index implies. `record(i)` → {array: [S, ...]} in its logical dtype, read from its shards."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -297,7 +297,7 @@ class FeatureReader:
             raise UsageError(f"{index_path}: its shards hold {expect} records, the index says {self.n_records}")
         self._firsts = np.asarray([s[0] for s in self.shards], np.int64)
 
-    def _open(self, name: str | None, key: str, count: int) -> np.ndarray:
+    def _open(self, name: str | None, key: str, count: int) -> tuple[Path, int]:
         shape, dtype = self.layout.arrays[key]
         if name is None:
             raise UsageError(f"{self.folder / INDEX}: a shard lists no file for {key!r}")
@@ -317,23 +317,31 @@ class FeatureReader:
         if path.stat().st_size != size:
             raise UsageError(f"{path}: {path.stat().st_size:,} bytes, expected {size:,} (a truncated or corrupt "
                              f"shard)")
-        return np.load(path, mmap_mode="r")
+        return path, offset  # read a record at a time (`record`): no file held open per shard
 
     def record(self, i: int, tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Record `i`'s arrays. `tokens`: the row the data pipeline built for it, which must be the captured one.
         Non-finite values are refused naming the shard file (the capture wrote none: a corrupt file)."""
         k = int(np.searchsorted(self._firsts, i, side="right")) - 1
-        first, _, arrays = self.shards[k]
+        first, _, files = self.shards[k]
         out = {}
-        for name, (_, dtype) in self.layout.arrays.items():
-            x = np.array(arrays[name][i - first]).view(_np_dtype(dtype))
+        for name, (shape, dtype) in self.layout.arrays.items():
+            path, offset = files[name]
+            stored = _stored(_np_dtype(dtype))
+            row = (self.max_len,) + tuple(shape)
+            size = int(np.prod(row, dtype=np.int64)) * stored.itemsize
+            with open(path, "rb") as f:
+                f.seek(offset + (i - first) * size)
+                raw = f.read(size)
+            if len(raw) != size:
+                raise ValueError(f"{path}: record {i} is cut short (a shard changed since it was opened)")
+            x = np.frombuffer(raw, stored).reshape(row).view(_np_dtype(dtype)).copy()
             if name != TOKENS and not np.isfinite(x.astype(np.float32)).all():
-                raise ValueError(f"{self.folder / shard_file(name, k)}: record {i} holds non-finite values "
-                                 f"(a corrupt shard)")
+                raise ValueError(f"{path}: record {i} holds non-finite values (a corrupt shard)")
             out[name] = x
         if tokens is not None and not np.array_equal(out[TOKENS], tokens):
-            raise ValueError(f"{self.folder / shard_file(TOKENS, k)}: record {i}'s tokens differ from the row "
-                             f"data.train gives now (the corpus or tokenizer changed since the capture)")
+            raise ValueError(f"{files[TOKENS][0]}: record {i}'s tokens differ from the row data.train gives now "
+                             f"(the corpus or tokenizer changed since the capture)")
         return out
 
     def check(self, wanted_source: dict, layout: Layout) -> None:
