@@ -311,13 +311,14 @@ def _sharding_for(key: str, var, mesh, shardings: ShardingSpec):
 
 
 def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, as_model: bool = True,
-                cfg_overrides: dict | None = None):
+                cfg_overrides: dict | None = None, only: tuple[str, ...] | None = None):
     """Restore a params checkpoint → (cfg, DeepseekV4) (or (cfg, nnx.State) with as_model=False).
 
     Each array is restored directly into its sharding: `shardings` (one Sharding, {dotted path: Sharding}, or
     callable(path, shape, logical_axes)), else the logical-axis rules on `mesh`, else the first device.
     Raises FileNotFoundError / ValueError naming the path and parameter when the folder is not a finished
-    checkpoint or its tree disagrees with the config.
+    checkpoint or its tree disagrees with the config. `only`: read just these (unscanned, top-level) parameters;
+    the others stay shapes (ShapeDtypeStruct), nothing of them read or allocated.
     """
     path = Path(path).resolve()  # orbax reads no metadata through a relative path
     cfg = load_config(path)
@@ -326,22 +327,23 @@ def load_params(path: str | Path, mesh=None, shardings: ShardingSpec = None, *, 
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/)")
-    graphdef, state = restore_strict(params, abstract_model(cfg), "a model",
-                                     lambda key, var: _sharding_for(key, var, mesh, shardings))
+    graphdef, state = restore_strict(params, abstract_model(cfg, scanned=only is not None), "a model",
+                                     lambda key, var: _sharding_for(key, var, mesh, shardings), only=only)
     from hdflash_jax.deepseek_v4.scan import layer_plan
 
-    if layer_plan(cfg).n_units:
+    if layer_plan(cfg).n_units and only is None:
         graphdef, state = stack_layers(state, abstract_model(cfg, scanned=True))
     if not as_model:
         return cfg, state
     return cfg, nnx.merge(graphdef, state)
 
 
-def restore_strict(params: Path, abstract_module, what: str, sharding_for):
+def restore_strict(params: Path, abstract_module, what: str, sharding_for, only: tuple[str, ...] | None = None):
     """Restore an orbax params folder into the tree of `abstract_module`, strictly → (graphdef, state).
 
     Every leaf must be on disk with the config's shape, and nothing else; each array lands directly in
-    `sharding_for(dotted_path, abstract_variable)`. Errors name the folder and the parameter.
+    `sharding_for(dotted_path, abstract_variable)`. Errors name the folder and the parameter. `only`: restore just
+    these leaves (checked like all); the others keep their abstract values and are not read.
     """
     ocp = _ocp()
     params = Path(params).resolve()  # orbax reads no metadata through a relative path
@@ -354,12 +356,19 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
         raise unreadable(params, ValueError("\n".join(logged) or "its tree metadata cannot be read"))
     on_disk = flatten(meta)
     graphdef, state = nnx.split(abstract_module)
-    flat = list(nnx.to_flat_state(state))
+    flat = everything = list(nnx.to_flat_state(state))
     want = {dotted(p): v for p, v in flat}
+    if only is not None:
+        flat = [(p, v) for p, v in flat if dotted(p) in only]
+        unknown = sorted(set(only) - set(want))
+        if unknown:
+            raise ValueError(f"{params}: no parameter {unknown[0]!r} in {what} with this config")
+        # the scanned stacks are not on disk under their own names; only top-level leaves are read this way
+        want = {k: v for k, v in want.items() if k in only}
     missing = [k for k in want if k not in on_disk]
     if missing:
         raise ValueError(f"{params}: missing parameter {missing[0]!r} (the config expects {len(want)} leaves)")
-    extra = [k for k in on_disk if k not in want]
+    extra = [k for k in on_disk if k not in want] if only is None else []
     if extra:
         raise ValueError(f"{params}: unexpected parameter {extra[0]!r} (not in {what} with this config)")
     abstract = {}
@@ -368,14 +377,18 @@ def restore_strict(params: Path, abstract_module, what: str, sharding_for):
         if shape != tuple(var.shape):
             raise ValueError(f"{params}: parameter {key!r} has shape {shape}, the config expects {tuple(var.shape)}")
         abstract[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(key, var))
+    if only is not None:  # orbax reads a subtree when every other leaf is a placeholder
+        abstract = {**{k: ocp.PLACEHOLDER for k in on_disk}, **abstract}
     try:
         restored = flatten(ocp.load(params, nest(abstract)))
     except Exception as e:  # noqa: BLE001 — TensorStore's errors for a corrupt file come as several kinds
         raise unreadable(params, e) from None
+    if only is not None:
+        restored = {k: restored[k] for k in want}
     check_finite(restored, params)
     for p, var in flat:
         var.set_value(restored[dotted(p)])
-    return graphdef, nnx.from_flat_state(flat)
+    return graphdef, nnx.from_flat_state(everything)
 
 
 def stack_layers(canonical_state, abstract_scanned):

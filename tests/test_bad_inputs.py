@@ -435,6 +435,57 @@ def _train_override(item: str):
                       "--out", str(w.dst)]
 
 
+TINY_YAML = str(REPO / "train" / "configs" / "tiny_hyperdflash.yaml")
+OFFLINE = ("data.eval=null", "eval.every=0", "eval.at_start=false", "features.mode=offline", "data.max_len=16",
+           "data.num_anchors=2", "train.global_batch=2", "train.steps=1")
+
+
+def _fake_capture(folder: Path, overrides: list[str]) -> None:
+    """What `--capture-features` writes for the config `overrides` give, without running the target: the layout's
+    arrays filled with random values, the source recorded from that config."""
+    from hdflash_jax.tokenizer import load_tokenizer
+    from hdflash_jax.training.config import load_config
+    from hdflash_jax.training.features import FeatureWriter, Layout, feature_source
+    from train.trainer import drafter_for, target_config
+
+    cfg = load_config(TINY_YAML, overrides)
+    tcfg = target_config(cfg.target)
+    fam, dcfg, lcfg = drafter_for(cfg, tcfg, load_tokenizer(cfg.data.tokenizer))
+    layout = Layout.of(fam, dcfg, lcfg, tcfg)
+    n, length, rng = 4, cfg.data.max_len, np.random.default_rng(0)
+    folder.mkdir()
+    writer = FeatureWriter(folder, layout, feature_source(cfg, fam, dcfg), n, length, 2)
+    writer.add({k: rng.standard_normal((n, length) + shape).astype(dt) for k, (shape, dt) in layout.arrays.items()})
+    writer.finish()
+
+
+def _offline(edit=None, *extra: str, captured_with: tuple[str, ...] = (), captured: bool = True,
+             capture_flag: bool = False):
+    """train.drafter on offline features in {root}/features (`_fake_capture` of this run's config with
+    `captured_with` applied), spoilt by `edit(w, folder)`; the run adds `extra` overrides ({root} filled in).
+    `capture_flag`: run `--capture-features` with that config instead."""
+    def make(w: World) -> list[str]:
+        data = w.root / "train.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "abcdefgh"}) + "\n" for i in range(4)))
+        feats = w.root / "features"
+        over = [f"data.train={data}", f"features.dir={feats}", *OFFLINE]
+        if captured:
+            _fake_capture(feats, over + list(captured_with))
+        if edit is not None:
+            edit(w, feats)
+        runs = over + [o.format(root=w.root) for o in extra]
+        argv = ["--config", TINY_YAML] + [a for o in runs for a in ("--override", o)]
+        return argv + (["--capture-features"] if capture_flag else ["--out", str(w.dst)])
+    return make
+
+
+def _truncate(name: str):
+    def edit(w: World, folder: Path) -> None:
+        w.file = folder / name
+        w.file.write_bytes(w.file.read_bytes()[:-100])
+    return edit
+
+
 def _regen(target_of: Callable[[World], Path]):
     def make(w: World) -> list[str]:
         data = w.root / "rows.jsonl"
@@ -674,6 +725,47 @@ CASES = [
          ("{file}: no supervised token in the 6 records",), rc=2),
     Case("train_target_corrupt", "train", _corrupt_copy("train"), ("{file}: parameter '", "cannot be read"), rc=2,
          real_process=True),
+    # ---- train.drafter on offline features (features.mode: offline), and --capture-features ----
+    Case("train_features_no_dir", "train", _train_override("features.mode=offline"),
+         ("features.dir: required with features.mode offline",), rc=2),
+    Case("train_features_not_found", "train", _offline(None, captured=False),
+         ("features.dir {root}/features: not found",), rc=2),
+    Case("train_features_with_eval", "train", _offline(None, "data.eval={root}/train.jsonl", "eval.at_start=true"),
+         ("eval.at_start: needs the target's layers",), rc=2),
+    Case("train_features_other_seed", "train", _offline(None, "target.seed=1"),
+         ("features.dir {root}/features: captured with target.seed 0, this run has 1",), rc=2, real_process=True),
+    Case("train_features_other_max_len", "train", _offline(None, "data.max_len=24"),
+         ("features.dir {root}/features: captured with data.max_len 16, this run has 24",), rc=2),
+    Case("train_features_other_conditioning", "train", _offline(None, "drafter.conditioning=layers"),
+         ("captured with drafter.conditioning 'final_streams', this run has 'layers'",), rc=2),
+    Case("train_features_corpus_changed", "train",
+         _offline(lambda w, f: (w.root / "train.jsonl").write_text('{"prompt": "q", "response": "other"}\n')),
+         ("features.dir {root}/features: captured with data.train sha256 '",), rc=2),
+    Case("train_features_no_teacher", "train", _offline(None, captured_with=("drafter.loss.kl_alpha=0",)),
+         ("features.dir {root}/features: holds no 'hidden' array", "drafter.loss.kl_alpha 0"), rc=2),
+    Case("train_features_truncated", "train", _offline(_truncate("features-00001.npy")),
+         ("{file}: ", "bytes, expected", "(a truncated or corrupt shard)"), rc=2),
+    Case("train_features_shard_missing", "train", _offline(lambda w, f: (f / "hidden-00000.npy").unlink()),
+         ("features.dir {root}/features: shard file hidden-00000.npy is missing",), rc=2),
+    Case("train_features_shard_not_npy", "train",
+         _offline(lambda w, f: (f / "tokens-00000.npy").write_bytes(b"not an array")),
+         ("{root}/features/tokens-00000.npy: not a .npy array file",), rc=2),
+    Case("train_features_index_corrupt", "train", _offline(lambda w, f: (f / "index.json").write_text("{")),
+         ("{root}/features/index.json: not a valid features index (not valid JSON",), rc=2),
+    Case("train_features_index_no_shards", "train",
+         _offline(lambda w, f: (f / "index.json").write_text(json.dumps(
+             {k: v for k, v in json.loads((f / "index.json").read_text()).items() if k != "shards"}))),
+         ("{root}/features/index.json: not a valid features index (missing or malformed key 'shards')",), rc=2),
+    Case("capture_exists", "train", _offline(None, capture_flag=True),
+         ("features.dir {root}/features: destination exists (pass --overwrite to replace it)",), rc=2),
+    Case("capture_users_folder", "train",
+         lambda w: _offline(None, f"features.dir={_users_folder(w)}", captured=False, capture_flag=True)(w),
+         ("features.dir {root}/mine: exists and is not an offline-features folder",), rc=2),
+    Case("capture_over_the_data", "train",
+         _offline(None, "features.dir={root}/train.jsonl", captured=False, capture_flag=True),
+         ("features.dir {root}/train.jsonl: is the data data.train",), rc=2),
+    Case("capture_no_dir", "train", lambda w: ["--config", TINY_YAML, "--capture-features"],
+         ("features.dir: required with --capture-features",), rc=2),
     # ---- train.regenerate ----
     Case("regen_target_not_ckpt", "regenerate", _regen(lambda w: w.src),
          ("--target {src}: a folder that is not a params checkpoint",), rc=2),

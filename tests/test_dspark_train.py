@@ -88,7 +88,7 @@ def test_blocks_running_past_the_sequence_end_keep_the_loss_finite(setup):
     target, drafter, tokens, _ = setup
     batch = {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, bool), "keep": jnp.ones((2, 4), bool),
              "anchors": jnp.array([[3, 9, L - 3, L - 2], [0, 5, 12, L - 1]], jnp.int32)}
-    inputs = dspark_target_inputs(target, tokens, DCFG.target_layer_ids)
+    inputs = dspark_target_inputs(target, tokens, batch["anchors"], DCFG.target_layer_ids, DCFG.block_size)
     graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
 
     def loss_fn(p):
@@ -110,7 +110,7 @@ def test_a_few_steps_lower_the_loss(setup):
     anchors, keep = sample_anchors(key, loss_mask, 6)
     assert bool(jnp.all(keep)) and bool(jnp.all(jnp.diff(anchors, axis=1) > 0))
     graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
-    inputs = dspark_target_inputs(target, tokens, DCFG.target_layer_ids)
+    inputs = dspark_target_inputs(target, tokens, anchors, DCFG.target_layer_ids, DCFG.block_size)
     batch = {"tokens": tokens, "loss_mask": loss_mask, "anchors": anchors, "keep": keep}
 
     def loss_fn(p):

@@ -49,6 +49,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from hdflash_jax.training.features import offline_example
+
 # ---- tokenizers ------------------------------------------------------------------------------------------------
 
 def pad_id_of(tokenizer) -> int:
@@ -213,10 +215,12 @@ class _GlobalIndex:
 
 
 class _Prepare:
-    def __init__(self, shuffled, source, tokenizer, n_records: int, max_len: int, num_anchors: int, seed: int):
+    def __init__(self, shuffled, source, tokenizer, n_records: int, max_len: int, num_anchors: int, seed: int,
+                 features=None, teacher_slots: int = 0):
         self.shuffled, self.source, self.tok = shuffled, source, tokenizer
         self.n, self.max_len, self.num_anchors, self.seed = n_records, max_len, num_anchors, seed
         self.pad = pad_id_of(tokenizer)
+        self.features, self.teacher_slots = features, teacher_slots
 
     def __call__(self, g):
         epoch = g // self.n
@@ -226,16 +230,22 @@ class _Prepare:
         ex = build_example(p, r, self.max_len, self.pad)
         anchors, keep = sample_anchors(ex["loss_mask"], self.num_anchors, anchor_rng(self.seed, epoch, record_id))
         ex.update(anchors=anchors, keep=keep, record_id=np.int64(record_id), epoch=np.int64(epoch))
+        if self.features is not None:  # offline: the record's captured arrays, the teacher's at this epoch's anchors
+            ex.update(offline_example(self.features.record(record_id, tokens=ex["tokens"]), anchors,
+                                      self.teacher_slots))
         return ex
 
 
 def make_batches(source, tokenizer, *, max_len: int, num_anchors: int, global_batch: int, num_batches: int,
-                 seed: int = 0, rows: Sequence[int] | None = None):
+                 seed: int = 0, rows: Sequence[int] | None = None, features=None, teacher_slots: int = 0):
     """A grain `MapDataset` of `num_batches` batches holding this host's `rows` (global row indices, default all)
     of each global batch, in that order.
 
     source: a random-access sequence of records (`JsonlSource`, a list); each element of a batch is a dict of
     numpy arrays: tokens / loss_mask / positions [L, S], length [L], anchors / keep [L, N], record_id / epoch [L].
+    `features` (a `hdflash_jax.training.features.FeatureReader` of this source): each row also carries its
+    record's `features` [L, S, ...] and, with `teacher_slots` > 0, `teacher_hidden` [L, N, slots, D] gathered at
+    the row's anchors (the offline batch; tokens and anchors exactly as online).
     """
     n = len(source)
     if n == 0:
@@ -248,7 +258,7 @@ def make_batches(source, tokenizer, *, max_len: int, num_anchors: int, global_ba
     local = len(rows)
     return (grain.MapDataset.range(num_batches * local)
             .map(_GlobalIndex(global_batch, rows))
-            .map(_Prepare(shuffled, source, tokenizer, n, max_len, num_anchors, seed))
+            .map(_Prepare(shuffled, source, tokenizer, n, max_len, num_anchors, seed, features, teacher_slots))
             .batch(local, drop_remainder=True))
 
 

@@ -3,6 +3,7 @@ frozen DeepSeek-V4 target.
 
     python -m train.drafter --config FILE [--override key=value ...] [--mesh data=2,fsdp=2,tensor=2]
         [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto] [--cpu-devices N]
+    python -m train.drafter --config FILE --capture-features [--overwrite]   # offline features (train.features)
 
 The config (`hdflash_jax.training.config.DrafterRunConfig`, YAML or JSON; examples in train/configs/) is checked when
 it is read: a bad value or key stops with one line naming its path (exit 2). The pieces:
@@ -70,7 +71,7 @@ def run_inputs(cfg: DrafterRunConfig) -> list[tuple[str, str | None]]:
     tok = cfg.data.tokenizer if Path(cfg.data.tokenizer).exists() else None  # 'byte', 'deepseek-v4': not paths
     return [("the target target.checkpoint", cfg.target.checkpoint), ("the data data.train", cfg.data.train),
             ("the data data.eval", cfg.data.eval), ("the tokenizer data.tokenizer", tok),
-            ("the compilation cache", cfg.compilation_cache)]
+            ("the compilation cache", cfg.compilation_cache), ("the features features.dir", cfg.features.dir)]
 
 
 def config_changes(old, new, prefix: str = "") -> list[str]:
@@ -320,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--resume-intact", action="store_true",
                    help="when the newest checkpoint cannot be read, continue from the newest one that can")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--capture-features", action="store_true",
+                   help="run the frozen target once over data.train and write features.dir (offline features for a "
+                        "run with features.mode: offline), then exit; --overwrite replaces an earlier capture")
     return p.parse_args(argv)
 
 
@@ -332,6 +336,13 @@ def _main(argv: list[str]) -> int:
         return 0
     try:
         init_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed, args.cpu_devices)
+        if args.capture_features:
+            from train.features import capture
+
+            summary = capture(cfg, overwrite=args.overwrite, progress=cfg.log.progress)
+            if jax.process_index() == 0:
+                print(json.dumps(summary))
+            return 0
         summary = run(cfg, overwrite=args.overwrite, resume_intact=args.resume_intact)
     except (FileNotFoundError, ValueError) as e:  # a bad checkpoint, data file or tokenizer, named in the message
         if isinstance(e, CommandError):

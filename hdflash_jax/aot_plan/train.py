@@ -6,8 +6,10 @@
         [--drafter-only]
 
 The training options are the drafter trainer's defaults (`hdflash_jax.training.config`); `--train-override` sets
-others in the trainer's own syntax. `--drafter-only` makes the target's features and KL-slot hidden states inputs
-of the step instead of computing them: the drafter half alone (what offline features would train).
+others in the trainer's own syntax. `--drafter-only` plans the step of a run on offline features
+(`features.mode: offline`): the same pure step, whose batch carries the target's features and teacher hidden
+states (`training.features.offline_batch_spec`, as the trainer's) and whose target params are the embedding and
+head alone (`drafter.model.target_io_tree`, as the trainer's); it also prints the features' disk cost per token.
 
 The planner traces the step under the mesh's abstract axes, as `Trainer._step` does: the activation constraints
 (`sharding.constrain_tokens`, the drafter's grouped attention) see the mesh's axes only in such a context.
@@ -56,7 +58,7 @@ def build(name, cfg, args, mesh) -> Program:
 
     from hdflash_jax.deepseek_v4.model import abstract_target
     from hdflash_jax.deepseek_v4.scan import stacks_as_words
-    from hdflash_jax.drafter.model import count_params
+    from hdflash_jax.drafter.model import count_params, target_io_tree
     from hdflash_jax.families import family_of
     from hdflash_jax.params import active_params
     from hdflash_jax.sharding import batch_sharding
@@ -75,7 +77,9 @@ def build(name, cfg, args, mesh) -> Program:
     tmodel = abstract_target(cfg)
     n_target = active_params(cfg, nnx.state(tmodel, nnx.Param))
     tpure, dpure = PureModule(tmodel), PureModule(fam.abstract(dcfg, cfg), params_only=True)
-    target_params = stacks_as_words(abstract(tpure.tree(), tpure.shardings(mesh)))  # as `Trainer` holds them
+    target_params = abstract(tpure.tree(), tpure.shardings(mesh))
+    # as `Trainer` holds them: the embedding and head alone offline, else the scanned stacks as 16-bit words
+    target_params = target_io_tree(target_params) if args.drafter_only else stacks_as_words(target_params)
     params = master_params(dpure.tree(), run.train.master_dtype)
     tx, schedule, _ = make_optimizer(run.optim, STEPS, params)
     state, state_sh, rep = _abstract_state(tx, params, dpure.shardings(mesh), mesh)
@@ -90,18 +94,14 @@ def build(name, cfg, args, mesh) -> Program:
              "anchors": jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=row),
              "keep": jax.ShapeDtypeStruct((b, n), jnp.bool_, sharding=row)}
     if args.drafter_only:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
+        from hdflash_jax.training.features import Layout, offline_batch_spec
 
-        from hdflash_jax.drafter.reducer import feature_shape
-
-        rows = row.spec[0]
-        dt = jnp.dtype(cfg.dtype)
-        batch["features"] = jax.ShapeDtypeStruct((b, s) + tuple(feature_shape(dcfg)), dt,
-                                                 sharding=NamedSharding(mesh, P(rows)))
-        if lcfg.uses_teacher:
-            batch["teacher_hidden"] = jax.ShapeDtypeStruct((b, n, lcfg.kl_slots, cfg.dim), dt,
-                                                           sharding=NamedSharding(mesh, P(rows)))
+        layout = Layout.of(fam, dcfg, lcfg, cfg)
+        batch.update(offline_batch_spec(layout, b, s, n, lambda ndim: batch_sharding(mesh, ndim)))
+        per = layout.bytes_per_token()
+        print(f"  offline features: {sum(per.values()):,} bytes/token ("
+              + ", ".join(f"{k} {v:,}" for k, v in per.items()) + "), computed from the layout's shapes",
+              file=sys.stderr)
 
     def step(state, target_params, batch):
         new_state, metrics = fam.train_step(parts, state, target_params, batch)

@@ -170,6 +170,17 @@ def target_io(target) -> tuple[jax.Array, jax.Array]:
     return target.embed[...], target.head.weight[...]
 
 
+def target_io_tree(tree: dict) -> dict:
+    """The part of a target's params tree (`training.pure.PureModule.tree()`) that `target_io` reads: what a
+    training step on offline features holds of the target."""
+    return {"embed": tree["embed"], "head": {"weight": tree["head"]["weight"]}}
+
+
+def target_io_arrays(tree: dict) -> tuple:
+    """`target_io` of a target's params tree, whole or `target_io_tree`."""
+    return tree["embed"], tree["head"]["weight"]
+
+
 # ---- inference: draft cache + one-pass drafting --------------------------------------------------------------
 
 def block_token_ids(anchor_tokens, block_size: int, mask_token_id: int) -> jax.Array:

@@ -93,3 +93,28 @@ class BlockFamily(DrafterFamily):
         from hdflash_jax.training.flops import DraftShape
 
         return DraftShape(cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.block_size)
+
+    def offline_layout(self, cfg: DrafterConfig, loss: LossConfig, target_cfg) -> dict:
+        from hdflash_jax.drafter.reducer import feature_shape
+
+        out = {"features": (feature_shape(cfg), target_cfg.dtype)}
+        if loss.uses_teacher:
+            out["hidden"] = ((target_cfg.dim,), target_cfg.dtype)
+        return out
+
+    def teacher_slots(self, cfg: DrafterConfig, loss: LossConfig) -> int:
+        return loss.kl_slots if loss.uses_teacher else 0  # slot j = 1..P reads a + j − 1
+
+    def feature_fields(self, cfg: DrafterConfig) -> dict:
+        return {"conditioning": cfg.conditioning, "target_layer_ids": cfg.layer_ids}
+
+    def capture(self, cfg: DrafterConfig, loss: LossConfig, target, tokens) -> dict:
+        from hdflash_jax.deepseek_v4.model import forward_full
+        from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
+        from hdflash_jax.training.features import normed_hidden
+
+        out = forward_full(target, tokens, return_layers=target_return_layers(cfg))
+        arrays = {"features": features_from_target(cfg, out)}
+        if loss.uses_teacher:
+            arrays["hidden"] = normed_hidden(target, out.streams)
+        return arrays

@@ -71,3 +71,23 @@ class DSparkFamily(DrafterFamily):
         from hdflash_jax.training.flops import DraftShape
 
         return DraftShape(cfg.num_blocks, target_cfg.n_heads, target_cfg.head_dim, cfg.block_size)
+
+    def offline_layout(self, cfg: DSparkConfig, loss, target_cfg) -> dict:
+        # the tapped layers' streams unpooled: the gated pooling trains
+        k, n, d = len(cfg.target_layer_ids), target_cfg.hc_mult, target_cfg.dim
+        return {"features": ((k, n, d), target_cfg.dtype), "hidden": ((d,), target_cfg.dtype)}
+
+    def teacher_slots(self, cfg: DSparkConfig, loss) -> int:
+        return cfg.block_size  # slot j = 0..B−1 reads a + j
+
+    def feature_fields(self, cfg: DSparkConfig) -> dict:
+        return {"target_layer_ids": cfg.target_layer_ids}
+
+    def capture(self, cfg: DSparkConfig, loss, target, tokens) -> dict:
+        import jax.numpy as jnp
+
+        from hdflash_jax.deepseek_v4.model import forward_full
+        from hdflash_jax.training.features import normed_hidden
+
+        out = forward_full(target, tokens, return_layers=tuple(cfg.target_layer_ids))
+        return {"features": jnp.stack(out.layer_streams, axis=2), "hidden": normed_hidden(target, out.streams)}

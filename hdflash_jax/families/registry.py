@@ -9,6 +9,8 @@ themselves. What a family owns:
 * its checkpoint files (`config_file` + `params/`): `is_checkpoint`, `save`, `load_config`, `load`;
 * what a block size means in drafts (`num_drafts`) and its decode adapter (`adapter`, a `generate.Drafter`);
 * its modules (`init`, `abstract`), its training step (`train_step`) and loss config (`loss_cls`, `loss_for`);
+* what its step reads of the target when that ran once beforehand (`offline_layout`, `capture`, `teacher_slots`,
+  `feature_fields`: hdflash_jax.training.features);
 * its serving formats (`formats`: export and import, `hdflash_jax.formats`).
 
 Families without checkpoints (AR, replay, MTP) implement only the decoding half. The guide to adding one is
@@ -162,6 +164,26 @@ class DrafterFamily:
     def draft_shape(self, cfg, target_cfg):
         """What the step's FLOP count reads (hdflash_jax.training.flops.DraftShape)."""
         raise ValueError(f"{self.what} is not trained here")
+
+    # ---- offline features (hdflash_jax.training.features) --------------------------------------------------------
+    def offline_layout(self, cfg, loss, target_cfg) -> dict:
+        """What a feature capture writes per position for this family's step: {name: (shape, dtype)} with
+        `features` (what the step's batch carries instead of running the target) and, when the loss has a
+        teacher, `hidden` (the target's normed hidden state [D])."""
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
+
+    def teacher_slots(self, cfg, loss) -> int:
+        """Positions a, a + 1, ... per anchor a whose `hidden` the step's teacher reads (0: no teacher)."""
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
+
+    def feature_fields(self, cfg) -> dict:
+        """The config fields that select the features (a capture records them; an offline run checks them)."""
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
+
+    def capture(self, cfg, loss, target, tokens) -> dict:
+        """Pure: the arrays of `offline_layout` for rows tokens [b, S], [b, S, ...] each (the frozen target's
+        forward; the same functions the online step calls)."""
+        raise ValueError(f"features.mode: {self.what} has no offline features; train it online")
 
 
 _FAMILIES: dict[str, DrafterFamily] = {}

@@ -145,6 +145,23 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeaturesSection:
+    """Where the drafter's conditioning features come from: `online` (the frozen target runs inside every step) or
+    `offline` (read from `dir`, written once by `python -m train.drafter --capture-features`, which runs the target
+    over data.train in rows of `capture_batch` and writes `shard_records` records per shard file)."""
+    mode: str = "online"
+    dir: str | None = None
+    capture_batch: int = 8
+    shard_records: int = 256
+
+    def __post_init__(self):
+        check(self.mode in ("online", "offline"), "mode", f"must be 'online' or 'offline', got {self.mode!r}")
+        check(self.capture_batch >= 1, "capture_batch", f"must be >= 1, got {self.capture_batch}")
+        check(self.shard_records >= 1, "shard_records", f"must be >= 1, got {self.shard_records}")
+        check(self.mode == "online" or bool(self.dir), "dir", "required with features.mode offline")
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugSection:
     step_sleep: float = 0.0  # seconds to sleep after each step (tests kill a run mid-way)
 
@@ -165,11 +182,17 @@ class DrafterRunConfig:
     eval: EvalSection = EvalSection()
     log: LogConfig = LogConfig()
     export_drafter: bool = True  # write <out_dir>/drafter (a drafter checkpoint) at the end
+    features: FeaturesSection = FeaturesSection()
     debug: DebugSection = DebugSection()
 
     def __post_init__(self):
         check(not (self.eval.every and not self.data.eval), "eval.every",
               "> 0 needs data.eval (a JSONL of held-out prompts)")
+        # held-out τ runs the speculative decoder, whose target an offline run does not hold
+        for key in ("every", "at_start"):
+            check(not (self.features.mode == "offline" and self.data.eval and getattr(self.eval, key)),
+                  f"eval.{key}", "needs the target's layers, which an offline-features run does not build; set "
+                  "eval.every: 0 and eval.at_start: false (or evaluate the exported drafter with eval.run)")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -81,15 +81,27 @@ def _expected_tau(accept, eval_mask):
     return jnp.sum(tau * blocks) / (jnp.sum(blocks) + 1e-6)
 
 
-def dspark_target_inputs(target, tokens, target_layer_ids: tuple[int, ...]) -> dict:
+def dspark_target_inputs(target, tokens, anchors, target_layer_ids: tuple[int, ...], block_size: int) -> dict:
     """What the frozen target gives one DSpark step (outside value_and_grad): the tapped layers' streams, its
-    logits (the distributions the slots approximate), its embedding and head; all under stop_gradient."""
+    normed hidden states at each block's slot positions (`teacher_positions`: their head rows are the
+    distributions the slots approximate), its embedding and head; all under stop_gradient."""
     from hdflash_jax.deepseek_v4.model import forward_full
+    from hdflash_jax.training.features import teacher_hidden_at_slots
 
     out = forward_full(target, tokens, return_layers=tuple(target_layer_ids))
     sg = jax.lax.stop_gradient
-    return {"streams": tuple(sg(s) for s in out.layer_streams), "logits": sg(out.logits),
+    return {"streams": tuple(sg(s) for s in out.layer_streams),
+            "teacher_hidden": sg(teacher_hidden_at_slots(target, out.streams, anchors, block_size)),
             "embed": sg(target.embed[...]), "head": sg(target.head.weight[...])}
+
+
+def dspark_offline_inputs(batch: dict, embed, head) -> dict:
+    """`dspark_target_inputs` from an offline batch: `features` [b, S, K, n, D] (the tapped layers' streams, the
+    capture's `DSparkFamily.capture`) and `teacher_hidden` [b, N, B, D], with the target's embedding and head."""
+    sg = jax.lax.stop_gradient
+    feats = batch["features"]
+    return {"streams": tuple(sg(feats[:, :, k]) for k in range(feats.shape[2])),
+            "teacher_hidden": sg(batch["teacher_hidden"]), "embed": sg(embed), "head": sg(head)}
 
 
 def dspark_batch_loss(drafter, inputs: dict, batch: dict, cfg: DSparkLossConfig):
@@ -98,13 +110,13 @@ def dspark_batch_loss(drafter, inputs: dict, batch: dict, cfg: DSparkLossConfig)
     from hdflash_jax.dspark.model import train_forward
 
     embed, head = inputs["embed"], inputs["head"]
-    out = train_forward(drafter, lambda ids: embed[ids],
-                        lambda h: jnp.einsum("...d,vd->...v", h.astype(head.dtype), head,
-                                             preferred_element_type=jnp.float32),
-                        inputs["streams"], batch["tokens"], batch["anchors"], batch["keep"], batch["loss_mask"])
-    b, length = batch["tokens"].shape
-    # slots past the sequence end are unsupervised (eval_mask) but must read finite logits: an out-of-range gather
-    # fills NaN, and NaN · 0 is NaN
-    pos = jnp.clip(out["positions"].reshape(b, -1), 0, length - 1)
-    tl = jnp.take_along_axis(inputs["logits"], pos[..., None], axis=1).reshape(out["logits"].shape)
-    return dspark_loss(out, tl, cfg)
+
+    def head_logits(h):
+        return jnp.einsum("...d,vd->...v", h.astype(head.dtype), head, preferred_element_type=jnp.float32)
+
+    out = train_forward(drafter, lambda ids: embed[ids], head_logits, inputs["streams"], batch["tokens"],
+                        batch["anchors"], batch["keep"], batch["loss_mask"])
+    # the target's logits at each slot's position a_n + j (clipped into the row: slots past the sequence end are
+    # unsupervised but must read finite logits, NaN · 0 being NaN), from its hidden states there
+    tl = head_logits(inputs["teacher_hidden"])
+    return dspark_loss(out, tl.reshape(out["logits"].shape), cfg)

@@ -4,7 +4,9 @@
   inherited from the target's hc_head). The target's embedding and LM head are read from the target, frozen.
 * The target runs inside the step (online features): `forward_full` over the padded sequences, then the
   features and the teacher of the KL slots, under `stop_gradient` and outside `value_and_grad`, so nothing is
-  differentiated through the target. A batch that carries `features` (and `teacher_hidden`) skips it.
+  differentiated through the target. A batch that carries `features` (and `teacher_hidden`) skips it (offline
+  features, `hdflash_jax.training.features`): the same function, whose `target_params` then need hold only the
+  embedding and the LM head (`drafter.model.target_io_tree`).
 * The drafter computes in its config's dtypes from the master params in the state; gradients and Adam run on the
   master copy (`master_params`).
 
@@ -20,10 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from hdflash_jax.deepseek_v4.model import forward_full
-from hdflash_jax.drafter.model import block_token_ids, target_io
+from hdflash_jax.drafter.model import block_token_ids, target_io_arrays
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.drafter.training import TrainAttention, train_hidden
-from hdflash_jax.training.dspark_loss import dspark_batch_loss, dspark_target_inputs
+from hdflash_jax.training.dspark_loss import dspark_batch_loss, dspark_offline_inputs, dspark_target_inputs
+from hdflash_jax.training.features import teacher_hidden_at_slots  # noqa: F401 — also this module's interface
 from hdflash_jax.training.losses import loss_function
 from hdflash_jax.training.pure import PureModule
 
@@ -52,33 +55,23 @@ def master_params(values, master_dtype: str):
     return jax.tree.map(one, values)
 
 
-def teacher_hidden_at_slots(target, streams, anchors, kl_slots: int):
-    """The target's normed hidden [b, N, P, D] at positions a_n + j − 1, j = 1..P (their head rows are the teacher
-    logits of slots 1..P): the streams are gathered first, so hc_head, the norm and the head never run over S."""
-    b, n = anchors.shape
-    pos = jnp.clip(anchors[:, :, None] + jnp.arange(kl_slots, dtype=jnp.int32), 0, streams.shape[1] - 1)
-    picked = jnp.take_along_axis(streams, pos.reshape(b, n * kl_slots)[:, :, None, None], axis=1)
-    hidden = target.norm(target.collapse(picked))
-    return hidden.reshape(b, n, kl_slots, -1)
-
-
 def block_train_step(parts: StepParts, state, target_params, batch):
     """One step of a block drafter (HyperDFlash / DFlash: `DrafterConfig`, `LossConfig`)."""
     dcfg, lcfg = parts.dcfg, parts.lcfg
     tokens, loss_mask = batch["tokens"], batch["loss_mask"]
     anchors, keep = batch["anchors"], batch["keep"]
-    # the frozen target: a plain forward, outside value_and_grad and under stop_gradient (its full-vocabulary
-    # logits are unused and so never computed)
-    target = parts.tpure.merge(target_params)
-    if "features" in batch:  # precomputed: the target's features and KL-slot hidden states (offline features)
+    if "features" in batch:  # offline: the target's features and KL-slot hidden states, read from disk
         feats, teacher = batch["features"], batch.get("teacher_hidden")
     else:
+        # the frozen target: a plain forward, outside value_and_grad and under stop_gradient (its full-vocabulary
+        # logits are unused and so never computed)
+        target = parts.tpure.merge(target_params)
         out = forward_full(target, tokens, return_layers=target_return_layers(dcfg))
         feats = jax.lax.stop_gradient(features_from_target(dcfg, out))
         teacher = None
         if lcfg.uses_teacher:
             teacher = jax.lax.stop_gradient(teacher_hidden_at_slots(target, out.streams, anchors, lcfg.kl_slots))
-    embed, head = (jax.lax.stop_gradient(x) for x in target_io(target))
+    embed, head = (jax.lax.stop_gradient(x) for x in target_io_arrays(target_params))
     block_tokens = block_token_ids(jnp.take_along_axis(tokens, anchors, axis=1), dcfg.block_size,
                                    dcfg.mask_token_id)
     loss_of = loss_function(lcfg)
@@ -93,9 +86,13 @@ def block_train_step(parts: StepParts, state, target_params, batch):
 
 def dspark_train_step(parts: StepParts, state, target_params, batch):
     """One step of a DSpark drafter (`DSparkConfig`, `DSparkLossConfig`): the frozen target's tapped streams and
-    logits outside value_and_grad, DeepSpec's loss on the batch's anchors."""
-    target = parts.tpure.merge(target_params)
-    inputs = dspark_target_inputs(target, batch["tokens"], parts.dcfg.target_layer_ids)
+    the teacher's hidden states at each block's positions (outside value_and_grad, or read from disk: a batch with
+    `features`), DeepSpec's loss on the batch's anchors."""
+    if "features" in batch:
+        inputs = dspark_offline_inputs(batch, *target_io_arrays(target_params))
+    else:
+        inputs = dspark_target_inputs(parts.tpure.merge(target_params), batch["tokens"], batch["anchors"],
+                                      parts.dcfg.target_layer_ids, parts.dcfg.block_size)
 
     def loss_fn(params):
         drafter = parts.dpure.merge(parts.dpure.in_own_dtypes(params))
