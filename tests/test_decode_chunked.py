@@ -212,3 +212,32 @@ def test_non_finite_logits_are_found_in_any_chunk(target):
 def test_prefill_chunk_must_be_positive(target):
     with pytest.raises(ValueError, match="prefill_chunk"):
         Generator(target, settings=DecodeSettings(max_new_tokens=4, prefill_chunk=0))
+
+
+@pytest.mark.slow
+def test_eval_run_on_the_small_model_with_prompts_past_one_chunk(tmp_path):
+    """`eval.run --target small` with chunks of 32 tokens (first-turn prompts of 46 to 90 tokens, second turns
+    longer, in a 256 bucket: 8 chunks, 2 to 3 of them holding the first turns) writes the same outputs as with the
+    default (one call), and the trained drafters' acceptance histograms are the same: they observed the same features
+    (they accept many drafts, so a drafter fed wrong features would show)."""
+    import json
+    from pathlib import Path
+
+    from eval import run as ev
+
+    if not (Path(__file__).resolve().parents[1] / "models" / "small" / "manifest.json").exists():
+        pytest.skip("models/small not built")
+    argv = ["--target", "small", "--suite", "gsm8k,mt_bench", "--limit", "2", "--max-new-tokens", "24",
+            "--method", "ar,mtp3,hyperdflash", "--prompt-buckets", "256", "--quiet"]
+    runs = {}
+    for chunk in (None, 32):
+        out = tmp_path / f"chunk{chunk}"
+        assert ev.main(argv + ["--out", str(out)] + (["--prefill-chunk", str(chunk)] if chunk else [])) == 0
+        runs[chunk] = ((out / "outputs.jsonl").read_text(), json.loads((out / "results.json").read_text()))
+    (one_out, one), (chunked_out, chunked) = runs[None], runs[32]
+    assert one["config"]["prefill_chunk"] == 4096 and chunked["config"]["prefill_chunk"] == 32
+    assert chunked_out == one_out
+    for suite, cells in one["suites"].items():
+        for m, cell in cells.items():
+            assert chunked["suites"][suite][m]["accepted_hist"] == cell["accepted_hist"], (suite, m)
+        assert cells["mtp3"]["tau"] > 2 and cells["hyperdflash"]["tau"] > 1.2, suite
