@@ -51,8 +51,9 @@ def test_the_planners_generate_is_the_generators_program():
 
 def test_the_mtp_layer_is_counted_and_figures_say_where_they_come_from(tmp_path, capsys):
     """The target programs take the MTP layer (jit would drop it as unused; the process still holds it): the
-    argument bytes exceed the same program's without an MTP layer by exactly the MTP layer's bytes per device.
-    Negative control: jitted without keep_unused, exactly the MTP layer's parameter bytes are dropped. Every figure in the JSON and the report names its source."""
+    argument bytes exceed the same program's without an MTP layer by the MTP layer's parameter bytes per device
+    (plus its small ring in the cache). Negative control: jitted without keep_unused, exactly the MTP layer's
+    parameter bytes are dropped. Every figure in the JSON and the report names its source."""
     base = ["--preset", "tiny", "--layers", "3", "--mesh", "expert=2,tensor=2", "--program", "prefill", "--batch",
             "2", "--seq", "64"]
     no_mtp = PRESETS["tiny"].replace(n_mtp_layers=0, compress_ratios=PRESETS["tiny"].compress_ratios[:6])
