@@ -25,7 +25,17 @@ from hdflash_jax.families import family
 
 MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)
 LENGTHS, BUCKET, CHUNK = (23, 9, 20), 32, 5
-FAMILIES = ("ar", "replay", "mtp", "hyperdflash", "dflash", "dspark")
+FAMILIES = ("ar", pytest.param("replay", marks=pytest.mark.slow), "mtp", "hyperdflash", "dflash", "dspark")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """XLA without most optimisations: about half the compile time; both sides of every comparison are compiled
+    alike (as in test_eval_run.py)."""
+    prev = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", prev)
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +170,8 @@ def test_the_drafter_observes_every_prompt_position_once_with_the_token_after_it
     assert _worst(chunked.drafter, one.drafter) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["ar", "mtp", pytest.param("hyperdflash", marks=pytest.mark.slow),
-                                  pytest.param("dspark", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["ar"] + [pytest.param(n, marks=pytest.mark.slow)
+                                           for n in ("mtp", "hyperdflash", "dspark")])
 def test_greedy_generate_with_chunked_prefill_equals_one_call(target, name):
     """Greedy output and every step's accepted length: chunks of 5 equal one call; and each prompt alone (one call,
     its own smallest bucket) gives its row of the batch, so padding changes nothing."""
@@ -177,6 +187,21 @@ def test_greedy_generate_with_chunked_prefill_equals_one_call(target, name):
         single = Generator(target, settings=DecodeSettings(max_new_tokens=12, prompt_buckets=(BUCKET,)))
         for r, p in enumerate(prompts):  # alone: no other rows beside it
             assert single.generate([p]).row_tokens(0) == chunked.row_tokens(r)
+
+
+@pytest.mark.slow
+def test_sampled_generate_with_chunked_prefill_equals_one_call(target):
+    """Sampling (T = 1, top-p 0.9) from the same seed: the first token is drawn per chunk from the rows that ended
+    there, with the one key the one-call prefill uses, so every row draws the same tokens. Control: another seed
+    draws others (the tokens are samples, not the greedy ones)."""
+    prompts = _prompts()
+    runs = {c: Generator(target, settings=DecodeSettings(max_new_tokens=12, temperature=1.0, top_p=0.9,
+                                                         prompt_buckets=(BUCKET,), prefill_chunk=c))
+            for c in (BUCKET, CHUNK)}
+    one, chunked = (runs[c].generate(prompts, seed=5) for c in (BUCKET, CHUNK))
+    np.testing.assert_array_equal(chunked.tokens, one.tokens)
+    other = runs[CHUNK].generate(prompts, seed=6)
+    assert all(other.row_tokens(r) != chunked.row_tokens(r) for r in range(3))
 
 
 def test_negative_control_a_lost_chunk_changes_the_output(target, monkeypatch):
