@@ -41,6 +41,7 @@ class RunConfig:
     mtp_k: int
     batch_size: int
     prompt_buckets: tuple[int, ...] | None  # None: the decoder's defaults
+    prefill_chunk: int | None  # None: the decoder's default
     seed: int
     out: Path | None  # None: runs/eval/<suites>-<time>
     overwrite: bool
@@ -82,6 +83,8 @@ class RunConfig:
             raise UsageError(f"--temperature must be >= 0, got {ns.temperature}")
         if not 0 < ns.top_p <= 1:
             raise UsageError(f"--top-p must lie in (0, 1], got {ns.top_p}")
+        if ns.prefill_chunk is not None and ns.prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk must be >= 1, got {ns.prefill_chunk}")
         if not ns.score_timeout > 0:
             raise UsageError(f"--score-timeout must be > 0, got {ns.score_timeout}")
         if ns.mesh:
@@ -93,7 +96,8 @@ class RunConfig:
             suites=suites, method=ns.method, target=ns.target, drafters=_drafter_pairs(ns.drafter),
             tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit, max_new_tokens=ns.max_new_tokens,
             temperature=float(ns.temperature), top_p=float(ns.top_p), block_size=ns.block_size, mtp_k=ns.mtp_k,
-            batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets), seed=ns.seed,
+            batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets),
+            prefill_chunk=ns.prefill_chunk, seed=ns.seed,
             out=Path(ns.out) if ns.out is not None else None, overwrite=ns.overwrite, score=ns.score,
             score_timeout=float(ns.score_timeout), allow_unisolated=ns.allow_unisolated,
             allow_mismatch=ns.allow_mismatch, compilation_cache=ns.compilation_cache, mesh=ns.mesh,
@@ -243,7 +247,8 @@ def make_plan(cfg: RunConfig) -> Plan:
     samples = _load_samples(cfg.suites, cfg.limit)
     settings = DecodeSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               eos_token_id=spec.tokenizer.eos_id,
-                              **({"prompt_buckets": cfg.prompt_buckets} if cfg.prompt_buckets else {}))
+                              **({"prompt_buckets": cfg.prompt_buckets} if cfg.prompt_buckets else {}),
+                              **({"prefill_chunk": cfg.prefill_chunk} if cfg.prefill_chunk else {}))
     mesh = make_mesh_arg(cfg.mesh)
     plan = Plan(cfg, samples, on_mesh(spec, mesh), drafters, methods, ar_added, settings, out, mesh=mesh)
     _check_first_turns(plan)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-buckets", default=None,
                     help="comma list of padded prompt lengths (one compile per bucket used); default: "
                          "16,32,...,4096")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prompt tokens per prefill call: a longer prompt bucket prefills through the cache in "
+                         "chunks of this many tokens (same outputs, memory of one chunk); default: 4096")
     ap.add_argument("--seed", type=int, default=0, help="random init (tiny-random) and sampling seed (default: 0)")
     ap.add_argument("--out", default=None, help="output folder (default: runs/eval/<suites>-<time>)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

@@ -43,7 +43,7 @@ def runs():
         return out.logits[:, 0], set_committed_length(out.cache, lens)
 
     def chunked(state, tokens, lens):
-        def count(carry, out, n, i):  # the hook sees every chunk's real tokens once
+        def count(carry, out, n, i, last):  # the hook sees every chunk's real tokens once
             return carry + n
 
         r = chunked_prefill(nnx.merge(graph, state), tokens, lens, init_cache(CFG, 3, MAX_LEN, MAX_BLOCK), CHUNK,

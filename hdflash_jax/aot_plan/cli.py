@@ -7,17 +7,21 @@ accelerator, whether it fits and the bandwidth floor (bytes accessed / HBM bandw
 
 Nothing is allocated: parameters, caches and inputs are `jax.ShapeDtypeStruct`s with their `NamedSharding`s, the
 program is `jax.jit(...).lower(...).compile()`d, and the figures come from `memory_analysis()` and
-`cost_analysis()`. The CPU backend upcasts bf16 in some ops, so temp bytes here overstate a TPU/GPU somewhat.
-Programs (built in `target.py`, `draft.py`, `train.py` of this package): `prefill` (a prompt of --seq tokens into an
-empty cache of --context slots; with --chunk C through the cache C tokens at a time), `verify` (a block of --seq
-tokens onto a cache holding --context tokens), `generate` (prefill + the autoregressive while_loop, --seq prompt,
---context - --seq new tokens). `--layers N` keeps the first N layers of the preset (no MTP).
+`cost_analysis()` of that XLA:CPU compile; each printed figure says whether it is the compile's or an estimate
+(`--accelerator-temp`, the bandwidth floor). The CPU backend upcasts bf16 in some ops, so temp bytes here overstate a
+TPU/GPU somewhat. Programs (built in `target.py`, `draft.py`, `train.py` of this package): `prefill` (a prompt of
+--seq tokens into an empty cache of --context slots; with --chunk C through the cache C tokens at a time), `verify`
+(a block of --seq tokens onto a cache holding --context tokens), `generate` (the program eval.run compiles, with the
+autoregressive drafter: a --seq prompt prefilled in chunks of --chunk (default the decoder's), then the while_loop
+for --context - --seq new tokens). `--layers N` keeps the first N layers of the preset; the target programs take
+the MTP layer too (held by the process, so counted in argument bytes though they do not read it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -60,13 +64,30 @@ class PlanResult:
     # start: with weights already fp32 there is nothing to copy, and that program's temp is what a chip with bf16
     # matmuls (TPU, GPU) would need on top of the bf16 arguments
     temp_fp32_weights_bytes: int = 0
+    mtp_layers: int = 0  # MTP layers among the target's parameters (target programs)
+    mtp_param_bytes: int = 0  # per device: their parameters, counted in argument_bytes (not read by the program)
 
     @property
     def flops_ratio(self) -> float:
         return self.loop_dot_flops / self.active_flops if self.active_flops else float("nan")
 
+    def sources(self) -> dict:
+        """Where each figure comes from: the XLA:CPU compile itself, or an estimate (and how it was made)."""
+        cpu = "XLA:CPU compile (memory_analysis)"
+        out = {k: cpu for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes")}
+        out.update(flops="XLA:CPU compile (cost_analysis)", bytes_accessed="XLA:CPU compile (cost_analysis)",
+                   loop_dot_flops="XLA:CPU compile (its HLO, loop bodies x trip count)",
+                   compile_s="XLA:CPU compile (wall clock on this machine)",
+                   active_flops="formula: 2 x active parameters x tokens / devices",
+                   bandwidth_floor="estimate: bytes_accessed / the chip's HBM bandwidth",
+                   mtp_param_bytes="abstract parameter shapes and shardings (part of argument_bytes)")
+        if self.temp_fp32_weights_bytes:
+            out["temp_fp32_weights_bytes"] = ("estimate for a chip with bf16 matmuls: a second XLA:CPU compile with "
+                                              "fp32 target weights (no bf16->fp32 weight copies)")
+        return out
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "sources": self.sources()}
 
 
 def _parse(argv):
@@ -81,8 +102,8 @@ def _parse(argv):
     ap.add_argument("--seq", type=int, default=32768, help="tokens of the call (prompt, or verify block)")
     ap.add_argument("--context", type=int, default=None, help="cache slots (prefill/generate) or tokens already "
                                                               "cached (verify); default --seq (+ seq for verify)")
-    ap.add_argument("--chunk", type=int, default=None, help="prefill: run the prompt through the cache in chunks "
-                                                            "of this many tokens (decode/prefill.py)")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill/generate: run the prompt through the cache "
+                    "in chunks of this many tokens (decode/prefill.py; generate's default: DecodeSettings')")
     ap.add_argument("--anchors", type=int, default=512, help="train: anchors (blocks) per sequence")
     ap.add_argument("--drafter", default=None, help="draft/train: a drafter preset (e.g. v4-flash-hyperdflash) "
                                                     "or a drafter_config.json; default: the builder's")
@@ -115,7 +136,8 @@ def _config(args):
     n = cfg.n_layers if args.layers is None else args.layers
     if not 1 <= n <= cfg.n_layers:
         raise UsageError(f"--layers: must be in [1, {cfg.n_layers}], got {n}")
-    changes = dict(n_layers=n, n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:n],
+    # the MTP layers stay (the process holds them); their compress ratios are the list's last entries
+    changes = dict(n_layers=n, compress_ratios=cfg.compress_ratios[:n] + cfg.compress_ratios[cfg.n_layers:],
                    n_hash_layers=min(cfg.n_hash_layers, n))
     fields = {f.name: f.type for f in dataclasses.fields(TargetConfig)}
     for item in args.override:
@@ -213,9 +235,12 @@ def _builder(name: str):
 def _compile(name: str, cfg, args, mesh):
     import jax
 
+    if name in ("draft", "train"):  # their builders' own accounting: the target's MTP layer is not among their args
+        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
     prog = _builder(name)(name, cfg, args, mesh)
+    jit = prog.jit if prog.jit is not None else functools.partial(jax.jit, donate_argnums=prog.donate)
     with jax.set_mesh(mesh):
-        return prog, jax.jit(prog.fn, donate_argnums=prog.donate).lower(*prog.args).compile()
+        return prog, jit(prog.fn).lower(*prog.args).compile()
 
 
 def temp_with_fp32_weights(name: str, cfg, args, mesh) -> int:
@@ -251,9 +276,11 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         alias_bytes=int(mem.alias_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=round(compile_s, 2),
         hlo_chars=len(hlo), loop_dot_flops=loop_flops,
-        active_flops=prog.active_flops, chunk=(args.chunk or 0) if name == "prefill" else 0,
+        active_flops=prog.active_flops, chunk=prog.chunk or ((args.chunk or 0) if name == "prefill" else 0),
         temp_fp32_weights_bytes=(temp_with_fp32_weights(name, cfg, args, mesh)
-                                 if fp32_weights and cfg.param_dtype != "float32" else 0))
+                                 if fp32_weights and cfg.param_dtype != "float32" else 0),
+        mtp_layers=cfg.n_mtp_layers if name in ("prefill", "verify", "generate") else 0,
+        mtp_param_bytes=prog.mtp_bytes)
 
 
 def _gib(x) -> str:
@@ -261,28 +288,33 @@ def _gib(x) -> str:
 
 
 def report(r: PlanResult, fits: str | None) -> str:
-    lines = [f"{r.program}: {r.preset}, {r.layers} layers, mesh {r.mesh}, batch {r.batch}, seq {r.seq}"
+    mtp = f" + {r.mtp_layers} MTP" if r.mtp_layers else ""
+    lines = [f"{r.program}: {r.preset}, {r.layers} layers{mtp}, mesh {r.mesh}, batch {r.batch}, seq {r.seq}"
              + (f", context {r.context}" if r.context else "") + (f", chunks of {r.chunk}" if r.chunk else ""),
-             f"  per device: argument {_gib(r.argument_bytes)}, output {_gib(r.output_bytes)}, "
-             f"temp {_gib(r.temp_bytes)}, alias {_gib(r.alias_bytes)}",
-             f"  flops {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g}, compile {r.compile_s:.1f} s, "
-             f"HLO {r.hlo_chars:,} chars"]
-    lines.append(f"  matmul flops with loop bodies x trip count {r.loop_dot_flops:.4g} (cost_analysis counts a loop "
-                 f"body once)")
+             f"  per device (XLA:CPU compile): argument {_gib(r.argument_bytes)}"
+             + (f" (the MTP layer's {_gib(r.mtp_param_bytes)} of it, held, not read)" if r.mtp_param_bytes else "")
+             + f", output {_gib(r.output_bytes)}, temp {_gib(r.temp_bytes)}, alias {_gib(r.alias_bytes)}",
+             f"  flops {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g} (XLA:CPU compile), compile "
+             f"{r.compile_s:.1f} s, HLO {r.hlo_chars:,} chars"]
+    lines.append(f"  matmul flops with loop bodies x trip count {r.loop_dot_flops:.4g} (XLA:CPU compile's HLO; "
+                 f"cost_analysis counts a loop body once)")
     if r.active_flops:
-        lines.append(f"  2 x active params x tokens / devices = {r.active_flops:.4g} flops (matmul flops / that = "
-                     f"{r.flops_ratio:.2f}x)")
+        lines.append(f"  2 x active params x tokens / devices = {r.active_flops:.4g} flops (formula; matmul flops / "
+                     f"that = {r.flops_ratio:.2f}x)")
     if fits:
         hbm, bw = ACCELERATORS[fits]
         need = r.argument_bytes + r.output_bytes + r.temp_bytes - r.alias_bytes
         verdict = "fits" if need <= hbm else "does NOT fit"
-        lines.append(f"  {fits}: needs {_gib(need)} of {_gib(hbm)} -> {verdict}; bandwidth floor "
-                     f"{r.bytes_accessed / bw * 1e3:.3f} ms")
+        lines.append(f"  {fits}: needs {_gib(need)} of {_gib(hbm)} -> {verdict} (XLA:CPU compile); bandwidth floor "
+                     f"{r.bytes_accessed / bw * 1e3:.3f} ms (estimate: bytes accessed / HBM bandwidth)")
         if r.temp_fp32_weights_bytes:
             need = r.argument_bytes + r.output_bytes + r.temp_fp32_weights_bytes - r.alias_bytes
             verdict = "fits" if need <= hbm else "does NOT fit"
-            lines.append(f"  without the CPU's fp32 weight copies (temp {_gib(r.temp_fp32_weights_bytes)}, compiled "
-                         f"with fp32 weights): needs {_gib(need)} -> {verdict}")
+            lines.append(f"  without the CPU's fp32 weight copies (estimate: temp {_gib(r.temp_fp32_weights_bytes)} "
+                         f"from a second compile with fp32 weights): needs {_gib(need)} -> {verdict}")
+    elif r.temp_fp32_weights_bytes:
+        lines.append(f"  temp without the CPU's fp32 weight copies {_gib(r.temp_fp32_weights_bytes)} (estimate: a "
+                     f"second compile with fp32 weights)")
     return "\n".join(lines)
 
 

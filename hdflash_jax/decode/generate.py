@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hdflash_jax.decode.prefill import chunked_prefill
 from hdflash_jax.decode.stats import AcceptanceStats
 from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
@@ -70,6 +71,8 @@ class GenerateResult(NamedTuple):
 
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# the default ladder's largest bucket: every default bucket prefills in one call, longer prompts in chunks of this
+DEFAULT_PREFILL_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,9 @@ class DecodeSettings:
     # past the largest bucket: double it up to the model's context (see `prompt_buckets`). None: the default
     # ladder extends, a list given by the caller is exact (its largest bucket is a limit the caller chose)
     extend_buckets: bool | None = None
+    # prompt tokens per prefill call: a longer bucket prefills in chunks through the cache (`decode/prefill.py`), so
+    # its activations and logits are a chunk's, not the bucket's; a bucket up to this size is one call
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     @property
     def extends_buckets(self) -> bool:
@@ -185,25 +191,40 @@ class LoopState(NamedTuple):
     prefill_finite: jax.Array  # [B] the prefill logits of the prompt positions are all finite
 
 
-def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key):
-    b = prompt.shape[0]
+def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key, *,
+             loop_shardings: LoopState | None = None):
+    """The prompt through the cache in chunks of `settings.prefill_chunk` (one call when the bucket fits one); the
+    drafter observes each chunk's committed positions as they come, and only the last position's logits per row
+    are kept (every prompt position's are checked finite per chunk). `loop_shardings` (on a mesh): both caches keep
+    the decode loop's layout through the chunks too."""
+    b, p = prompt.shape
     cache = init_cache(target.cfg, b, max_len, max_block=drafter.num_drafts + 1)
-    out = target(prompt, cache, prompt_len, return_layers=drafter.return_layers)
-    last_logits = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    in_prompt = (jnp.arange(prompt.shape[1])[None, :] < prompt_len[:, None])[:, :, None]
-    finite = jnp.all(jnp.isfinite(out.logits) | ~in_prompt, axis=(1, 2))  # padding positions do not count
     key, k0 = jax.random.split(key)
-    first = sample(k0, last_logits, settings.temperature, settings.top_p)
+    chunk = min(settings.prefill_chunk, p)
+    # the token after each prompt position: the prompt shifted, then (per chunk) the first generated token
+    after = jnp.concatenate([prompt[:, 1:], jnp.zeros((b, 1), prompt.dtype)], axis=1)
+    after = jnp.pad(after, ((0, 0), (0, -(-p // chunk) * chunk - p)))
+    pin = ((lambda d: jax.lax.with_sharding_constraint(d, loop_shardings.drafter)) if loop_shardings is not None
+           else (lambda d: d))
+
+    def observe(carry, out, n_valid, i, last_logits):
+        dst, _ = carry
+        # right for every row whose prompt has ended by this chunk (the rest are chosen again in a later chunk):
+        # a row's sample depends on its own logits only, so every row gets the token a one-shot prefill gives it
+        first = sample(k0, last_logits, settings.temperature, settings.top_p)
+        nxt = jax.lax.dynamic_slice_in_dim(after, i * chunk, chunk, axis=1)
+        nxt = jnp.where(jnp.arange(chunk)[None, :] == (prompt_len - 1 - i * chunk)[:, None], first[:, None], nxt)
+        return pin(drafter.observe(target, modules, dst, out, n_valid, nxt)), first
+
+    carry = (pin(drafter.init_state(target, modules, b, max_len)), jnp.zeros((b,), jnp.int32))
+    r = chunked_prefill(target, prompt, prompt_len, cache, chunk, return_layers=drafter.return_layers,
+                        on_chunk=observe, carry=carry, check_finite=True,
+                        cache_sharding=loop_shardings.cache if loop_shardings is not None else None)
+    dst, first = r.carry
     out_buf, n_out, done = _emit(jnp.full((b, settings.max_new_tokens), -1, jnp.int32), jnp.zeros((b,), jnp.int32),
                                  jnp.zeros((b,), bool), first[:, None], jnp.ones((b,), jnp.int32), settings)
-    # the token after each prompt position: the prompt shifted, then the first generated token
-    next_tokens = jnp.concatenate([prompt[:, 1:], jnp.zeros((b, 1), prompt.dtype)], axis=1)
-    next_tokens = next_tokens.at[jnp.arange(b), prompt_len - 1].set(first)
-    dst = drafter.init_state(target, modules, b, max_len)
-    dst = drafter.observe(target, modules, dst, out, prompt_len, next_tokens)
     accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
-    cache = set_committed_length(out.cache, prompt_len)
-    return LoopState(jnp.int32(0), key, cache, dst, first, out_buf, n_out, done, accepted, finite)
+    return LoopState(jnp.int32(0), key, r.cache, dst, first, out_buf, n_out, done, accepted, r.finite)
 
 
 def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
@@ -246,7 +267,8 @@ def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_le
     modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
     pin = ((lambda s: jax.lax.with_sharding_constraint(s, loop_shardings)) if loop_shardings is not None
            else (lambda s: s))
-    st = pin(_prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key))
+    st = pin(_prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key,
+                      loop_shardings=loop_shardings))
     limit = jnp.minimum(max_steps, settings.max_new_tokens)  # never past the accepted-length log's rows
     st = jax.lax.while_loop(lambda s: _running(s, limit), lambda s: pin(_step(target, modules, drafter, settings, s)),
                             st)
@@ -259,6 +281,69 @@ def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate,
     process; `jax.random.key(seed)` inside equals it outside)."""
     return _generate(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len,
                      jax.random.key(seed), max_steps, loop_shardings=loop_shardings)
+
+
+class GenerateProgram(NamedTuple):
+    """One generate program: `fn(tstate, dstate, prompt, prompt_len, seed, max_steps)` and, on a mesh, its in/out
+    shardings. `jit` compiles it the one way both of its users do."""
+    fn: Callable
+    in_shardings: tuple | None
+    out_shardings: tuple | None
+
+    def jit(self, fn: Callable | None = None):
+        """`jax.jit` of `fn` (default `self.fn`; a caller may wrap it). keep_unused: the process holds every
+        parameter it was given (the MTP layer too when only AR runs), so the compiled program takes them all and
+        its argument bytes are what a device holds."""
+        shardings = {} if self.in_shardings is None else {"in_shardings": self.in_shardings,
+                                                           "out_shardings": self.out_shardings}
+        return jax.jit(self.fn if fn is None else fn, keep_unused=True, **shardings)
+
+
+def generate_program(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan,
+                     mesh=None) -> GenerateProgram:
+    """The generate program of `plan`: what `Generator` runs and what the AOT planner compiles (one builder).
+    `tstate`/`dstate` are read for shapes and shardings only, so abstract states (`jax.ShapeDtypeStruct` leaves with
+    shardings) do as well as placed arrays."""
+    extra = {} if mesh is None else {"loop_shardings": loop_shardings(tgraph, tstate, dgraph, dstate, drafter,
+                                                                      settings, plan, mesh)}
+    fn = functools.partial(_generate_seeded, tgraph, dgraph, drafter, settings, plan.max_len, **extra)
+    if mesh is None:
+        return GenerateProgram(fn, None, None)
+    return GenerateProgram(fn, *io_shardings(tstate, dstate, plan, mesh))
+
+
+def loop_shardings(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan,
+                   mesh) -> LoopState:
+    """The loop state's shardings: every leaf's batch-row dimension over the mesh's row axes (a drafter with
+    `state_shardings` lays out its own state)."""
+    target = nnx.merge(tgraph, tstate)
+    modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
+    k, n = drafter.num_drafts, settings.max_new_tokens
+
+    def empty(b):
+        rows = lambda dt, *shape: jnp.zeros(shape, dt)  # noqa: E731
+        return LoopState(jnp.int32(0), jax.random.key(0), init_cache(target.cfg, b, plan.max_len, max_block=k + 1),
+                         drafter.init_state(target, modules, b, plan.max_len), rows(jnp.int32, b),
+                         rows(jnp.int32, b, n), rows(jnp.int32, b), rows(bool, b), rows(jnp.int32, n, b),
+                         rows(bool, b))
+
+    shardings = row_shardings(mesh, empty, plan.batch)
+    own = getattr(drafter, "state_shardings", None)
+    if own is not None:
+        abstract = jax.eval_shape(lambda: drafter.init_state(target, modules, plan.batch, plan.max_len))
+        shardings = shardings._replace(drafter=own(mesh, abstract))
+    return shardings
+
+
+def io_shardings(tstate, dstate, plan: DecodePlan, mesh):
+    """(in_shardings, out_shardings) of the program: parameters where they are, rows of prompts/outputs."""
+    b = plan.batch
+    params = lambda st: jax.tree.map(lambda x: x.sharding, st) if st is not None else None  # noqa: E731
+    rep = rows_sharding(mesh, 1, 0)
+    ins = (params(tstate), params(dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep, rep)
+    outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
+            rows_sharding(mesh, b, 1))
+    return ins, outs
 
 
 class Generator:
@@ -282,6 +367,8 @@ class Generator:
             check(target.cfg)
         if settings.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+        if settings.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {settings.prefill_chunk}")
         if self.drafter.num_drafts < 0:
             raise ValueError("num_drafts must be >= 0")
         self.tgraph, self.tstate = nnx.split(target)
@@ -317,53 +404,25 @@ class Generator:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _loop_shardings(self, plan: DecodePlan) -> LoopState:
-        """The loop state's shardings: every leaf's batch-row dimension over the mesh's row axes."""
-        target = nnx.merge(self.tgraph, self.tstate)
-        modules = nnx.merge(self.dgraph, self.dstate) if self.dgraph is not None else None
-        k, n = self.drafter.num_drafts, self.settings.max_new_tokens
-
-        def empty(b):
-            rows = lambda dt, *shape: jnp.zeros(shape, dt)  # noqa: E731
-            return LoopState(jnp.int32(0), jax.random.key(0), init_cache(self.cfg, b, plan.max_len, max_block=k + 1),
-                             self.drafter.init_state(target, modules, b, plan.max_len), rows(jnp.int32, b),
-                             rows(jnp.int32, b, n), rows(jnp.int32, b), rows(bool, b), rows(jnp.int32, n, b),
-                             rows(bool, b))
-
-        shardings = row_shardings(self.mesh, empty, plan.batch)
-        own = getattr(self.drafter, "state_shardings", None)  # a drafter that lays out its own state says so
-        if own is not None:
-            abstract = jax.eval_shape(lambda: self.drafter.init_state(target, modules, plan.batch, plan.max_len))
-            shardings = shardings._replace(drafter=own(self.mesh, abstract))
-        return shardings
+        return loop_shardings(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter, self.settings, plan,
+                              self.mesh)
 
     def _io_shardings(self, plan: DecodePlan):
-        """(in_shardings, out_shardings) of the program: parameters where they are, rows of prompts/outputs."""
-        mesh, b = self.mesh, plan.batch
-        params = lambda st: jax.tree.map(lambda x: x.sharding, st) if st is not None else None  # noqa: E731
-        rep = rows_sharding(mesh, 1, 0)
-        ins = (params(self.tstate), params(self.dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep,
-               rep)
-        outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
-                rows_sharding(mesh, b, 1))
-        return ins, outs
+        return io_shardings(self.tstate, self.dstate, plan, self.mesh)
+
+    def program(self, plan: DecodePlan) -> GenerateProgram:
+        return generate_program(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter, self.settings, plan,
+                                self.mesh)
 
     def _fn(self, plan: DecodePlan):
         if plan.shape not in self._compiled:
-            extra = {}
-            if self.mesh is not None:
-                extra = {"loop_shardings": self._loop_shardings(plan)}
-            fn = functools.partial(_generate_seeded, self.tgraph, self.dgraph, self.drafter, self.settings,
-                                   plan.max_len, **extra)
+            prog = self.program(plan)
 
             def counted(*args):
                 self.compile_count += 1  # runs once per trace, i.e. per compilation
-                return fn(*args)
+                return prog.fn(*args)
 
-            if self.mesh is None:
-                self._compiled[plan.shape] = jax.jit(counted)
-            else:
-                ins, outs = self._io_shardings(plan)
-                self._compiled[plan.shape] = jax.jit(counted, in_shardings=ins, out_shardings=outs)
+            self._compiled[plan.shape] = prog.jit(counted)
         return self._compiled[plan.shape]
 
     def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray, DecodePlan]:
