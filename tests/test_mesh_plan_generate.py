@@ -1,6 +1,7 @@
 """The AOT planner's generate program is the program `eval.run` compiles (one builder: `generate_program`), the
 target programs count the MTP layer the process holds, and every figure says where it comes from."""
 
+import functools
 import json
 import re
 
@@ -89,3 +90,30 @@ def test_the_mtp_layer_is_counted_and_figures_say_where_they_come_from(tmp_path,
             assert "XLA:CPU compile" in line or "estimate" in line or "formula" in line, line
     assert "bandwidth floor" in report and "(estimate: bytes accessed / HBM bandwidth)" in report
 
+
+
+def test_the_train_program_counts_the_mtp_layer_the_trainer_holds(monkeypatch):
+    """Online, the trainer holds the whole target (MTP layer included) though the step never reads the MTP layer:
+    the train program takes it, compiled with keep_unused, and its argument bytes hold it. Offline (the drafter
+    half) the trainer holds the embedding and head alone: nothing of the MTP layer."""
+    from hdflash_jax.aot_plan import train as plan_train
+
+    argv = ["--preset", "tiny", "--layers", "3", "--mesh", "fsdp=2,expert=2", "--program", "train", "--batch", "2",
+            "--seq", "32", "--anchors", "4", "--drafter", "tiny-hyperdflash"]
+    args = mesh_plan._parse(argv)
+    cfg = mesh_plan._config(args)
+    mesh = mesh_from_spec(args.mesh, jax.devices(), use_first=True)
+    prog = plan_train.build("train", cfg, args, mesh)
+    mtp = per_device_bytes(prog.args[1]["mtp"])
+    assert cfg.n_mtp_layers == 1 and prog.mtp_bytes == mtp > 0
+    result = mesh_plan.plan_programs(argv)[0]
+    assert result.mtp_layers == 1 and result.mtp_param_bytes == mtp
+    assert result.argument_bytes >= per_device_bytes(prog.args)  # every argument counted, the MTP layer too
+    offline = plan_train.build("train", cfg, mesh_plan._parse(argv + ["--drafter-only"]), mesh)
+    assert offline.mtp_bytes == 0 and "mtp" not in offline.args[1]
+    # control: jitted as before (no keep_unused), the MTP layer is dropped from the arguments
+    plain = plan_train.build
+    monkeypatch.setattr(plan_train, "build", lambda *a: plain(*a)._replace(
+        jit=functools.partial(jax.jit, donate_argnums=(0,))))
+    dropped = mesh_plan.plan_programs(argv)[0]
+    assert dropped.argument_bytes < per_device_bytes(prog.args)

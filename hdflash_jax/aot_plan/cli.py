@@ -14,7 +14,8 @@ TPU/GPU somewhat. Programs (built in `target.py`, `draft.py`, `train.py` of this
 (a block of --seq tokens onto a cache holding --context tokens), `generate` (the program eval.run compiles, with the
 autoregressive drafter: a --seq prompt prefilled in chunks of --chunk (default the decoder's), then the while_loop
 for --context - --seq new tokens). `--layers N` keeps the first N layers of the preset; the target programs take
-the MTP layer too (held by the process, so counted in argument bytes though they do not read it).
+the MTP layer too, as does `train` online (held by the process, so counted in argument bytes though they do
+not read it).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def _builder(name: str):
 def _compile(name: str, cfg, args, mesh):
     import jax
 
-    if name in ("draft", "train"):  # their builders' own accounting: the target's MTP layer is not among their args
+    if name == "draft":  # the draft step's arguments are the drafter's: the target's MTP layer is not among them
         cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
     prog = _builder(name)(name, cfg, args, mesh)
     jit = prog.jit if prog.jit is not None else functools.partial(jax.jit, donate_argnums=prog.donate)
@@ -279,7 +280,7 @@ def plan(name: str, cfg, args, mesh, preset: str) -> PlanResult:
         active_flops=prog.active_flops, chunk=prog.chunk or ((args.chunk or 0) if name == "prefill" else 0),
         temp_fp32_weights_bytes=(temp_with_fp32_weights(name, cfg, args, mesh)
                                  if fp32_weights and cfg.param_dtype != "float32" else 0),
-        mtp_layers=cfg.n_mtp_layers if name in ("prefill", "verify", "generate") else 0,
+        mtp_layers=cfg.n_mtp_layers if prog.mtp_bytes else 0,
         mtp_param_bytes=prog.mtp_bytes)
 
 

@@ -17,9 +17,10 @@ The planner traces the step under the mesh's abstract axes, as `Trainer._step` d
 
 from __future__ import annotations
 
+import functools
 import sys
 
-from hdflash_jax.aot_plan.programs import Program, abstract, batch_ways
+from hdflash_jax.aot_plan.programs import Program, abstract, batch_ways, per_device_bytes
 from hdflash_jax.errors import UsageError
 
 STEPS = 1000  # the LR schedule's length (it changes nothing the compile measures)
@@ -75,7 +76,9 @@ def build(name, cfg, args, mesh) -> Program:
     fam = family_of(dcfg)
     lcfg, attention = fam.loss_for(run.drafter.loss, dcfg), run.train.attention_options()
     tmodel = abstract_target(cfg)
-    n_target = active_params(cfg, nnx.state(tmodel, nnx.Param))
+    # the forward's active parameters: the MTP layer is held (the trainer builds the whole target) but not run
+    n_target = active_params(cfg, nnx.state(tmodel, nnx.Param)) - (
+        active_params(cfg, nnx.state(tmodel.mtp, nnx.Param)) if cfg.n_mtp_layers else 0)
     tpure, dpure = PureModule(tmodel), PureModule(fam.abstract(dcfg, cfg), params_only=True)
     target_params = abstract(tpure.tree(), tpure.shardings(mesh))
     # as `Trainer` holds them: the embedding and head alone offline, else the scanned stacks as 16-bit words
@@ -113,5 +116,9 @@ def build(name, cfg, args, mesh) -> Program:
     flops = drafter_step_flops(n_target, n_drafter, fam.draft_shape(dcfg, cfg), b, s, n, online=not args.drafter_only)
     print(f"  train: drafter {n_drafter:,} params (master {run.train.master_dtype}), attention {attention.impl}, "
           f"remat {attention.remat}, loss vocab_chunk {lcfg.vocab_chunk}", file=sys.stderr)
-    return Program(step, (state, target_params, batch), (0,), flops / mesh.size)
+    # compiled with keep_unused: parameters the step does not read (the MTP layer, online) stay allocated, so they
+    # count in its argument bytes
+    mtp = per_device_bytes(target_params["mtp"]) if "mtp" in target_params else 0
+    return Program(step, (state, target_params, batch), (0,), flops / mesh.size,
+                   functools.partial(jax.jit, donate_argnums=(0,), keep_unused=True), mtp)
 
