@@ -155,3 +155,43 @@ def seed_ci(per_seed: Sequence[tuple[Sequence[float], Sequence[float]]], *, n_bo
             vals.append(a[k].sum() / d if d > 0 else np.nan)
         boots[i] = np.nanmean(vals)
     return _interval(point, boots[np.isfinite(boots)], s, level)
+
+
+def seed_suite_ci(groups: Sequence[Sequence[Sequence[np.ndarray]]], *, n_boot: int = N_BOOT, level: float = LEVEL,
+                  seed: int = 0) -> tuple[list[Interval], Interval | None]:
+    """The suites' average τ of each group (a drafter variant) over its training seeds, and for two groups their
+    difference (group 0 minus group 1), two-stage bootstrap with the prompts crossed: `groups[g][s][k]` is the
+    [prompts, 2] (accepted tokens, steps) of group g, seed s, suite k, the same prompts in the same order in every
+    group and seed. A draw resamples each suite's prompts once, shared by every group and seed (the prompts are one
+    fixed set run under every drafter: the difference is paired), then each group's seeds with replacement; the
+    figure is the mean over suites of the mean over the drawn seeds of Σ accepted / Σ steps."""
+    mats = [[[np.asarray(x, np.float64) for x in s] for s in g] for g in groups]
+    if not mats or any(not g for g in mats):
+        raise ValueError("seed_suite_ci needs at least one group with at least one seed")
+    n_suites = len(mats[0][0])
+    shapes = [x.shape for x in mats[0][0]]
+    for g in mats:
+        for s in g:
+            if [x.shape for x in s] != shapes:
+                raise ValueError(f"every group and seed needs the same suites and prompts: {shapes}")
+            if any(x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != 2 or not np.all(np.isfinite(x)) for x in s):
+                raise ValueError("each suite needs a finite [prompts >= 1, 2] array")
+    rng = np.random.default_rng(seed)
+    # taus[g][s, k, b]: seed s of group g on suite k under prompt draw b
+    taus = [np.zeros((len(g), n_suites, n_boot)) for g in mats]
+    for k, (n, _) in enumerate(shapes):
+        idx = rng.integers(0, n, size=(n_boot, n))
+        for g, t in zip(mats, taus):
+            for s, suites in enumerate(g):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t[s, k] = suites[k][idx, 0].sum(1) / suites[k][idx, 1].sum(1)
+    points, boots = [], []
+    for g, t in zip(mats, taus):
+        points.append(float(np.mean([[x[:, 0].sum() / x[:, 1].sum() for x in s] for s in g])))
+        pick = rng.integers(0, len(g), size=(n_boot, len(g)))  # [draw, seed slot] -> seed
+        boots.append(np.nanmean(t[pick, :, np.arange(n_boot)[:, None]], axis=(1, 2)))
+    intervals = [_interval(p, b[np.isfinite(b)], len(g), level) for p, b, g in zip(points, boots, mats)]
+    if len(mats) != 2:
+        return intervals, None
+    d = boots[0] - boots[1]
+    return intervals, _interval(points[0] - points[1], d[np.isfinite(d)], sum(len(g) for g in mats), level)

@@ -204,3 +204,28 @@ def test_merge_runs_joins_seeds_from_separate_runs(tmp_path, capsys):
     for bad, match in ((clash, "differs from the same method"), (other, "settings")):
         with pytest.raises(UsageError, match=match):
             merge_runs([Results.from_json(run0), Results.from_json(bad)], ["a", "bad"])
+
+
+def test_seed_compare_reproduces_the_published_seed_means(tmp_path, capsys):
+    """eval.seed_compare on the committed seed study gives docs/results.md's means per seed and over seeds; a
+    variant whose seed ran other prompts is refused (the difference pairs prompts)."""
+    from pathlib import Path
+
+    from eval.merge_runs import read_run
+    from eval.seed_compare import compare, main
+
+    run = Path(__file__).resolve().parents[1] / "results/small/seeds/all-greedy"
+    cmp = compare(read_run(str(run)), ["hyperdflash", "dflash"], n_boot=200)
+    hd, df = cmp["variants"]["hyperdflash"], cmp["variants"]["dflash"]
+    assert [round(x, 2) for x in hd["avg_by_seed"]] == [2.82, 2.77, 2.78] and round(hd["avg"], 2) == 2.79
+    assert [round(x, 2) for x in df["avg_by_seed"]] == [3.12, 3.20, 2.92] and round(df["avg"], 2) == 3.08
+    assert hd["avg_ci"][0] < hd["avg"] < hd["avg_ci"][1]
+    d = cmp["differences"]["hyperdflash - dflash"]
+    assert d["diff"] == pytest.approx(hd["avg"] - df["avg"]) and d["ci"][0] < d["diff"] < d["ci"][1]
+    assert main([str(run), "--variants", "hd-nokl,hd-linear", "--json", str(tmp_path / "c.json")]) == 0
+    assert "| hd-nokl - hd-linear |" in capsys.readouterr().out and (tmp_path / "c.json").is_file()
+    res = read_run(str(run)).to_json()
+    for su in res["suites"].values():
+        su["hd-nokl-s1"]["per_prompt"] = su["hd-nokl-s1"]["per_prompt"][1:]
+    with pytest.raises(UsageError, match="ran other prompts"):
+        compare(Results.from_json(res), ["hd-nokl"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval.bootstrap import paired_rate_ci, ratio, ratio_ci, seed_ci, suite_mean_ci
+from eval.bootstrap import paired_rate_ci, ratio, ratio_ci, seed_ci, seed_suite_ci, suite_mean_ci
 
 
 def test_ratio_point_is_the_pooled_figure_and_lies_inside():
@@ -68,6 +68,31 @@ def test_seed_interval_holds_the_seed_variance():
     w_same, w_spread = (seed_ci(x, n_boot=300) for x in (same, spread))
     assert w_spread.point == pytest.approx(3.0, abs=0.1)
     assert (w_spread.hi - w_spread.lo) > 3 * (w_same.hi - w_same.lo)
+
+
+def _prompts(tau_per_prompt, steps=10.0):
+    t = np.asarray(tau_per_prompt, np.float64)
+    return np.stack([t * steps, np.full_like(t, steps)], axis=1)
+
+
+def test_seed_suite_average_and_the_paired_difference():
+    rng = np.random.default_rng(3)
+    easy, hard = rng.uniform(2.0, 6.0, 40), rng.uniform(1.0, 3.0, 30)  # prompts differ far more than the drafters
+    base = [[_prompts(easy + e), _prompts(hard + e)] for e in (-0.02, 0.0, 0.02)]  # 3 seeds, 2 suites
+    better = [[x + np.array([1.0, 0.0]) * 0.2 * x[:, 1:] for x in s] for s in base]  # +0.2 τ on every prompt
+    (a, b), diff = seed_suite_ci([better, base], n_boot=400)
+    assert b.point == pytest.approx((easy.mean() + hard.mean()) / 2) and a.point - b.point == pytest.approx(0.2)
+    assert diff.point == pytest.approx(0.2) and b.lo < b.point < b.hi and b.hi - b.lo > 0.3
+    # paired: the prompts' spread, common to both, cancels; only the seeds' ±0.02 is left in the difference
+    assert 0.15 < diff.lo < 0.2 < diff.hi < 0.25 and diff.hi - diff.lo < (b.hi - b.lo) / 4
+    (same, _), zero = seed_suite_ci([base, base], n_boot=200)
+    assert zero.point == 0.0 and zero.hi - zero.lo < 0.2
+    # the seeds' spread widens a group's interval
+    spread = [[x * np.array([1.0 + 0.2 * m, 1.0]) for x in s] for m, s in zip((-1, 0, 1), base)]
+    (wide,), none = seed_suite_ci([spread], n_boot=400)
+    assert none is None and (wide.hi - wide.lo) > 1.5 * (same.hi - same.lo)
+    with pytest.raises(ValueError, match="same suites and prompts"):
+        seed_suite_ci([base, [[base[0][0][:-1], base[0][1]]]])
 
 
 def test_bad_input():

@@ -429,6 +429,13 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     assert {k: v for k, v in seeded.items() if k not in ("seed", "out_dir", "data")} == \
         {k: v for k, v in base.items() if k not in ("seed", "out_dir", "data")}
     load_config(data=seeded)
+    # the KV-head study: HyperDFlash's config but the KV-head count (and the run folder)
+    hd = SP.drafter_config("hyperdflash", size, tmp_path)
+    for v, n in (("hd-kv4", 4), ("hd-kv1", 1)):
+        kv = SP.drafter_config(v, size, tmp_path)
+        assert kv["drafter"]["n_kv_heads"] == n != hd["drafter"]["n_kv_heads"] and kv["out_dir"].endswith(v)
+        same = lambda c: {**c, "out_dir": None, "drafter": {**c["drafter"], "n_kv_heads": None}}  # noqa: E731
+        assert same(kv) == same(hd)
     runs = SP.eval_runs(size, tmp_path, ("hyperdflash", "dflash"), (1, 2))
     assert "hyperdflash-s1,hyperdflash-s2,dflash-s1,dflash-s2" in runs["seeds"]
     # the full comparison: DSpark in the main runs, the T = 1 drafters in the T = 1 run only, ablations apart
@@ -438,6 +445,7 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     assert method("t1") == list(SP.MAIN_METHODS) + ["hyperdflash-t1", "dflash-t1", "hyperdflash-t1-kl7",
                                                     "hyperdflash-t1-kl7a1"]
     assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16", "hyperdflash-x2",
-                                   "dflash-x2", "hyperdflash-x4", "dflash-x4", "hd-linear-x4", "hd-layers-x4"]
+                                   "dflash-x2", "hyperdflash-x4", "dflash-x4", "hd-linear-x4", "hd-layers-x4",
+                                   "hd-kv4", "hd-kv1"]
     assert all(f"{m}=" in " ".join(runs["t1"]) for m in ("dspark-gated", "dflash-t1"))
     assert method("gates") == ["hyperdflash", "dflash", "hd-pathnorm", "hd-lowrank"]

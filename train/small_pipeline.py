@@ -60,7 +60,9 @@ class Variant:
     def design(self) -> str:
         """What the drafter is, as its family describes it (from the fields this variant sets)."""
         fam = family(self.kind)
-        return fam.describe(fam.section_cls(**self.overrides))
+        n = self.overrides.get("n_kv_heads")
+        kv = "" if n is None else f" ({n} KV head{'s' if n != 1 else ''})"
+        return fam.describe(fam.section_cls(**self.overrides)) + kv
 
     def loss_text(self) -> str:
         fam = family(self.kind)
@@ -97,6 +99,10 @@ VARIANTS: dict[str, Variant] = {
     "hyperdflash-t1-kl7": Variant({"conditioning": "final_streams", "reducer": "gated"}, {"kl_slots": 7}, regen="t1"),
     "hyperdflash-t1-kl7a1": Variant({"conditioning": "final_streams", "reducer": "gated"},
                                     {"kl_slots": 7, "kl_alpha": 1.0}, regen="t1"),
+    # the V4-Flash presets' KV-head cut (8 -> 2 of 32 query heads) at this size: the same 4 heads x 32 with 4 KV
+    # heads (one per query head) or 1 (4x fewer), so only the KV projections' width differs (shipped: 2)
+    "hd-kv4": Variant({"conditioning": "final_streams", "reducer": "gated", "n_kv_heads": 4}),
+    "hd-kv1": Variant({"conditioning": "final_streams", "reducer": "gated", "n_kv_heads": 1}),
 }
 SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
