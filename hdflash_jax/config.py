@@ -315,9 +315,10 @@ class DrafterConfig:
     # -- the draft layers ---------------------------------------------------------------------------------
     n_layers: int = 5  # DFlash's default (its depth ablation: 5 is fastest); HyperDFlash does not report depth
     n_heads: int = 32
-    # two KV heads of 128: K and V keep 512 values per token per layer, as a V4 layer's one shared 512-wide KV latent
-    # does (DFlash's Qwen3 drafters keep their target's 8; HyperDFlash does not report its drafter's attention)
-    n_kv_heads: int = 2
+    # eight KV heads of 128, as DFlash's Qwen3 drafters keep their target's 8 (HyperDFlash does not report its
+    # drafter's attention). Cutting them 4x costs tau on the small model: 4 -> 1 KV heads -0.40 [-0.61, -0.22] over
+    # 3 seeds (docs/results.md#kv-heads); 8 also divide tensor=8, so the `kv` cache shards over heads
+    n_kv_heads: int = 8
     head_dim: int = 128
     inter_dim: int = 12288
     rope_theta: float = 10000.0  # the target's θ (DFlash uses the target's); full-width RoPE over head_dim

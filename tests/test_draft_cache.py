@@ -119,8 +119,9 @@ def test_bytes_per_token_at_v4_flash_width():
     target = target_cache_bytes_per_token(get_preset("v4-flash"))
     assert target == 6880  # the target cache's growth per token per row (rings and buffers cancel)
     for name in ("v4-flash-hyperdflash", "v4-flash-dflash"):
-        cfg = get_drafter_preset(name)  # 5 layers, K and V of 2 heads × 128: exact, and under the target's
-        assert cfg.draft_cache == "kv" and draft_cache_bytes_per_token(cfg) == 5 * 2 * 2 * 128 * 2 == 5120 <= target
+        cfg = get_drafter_preset(name)  # 5 layers, K and V of 8 heads × 128: exact, 3x the target's per token
+        assert cfg.draft_cache == "kv" and draft_cache_bytes_per_token(cfg) == 5 * 2 * 8 * 128 * 2 == 20480 > target
+        assert draft_cache_bytes_per_token(cfg.replace(n_kv_heads=2)) == 5120 <= target  # the cut the study undid
         assert draft_cache_bytes_per_token(cfg.replace(draft_cache="cond")) == 4096 * 2 == 8192
         assert draft_cache_bytes_per_token(cfg.replace(draft_cache="cond_fp8")) == 4096 + 4
 

@@ -51,7 +51,7 @@ def test_reducer_param_counts_v4_flash():
 def test_full_drafter_sizes_v4_flash():
     cfg = get_drafter_preset("v4-flash-hyperdflash", n_layers=1)
     m = dm.abstract_drafter(cfg)
-    per_layer = 4096 * 4096 * 2 + 2 * 4096 * 256 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128  # q, o; k, v (2 heads)
+    per_layer = 4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128  # q, o; k, v (8 heads)
     assert count_params(m.layers[0]) == per_layer
     assert count_params(m) == per_layer + 65_541 + 4096 + 4096
     state = nnx.state(m, nnx.Param)
