@@ -54,6 +54,7 @@ def run_config(plan: Plan, methods: dict[str, Method], load_s: float) -> dict:
                      for m, meth in methods.items()},
         "tokenizer": repr(tok), "chat_template": str(getattr(tok, "chat_template", None)),
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "verify": args.verify,
         "greedy": args.temperature == 0, "block_size": args.block_size, "mtp_k": args.mtp_k,
         "batch_size": args.batch_size, "prompt_buckets": list(plan.settings.prompt_buckets), "seed": args.seed,
         "limit": args.limit, "score": args.score,

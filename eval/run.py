@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy, outputs checked against AR (default: 0)")
     ap.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    ap.add_argument("--verify", default="token",
+                    help="token or block: the acceptance rule at --temperature > 0, token-level rejection sampling or "
+                         "Sun et al.'s "
+                         "block verification (lossless, accepts at least as much); greedy runs are the same either "
+                         "way (default: token)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="block size B of the block drafters (anchor + B-1 drafts); default: each drafter's "
                          "training block size")

@@ -238,6 +238,7 @@ def _err(capsys, argv):
     (["--block-size", "1"], "--block-size must be >= 2"),
     (["--prompt-buckets", "16"], "exceeds the largest bucket"),
     (["--method", "replay", "--temperature", "1.0"], "greedy runs only (--temperature 0)"),
+    (["--verify", "tree"], "--verify must be one of token, block, got 'tree'"),
 ])
 def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -471,6 +472,25 @@ def test_sampled_run_is_seeded_consistent_and_not_greedy(e2e, drafter_ckpt, tmp_
             "--temperature", "0.8", "--top-p", "0.9", *E2E]
     runs = [_sampled_run(argv, tmp_path / f"s{i}") for i in (0, 1)]
     _check_sampled(runs, _records(greedy_out), ("ar", "hyperdflash"), (1, 4))
+
+
+def test_verify_block_reaches_the_decoder_and_is_recorded(e2e, drafter_ckpt, tmp_path, monkeypatch):
+    """`--verify block` at T = 0.8: the decoder traces block verification (and not token-level's rule), and
+    results.json's config says which rule judged the drafts (the greedy run's says "token", the default)."""
+    from hdflash_jax.decode import generate as gen
+
+    traced = []
+    for name in ("accept_block", "accept_sampled"):
+        rule = getattr(gen, name)
+        monkeypatch.setattr(gen, name, lambda *a, _rule=rule, _name=name: traced.append(_name) or _rule(*a))
+    _, greedy_out, _ = e2e
+    path, _ = drafter_ckpt
+    argv = ["--suite", "gsm8k", "--method", "hyperdflash", "--drafter", f"hyperdflash={path}", "--limit", "3",
+            "--temperature", "0.8", "--top-p", "0.9", "--verify", "block", *E2E]
+    r, recs = _sampled_run(argv, tmp_path / "block")
+    assert set(traced) == {"accept_block"}, traced
+    assert r["config"]["verify"] == "block" and _results(greedy_out)["config"]["verify"] == "token"
+    assert r["suites"]["gsm8k"]["hyperdflash"]["steps"] > 0 and len(recs) == 6
 
 
 def test_every_method_of_tiny_random_runs(tmp_path, fast_compile):

@@ -260,3 +260,49 @@ def test_mtp_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypatch
 
     _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7), None,
                            monkeypatch, "MTP")
+
+
+# ---- block verification end to end (`DecodeSettings.verify="block"`; exact checks: tests/test_block_verify.py) ----
+
+BLOCK_SETTINGS = gen.DecodeSettings(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.8, verify="block")
+
+
+def _self_drafter():
+    """Sampled drafts with q ≠ p that are often accepted (full blocks too): the target itself sampled at T = 1 with
+    no nucleus, judged at T = 0.7, top-p 0.8 — where block and token-level verification differ."""
+    from hdflash_jax.decode.drafters import TargetSampleDrafter
+
+    return TargetSampleDrafter(K, sampled=True, temperature=1.0)
+
+
+def _block_run(sampling_target, per_prompt: int, seed: int, settings=BLOCK_SETTINGS):
+    return gen.Generator(sampling_target, _self_drafter(), settings=settings).generate(_batch(per_prompt), seed=seed)
+
+
+def test_block_verification_lossless_with_sampled_drafts_t07_top_p08(sampling_target, ar_samples):
+    """Block verification of sampled drafts, three prompts in one batch, against AR: the per-position two-sample χ²
+    of the token-level test (half the rows of AR's sample, for the default suite's time; the slow test has the power
+    and the negative control)."""
+    res = _block_run(sampling_target, PER_PROMPT // 2, seed=500)
+    p_ok = _two_sample_pvalues(ar_samples, res.tokens)
+    print(f"\nblock verification, sampled drafts: hist {list(res.stats.accepted_hist)}, tau {res.stats.tau:.3f}; "
+          f"min p {p_ok.min():.3g} over {p_ok.size} tests")
+    assert min(res.stats.accepted_hist) > PER_PROMPT // 6, res.stats.accepted_hist  # every length, full blocks too
+    assert (p_ok > 1e-4).all(), p_ok
+
+
+@pytest.mark.slow
+def test_block_verification_end_to_end_rejects_a_biased_block_rule(sampling_target, ar_samples_2x, monkeypatch):
+    """Twice the samples; keeping the first passing prefix instead of the longest is rejected by the same test."""
+    from test_block_verify import first_kept_prefix
+
+    n = 2 * PER_PROMPT
+    res = _block_run(sampling_target, n, seed=600)
+    p_ok = _two_sample_pvalues(ar_samples_2x, res.tokens)
+    monkeypatch.setattr(gen, "accept_block", first_kept_prefix)
+    bad = _block_run(sampling_target, n, seed=600)
+    p_bad = _two_sample_pvalues(ar_samples_2x, bad.tokens)
+    print(f"\nblock: tau {res.stats.tau:.3f}, min p {p_ok.min():.3g}; first kept prefix: tau {bad.stats.tau:.3f}, "
+          f"min p {p_bad.min():.3g}")
+    assert (p_ok > 1e-4).all(), p_ok
+    assert p_bad.min() < 1e-6, p_bad
