@@ -249,7 +249,7 @@ def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypa
     dcfg = DrafterConfig.for_target(SAMPLING, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=64,
                                     block_size=K + 1, conditioning="layers", reducer="linear",
                                     target_layer_ids=(0, 1, 2))
-    drafter = BlockDrafterAdapter(dcfg, K, sampled=True, temperature=0.7)
+    drafter = BlockDrafterAdapter(dcfg, K, sampled=True, temperature=0.7, top_p=SETTINGS.top_p)
     _sampled_drafter_check(sampling_target, ar_samples_2x, drafter, init_drafter_from_target(sampling_target, dcfg),
                            monkeypatch, "DFlash")
 
@@ -258,8 +258,53 @@ def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypa
 def test_mtp_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypatch):
     from hdflash_jax.decode.drafters import MTPDrafter
 
-    _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7), None,
-                           monkeypatch, "MTP")
+    _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7,
+                                                                      top_p=SETTINGS.top_p), None, monkeypatch, "MTP")
+
+
+# ---- sampled drafts come from the run's nucleus (every family through the registry) --------------------------
+
+def _capture_drafts(monkeypatch):
+    """Record the drafts and their probabilities that reach the acceptance rule at every step of a run."""
+    seen = []
+    rule = gen.accept_sampled
+
+    def recording(key, probs, drafts, draft_probs=None):
+        if draft_probs is not None:
+            jax.debug.callback(lambda d, q: seen.append((np.asarray(d), np.asarray(q))), drafts, draft_probs)
+        return rule(key, probs, drafts, draft_probs)
+
+    monkeypatch.setattr(gen, "accept_sampled", recording)
+    return seen
+
+
+def _mtp_via_registry(top_p: float):
+    from hdflash_jax.families import family
+    from hdflash_jax.families.mtp import MTPConfig
+
+    return family("mtp").adapter(MTPConfig(K), K, SETTINGS.temperature, top_p)
+
+
+def test_mtp_sampled_drafts_honour_top_p_and_stay_lossless(sampling_target, ar_samples, monkeypatch):
+    """The registry hands the run's top-p to MTP's adapter: every draft's proposal is cut to the nucleus (tokens
+    outside it have probability 0, and no draft is one of them), and the run stays lossless against AR. Control:
+    at top-p 1 the same capture sees no cut (what MTP's drafts looked like at every top-p before)."""
+    seen = _capture_drafts(monkeypatch)
+    res = gen.Generator(sampling_target, _mtp_via_registry(SETTINGS.top_p), settings=SETTINGS).generate(
+        _batch(PER_PROMPT // 4), seed=700)  # the slow tests' MTP / DFlash / DSpark runs at top-p have the power
+    drafts = np.concatenate([d.reshape(-1) for d, _ in seen])
+    q = np.concatenate([x.reshape(-1, x.shape[-1]) for _, x in seen])
+    q_d = np.take_along_axis(q, drafts[:, None], axis=1)[:, 0]
+    cut = (q == 0).sum(-1)
+    p_ok = _two_sample_pvalues(ar_samples, res.tokens)
+    print(f"\nMTP drafts at top-p {SETTINGS.top_p}: {len(drafts)} proposals, tokens cut per proposal "
+          f"{cut.mean():.2f} of {q.shape[-1]}, min q(draft) {q_d.min():.3g}; min p {p_ok.min():.3g}")
+    assert (cut > 0).mean() > 0.9 and (q_d > 0).all()
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
+    assert (p_ok > 1e-4).all(), p_ok
+    seen.clear()
+    gen.Generator(sampling_target, _mtp_via_registry(1.0), settings=SETTINGS).generate(_batch(2), seed=701)
+    assert seen and all((x > 0).all() for _, x in seen)
 
 
 # ---- block verification end to end (`DecodeSettings.verify="block"`; exact checks: tests/test_block_verify.py) ----

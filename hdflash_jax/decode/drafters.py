@@ -90,6 +90,7 @@ class MTPDrafter:
     return_layers: tuple[int, ...] = ()
     sampled: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0  # sampled drafts come from the run's nucleus, as the target's tokens do
 
     def check_target(self, tcfg: TargetConfig) -> None:
         if tcfg.n_mtp_layers < 1:
@@ -115,7 +116,7 @@ class MTPDrafter:
         keys = jax.random.split(key, self.num_drafts)
 
         def choose(logits, k):
-            return choose_drafts(logits, k, self.sampled, self.temperature)
+            return choose_drafts(logits, k, self.sampled, self.temperature, self.top_p)
 
         first, first_p = choose(state["logits"], keys[0])
 
@@ -133,11 +134,13 @@ class MTPDrafter:
         return drafts, probs, state
 
 
-def choose_drafts(logits, key, sampled: bool, temperature: float):
-    """Greedy drafts (point masses) or samples with their probabilities (for standard rejection sampling)."""
+def choose_drafts(logits, key, sampled: bool, temperature: float, top_p: float = 1.0):
+    """Greedy drafts (point masses) or samples with their probabilities (for rejection sampling), drawn from the
+    draft distribution at `temperature` cut to its `top_p` nucleus (`verify.target_probs`, the target's own rule:
+    a draft outside the nucleus would be one the target never emits)."""
     if not sampled:
         return jnp.argmax(logits, -1).astype(jnp.int32), None
-    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    probs = target_probs(logits, temperature, top_p)
     return jax.random.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
 
 
@@ -154,6 +157,7 @@ class BlockDrafterAdapter:
     num_drafts: int
     sampled: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0
 
     @property
     def return_layers(self) -> tuple[int, ...]:
@@ -178,8 +182,8 @@ class BlockDrafterAdapter:
     def propose(self, target, modules, state, anchor, position, key):
         _, logits = draft_block(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
         keys = jax.random.split(key, self.num_drafts)
-        tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), in_axes=(1, 0),
-                                 out_axes=1)(logits, keys)
+        tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
+                                 in_axes=(1, 0), out_axes=1)(logits, keys)
         return tokens, probs, state
 
 
