@@ -34,6 +34,7 @@ class RunConfig:
     tokenizer: str | None
     thinking: bool
     limit: int | None
+    first_turn_only: bool  # MT-Bench's second turns left out (DeepSpec's protocol)
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -97,7 +98,8 @@ class RunConfig:
                 raise UsageError(f"--mesh {ns.mesh}: {e}") from None
         return cls(
             suites=suites, method=ns.method, target=ns.target, drafters=_drafter_pairs(ns.drafter),
-            tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit, max_new_tokens=ns.max_new_tokens,
+            tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit,
+            first_turn_only=ns.first_turn_only, max_new_tokens=ns.max_new_tokens,
             temperature=float(ns.temperature), top_p=float(ns.top_p), verify=ns.verify, block_size=ns.block_size,
             mtp_k=ns.mtp_k, batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets), seed=ns.seed,
             out=Path(ns.out) if ns.out is not None else None, overwrite=ns.overwrite, score=ns.score,

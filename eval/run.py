@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--thinking", action="store_true",
                     help="DeepSeek-V4 thinking mode (prompts end in <think>); default: chat mode (</think>)")
     ap.add_argument("--limit", type=int, default=None, help="first N samples of each suite (default: all)")
+    ap.add_argument("--first-turn-only", action="store_true",
+                    help="run only each sample's first user turn (MT-Bench's second turns left out: DeepSpec's "
+                         "protocol)")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="(default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy, outputs checked against AR (default: 0)")

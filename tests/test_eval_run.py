@@ -392,6 +392,36 @@ def test_replay_ceiling_accepts_every_draft(e2e):
         assert c["tau"] > r["suites"][suite]["hyperdflash"]["tau"]
 
 
+def test_output_hashes_and_the_two_tau_averages(e2e):
+    """Greedy: every method's outputs hash to AR's on each suite (what results.json shows a reader); the replay
+    ceiling's τ per request is the mean of its requests' τ (every
+    MT-Bench sample has two) and both averages are named in config.tau_averages. (The hash of other tokens differs:
+    the sampled run of `test_verify_block_reaches_the_decoder_and_is_recorded`.)"""
+    from hdflash_jax.suites import load_suite
+
+    _, out, _ = e2e
+    r = _results(out)
+    assert set(r["config"]["tau_averages"]) == {"tau", "tau_per_request"} and r["config"]["first_turn_only"] is False
+    for suite, cells in r["suites"].items():
+        assert {c["output_sha256"] for c in cells.values()} == {cells["ar"]["output_sha256"]}, suite
+        assert cells["ar"]["tau_per_request"] == 1.0
+        rep = cells["replay"]
+        taus = [t for p in rep["per_prompt"] for t in p["request_tau"]]
+        assert len(taus) == sum(len(smp.turns) for smp in load_suite(suite, 3))
+        assert rep["tau_per_request"] == pytest.approx(np.mean(taus), abs=1e-12)
+
+
+def test_first_turn_only_runs_mt_bench_first_turns(tmp_path):
+    """--first-turn-only (DeepSpec's protocol): one turn per MT-Bench sample, recorded in the config."""
+    out = tmp_path / "first"
+    assert ev.main(["--suite", "mt_bench", "--method", "ar", "--limit", "2", "--first-turn-only", "--out", str(out),
+                    *E2E]) == EXIT_OK
+    r = _results(out)
+    assert r["config"]["first_turn_only"] is True
+    assert [len(x["turns"]) for x in _records(out)] == [1, 1]
+    assert all(len(p["request_tau"]) == 1 for p in r["suites"]["mt_bench"]["ar"]["per_prompt"])
+
+
 def test_end_to_end_refuses_to_overwrite(e2e, capsys):
     _, out, _ = e2e
     before = (out / "results.json").read_text()
@@ -491,6 +521,8 @@ def test_verify_block_reaches_the_decoder_and_is_recorded(e2e, drafter_ckpt, tmp
     assert set(traced) == {"accept_block"}, traced
     assert r["config"]["verify"] == "block" and _results(greedy_out)["config"]["verify"] == "token"
     assert r["suites"]["gsm8k"]["hyperdflash"]["steps"] > 0 and len(recs) == 6
+    greedy = _results(greedy_out)["suites"]["gsm8k"]["ar"]["output_sha256"]
+    assert r["suites"]["gsm8k"]["hyperdflash"]["output_sha256"] != greedy  # other tokens, another hash
 
 
 def test_every_method_of_tiny_random_runs(tmp_path, fast_compile):
