@@ -34,9 +34,11 @@ class RunConfig:
     tokenizer: str | None
     thinking: bool
     limit: int | None
+    first_turn_only: bool  # MT-Bench's second turns left out (DeepSpec's protocol)
     max_new_tokens: int
     temperature: float
     top_p: float
+    verify: str  # the acceptance rule at T > 0: "token" or "block" (hdflash_jax.decode.verify)
     block_size: int | None
     mtp_k: int
     batch_size: int
@@ -65,6 +67,7 @@ class RunConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "RunConfig":
         """The parsed flags, each checked; UsageError naming the flag otherwise."""
+        from hdflash_jax.decode.verify import check_verify_rule
         from hdflash_jax.families import check_block_size
         from hdflash_jax.mesh_spec import parse_mesh
 
@@ -85,6 +88,10 @@ class RunConfig:
             raise UsageError(f"--top-p must lie in (0, 1], got {ns.top_p}")
         if ns.prefill_chunk is not None and ns.prefill_chunk < 1:
             raise UsageError(f"--prefill-chunk must be >= 1, got {ns.prefill_chunk}")
+        try:
+            check_verify_rule(ns.verify)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if not ns.score_timeout > 0:
             raise UsageError(f"--score-timeout must be > 0, got {ns.score_timeout}")
         if ns.mesh:
@@ -94,9 +101,10 @@ class RunConfig:
                 raise UsageError(f"--mesh {ns.mesh}: {e}") from None
         return cls(
             suites=suites, method=ns.method, target=ns.target, drafters=_drafter_pairs(ns.drafter),
-            tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit, max_new_tokens=ns.max_new_tokens,
-            temperature=float(ns.temperature), top_p=float(ns.top_p), block_size=ns.block_size, mtp_k=ns.mtp_k,
-            batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets),
+            tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit,
+            first_turn_only=ns.first_turn_only, max_new_tokens=ns.max_new_tokens,
+            temperature=float(ns.temperature), top_p=float(ns.top_p), verify=ns.verify, block_size=ns.block_size,
+            mtp_k=ns.mtp_k, batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets),
             prefill_chunk=ns.prefill_chunk, seed=ns.seed,
             out=Path(ns.out) if ns.out is not None else None, overwrite=ns.overwrite, score=ns.score,
             score_timeout=float(ns.score_timeout), allow_unisolated=ns.allow_unisolated,
@@ -246,7 +254,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     warn_on_design(methods, drafters)
     samples = _load_samples(cfg.suites, cfg.limit)
     settings = DecodeSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              eos_token_id=spec.tokenizer.eos_id,
+                              verify=cfg.verify, eos_token_id=spec.tokenizer.eos_id,
                               **({"prompt_buckets": cfg.prompt_buckets} if cfg.prompt_buckets else {}),
                               **({"prefill_chunk": cfg.prefill_chunk} if cfg.prefill_chunk else {}))
     mesh = make_mesh_arg(cfg.mesh)

@@ -5,11 +5,11 @@ different runs (trained at different times) form one seed group:
 
 RUN is a run folder or its results.json; `FILE#NAME` picks run NAME of a pipeline's merged results.json
 (`{"runs": {NAME: results}}`). Runs must agree on what τ depends on: the same prompts per suite (the per-prompt ids)
-and the same settings (--max-new-tokens, --temperature, --block-size). A method in two runs must have the same
-per-prompt τ (greedy decoding is deterministic), else the merge stops. Cells keep their own wall-clock figures
-(speedup and its interval against their own run's AR), which are not comparable across runs; the merged report
-pairs per-prompt seconds with the first run's AR, so a later run's cells lose theirs (NaN) and get no re-drawn
-speedup interval. The seed tables read τ.
+and the same settings (--max-new-tokens, --temperature, --block-size, --verify, --first-turn-only). A method in two
+runs must have the same per-prompt τ (greedy decoding is deterministic), else the merge stops. Cells keep their own
+wall-clock figures (speedup and its interval against their own run's AR), which are not comparable across runs; the
+merged report pairs per-prompt seconds with the first run's AR, so a later run's cells lose theirs (NaN) and get no
+re-drawn speedup interval. The seed tables read τ.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from hdflash_jax.cli import run_command
 from hdflash_jax.errors import UsageError
 from hdflash_jax.fileio import check_output, read_json
 
-_SETTINGS = ("--max-new-tokens", "--temperature", "--block-size")
+_SETTINGS = ("--max-new-tokens", "--temperature", "--block-size", "--verify")
+_FLAGS = ("--first-turn-only",)  # settings without a value: given or not
+_DEFAULTS = {"--verify": "token"}  # a run made before the flag existed used this
 
 
 def read_run(spec: str) -> Results:
@@ -48,7 +50,8 @@ def read_run(spec: str) -> Results:
 
 def _settings(r: Results) -> dict:
     argv = list(r.config.get("argv") or [])
-    return {k: argv[argv.index(k) + 1] if k in argv[:-1] else None for k in _SETTINGS}
+    out = {k: argv[argv.index(k) + 1] if k in argv[:-1] else _DEFAULTS.get(k) for k in _SETTINGS}
+    return {**out, **{k: k in argv for k in _FLAGS}}
 
 
 def _ids(cell) -> tuple:

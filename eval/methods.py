@@ -131,7 +131,7 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
             modules, origin, seeds = src.load(target, seed), src.origin, src.seeds
         else:
             modules, origin, seeds = fam.decode_modules(cfg), fam.describe(cfg), ()
-        drafter = fam.adapter(cfg, k, settings.temperature)
+        drafter = fam.adapter(cfg, k, settings.temperature, settings.top_p)
         out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
                         drafter.num_drafts + 1, origin, replays_ar=fam.replays_reference, seeds=seeds)
     return out

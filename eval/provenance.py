@@ -10,6 +10,7 @@ import numpy as np
 
 from eval.config import Plan
 from eval.methods import Method, is_builtin
+from eval.results import TAU_AVERAGES
 
 TIMING_NOTE = ("wall_s = generation only; compile_s = lower + compile + one untimed warm-up run per new "
                "(bucket, batch) shape, counted in the suite where the shape first appeared; prompts padded "
@@ -54,10 +55,12 @@ def run_config(plan: Plan, methods: dict[str, Method], load_s: float) -> dict:
                      for m, meth in methods.items()},
         "tokenizer": repr(tok), "chat_template": str(getattr(tok, "chat_template", None)),
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "verify": args.verify,
         "greedy": args.temperature == 0, "block_size": args.block_size, "mtp_k": args.mtp_k,
         "batch_size": args.batch_size, "prompt_buckets": list(plan.settings.prompt_buckets),
         "prefill_chunk": plan.settings.prefill_chunk, "seed": args.seed,
-        "limit": args.limit, "score": args.score,
+        "limit": args.limit, "first_turn_only": args.first_turn_only, "score": args.score,
+        "tau_averages": TAU_AVERAGES,
         "target_load_s": load_s, "compile_s_total": {m: meth.compile_s for m, meth in methods.items()},
         "timing": TIMING_NOTE,
     }

@@ -144,6 +144,31 @@ def wall_clock_table(results: Results | Mapping, ceiling: str = "replay") -> str
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def tau_averages_table(results: Results | Mapping) -> str:
+    """Markdown: per method and suite the two τ averages in use, `pooled / per request` (TAU_AVERAGES: pooled over
+    verify steps as DeepSpec reports, and the mean over requests as ModelOpt's specdec_bench does); avg = the mean
+    over suites of each. Empty when no cell has the per-request figure (results written before it existed)."""
+    results = as_results(results)
+    suites = list(results.suites)
+    lines = ["| method | " + " | ".join(f"{s} pooled / per request" for s in suites) + " | avg pooled / per request |",
+             "|---|" + "---|" * (len(suites) + 1)]
+    any_request = False
+    for m in ordered_methods(results):
+        row, pooled, per_request = [], [], []
+        for s in suites:
+            c = results.suites[s].get(m)
+            if c is None:
+                row.append(DASH)
+                continue
+            any_request |= c.tau_per_request is not None
+            row.append(f"{_fmt(c.tau, '.2f')} / {_fmt(c.tau_per_request, '.2f')}")
+            pooled.append(c.tau)
+            per_request.append(c.tau_per_request if c.tau_per_request is not None else math.nan)
+        avg = f"{_fmt(float(np.mean(pooled)), '.2f')} / {_fmt(float(np.mean(per_request)), '.2f')}" if pooled else DASH
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} |")
+    return "\n".join(lines) if any_request else ""
+
+
 def seed_groups(suites: Mapping[str, Mapping[str, CellResult]]) -> dict[str, dict[str, SeedGroup]]:
     """Methods named `<variant>-s<seed>` (two or more seeds of a variant) → variant → suite → `SeedGroup`."""
     out: dict[str, dict[str, SeedGroup]] = {}
@@ -187,7 +212,8 @@ def seeds_table(results: Results) -> str:
             if g is not None:
                 taus.append(g.tau)
         seeds = next(iter(by.values())).seeds
-        lines.append(f"| {v} | {','.join(map(str, seeds))} | " + " | ".join(row) + f" | {_fmt(float(np.mean(taus)), '.2f')} |")
+        avg = _fmt(float(np.mean(taus)), '.2f')
+        lines.append(f"| {v} | {','.join(map(str, seeds))} | " + " | ".join(row) + f" | {avg} |")
     return "\n".join(lines)
 
 
@@ -211,8 +237,9 @@ def acceptance_table(results: Results) -> str:
 def details_table(results: Results) -> str:
     """Markdown: every (suite, method) with tokens, throughput, times, AR match and score."""
     lines = [
-        "| suite | method | τ | speedup | tokens | tokens/s | wall s | compile s | = AR | score |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| suite | method | τ pooled | τ per request | speedup | tokens | tokens/s | wall s | compile s | = AR | score "
+        "| outputs sha256 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, cells in results.suites.items():
         for m in ordered_methods(results):
@@ -221,9 +248,9 @@ def details_table(results: Results) -> str:
                 continue
             match = DASH if c.greedy_match_ar is None else ("yes" if c.greedy_match_ar else "no")
             lines.append(
-                f"| {s} | {m} | {_fmt(c.tau, '.2f')} | {_fmt(c.speedup, '.2f')}× | {c.tokens} | "
-                f"{_fmt(c.tokens_per_s, '.1f')} | {_fmt(c.wall_s, '.2f')} | {_fmt(c.compile_s, '.2f')} | "
-                f"{match} | {_fmt(c.score, '.3f')} |"
+                f"| {s} | {m} | {_fmt(c.tau, '.2f')} | {_fmt(c.tau_per_request, '.2f')} | {_fmt(c.speedup, '.2f')}× | "
+                f"{c.tokens} | {_fmt(c.tokens_per_s, '.1f')} | {_fmt(c.wall_s, '.2f')} | {_fmt(c.compile_s, '.2f')} | "
+                f"{match} | {_fmt(c.score, '.3f')} | {(c.output_sha256 or DASH)[:12]} |"
             )
     return "\n".join(lines)
 
@@ -234,9 +261,14 @@ def render_markdown(results: Results | Mapping) -> str:
     return "\n\n".join([
         "# Results",
         "Cells: wall-clock speedup over AR (same prompts, same run, compilation excluded) / "
-        "τ = mean accepted draft tokens + 1 per verification step; [lo, hi] = 95% bootstrap interval over prompts "
-        "(avg: prompts resampled within each suite).",
+        "τ = mean accepted draft tokens + 1 per verification step, pooled over every verify step (DeepSpec's "
+        "average); [lo, hi] = 95% bootstrap interval over prompts (avg: prompts resampled within each suite).",
         summary_table(results),
+        *(["## τ: pooled over verify steps / mean over requests",
+           "Pooled: Σ(accepted + 1) / Σ steps over the suite (DeepSpec). Per request: the mean over requests (each "
+           "turn of each prompt) of the request's own τ, requests without a verify step left out (ModelOpt "
+           "specdec_bench's Average_AL). Long requests weigh more in the first.",
+           t] if (t := tau_averages_table(results)) else []),
         *(["## Where the wall clock goes",
            "Decode speedup: AR's seconds per output token after the first over the method's, each batch's prefill "
            "(timed apart for its shape) taken out. decode speedup / τ = the share of τ that becomes wall clock.",

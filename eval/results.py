@@ -8,7 +8,7 @@ results.json:
       "suites": {
         <suite>: {                         # e.g. "gsm8k"; columns of the tables, in this order
           <method>: {                      # e.g. "ar", "mtp", "dflash", "hyperdflash"; rows
-            "tau": float,                  # mean(accepted + 1) over valid steps; AR: 1.0
+            "tau": float,                  # pooled over verify steps (DeepSpec): Σ(accepted + 1) / Σ steps; AR: 1.0
             "accept_rate_by_pos": [float], # r_j = P(accepted >= j), j = 1..B-1; AR: []
             "accepted_hist": [int],        # step counts of accepted = 0..B-1; AR: [steps]
             "tokens": int,                 # generated tokens, all prompts
@@ -21,12 +21,18 @@ results.json:
             # written by eval.run, optional when read: steps, block_size, samples, compiled_shapes,
             # warmup_s, drafter, greedy_mismatched (only when some output differs), and the statistics:
             "tau_ci": [lo, hi],            # 95% bootstrap interval of tau over prompts (eval.bootstrap)
+            "tau_per_request": float,      # mean over requests (each turn of each prompt) of the request's own τ
+            "tau_per_request_ci": [lo, hi],#   (ModelOpt specdec_bench's Average_AL; requests with no verify step
+                                           #   left out), its 95% bootstrap interval over prompts
+            "output_sha256": str,          # sha256 of the method's output token ids on this suite (`outputs_sha256`):
+                                           #   greedy speculative methods have AR's
             "speedup_ci": [lo, hi],        # the same for the end-to-end speedup (prompts paired with AR's)
             "decode_speedup": float,       # AR / this method in seconds per output token after the first
             "decode_speedup_ci": [lo, hi], #   (each batch's wall minus its prefill, timed apart per shape)
             "prefill_s": float,            # prefill seconds of every batch, summed (part of wall_s)
             "seeds": [int],                # training seeds of the drafter(s) behind the cell; [] for AR / MTP
-            "per_prompt": [{"id", "tokens", "steps", "accepted_tokens", "wall_s", "decode_s"}, ...]
+            "per_prompt": [{"id", "tokens", "steps", "accepted_tokens", "wall_s", "decode_s",
+                            "request_tau": [float]}, ...]   # request_tau: τ of each turn with a verify step
           }, ...
         }, ...
       },
@@ -56,7 +62,24 @@ REQUIRED_CELL_KEYS = ("tau", "accept_rate_by_pos", "accepted_hist", "tokens", "t
                       "compile_s", "speedup", "greedy_match_ar", "score")
 _FLOAT_KEYS = ("tokens_per_s", "wall_s", "compile_s", "speedup")
 _OPTIONAL_KEYS = ("steps", "block_size", "samples", "compiled_shapes", "warmup_s", "drafter", "greedy_mismatched",
-                  "tau_ci", "speedup_ci", "decode_speedup", "decode_speedup_ci", "prefill_s", "seeds", "per_prompt")
+                  "tau_ci", "speedup_ci", "decode_speedup", "decode_speedup_ci", "prefill_s", "seeds", "per_prompt",
+                  "tau_per_request", "tau_per_request_ci", "output_sha256")
+# the two τ averages in use (anchors: DeepSpec pools verify cycles, ModelOpt's specdec_bench averages requests)
+TAU_AVERAGES = {
+    "tau": "pooled over every verify step of the suite: sum(accepted + 1) / steps (DeepSpec's average)",
+    "tau_per_request": "mean over requests (each turn of each prompt) of the request's sum(accepted + 1) / steps, "
+                       "requests without a verify step left out (ModelOpt specdec_bench's Average_AL)",
+}
+
+
+def outputs_sha256(outputs) -> str:
+    """sha256 of output token ids: `outputs` = per sample, its turns' id lists (JSON, no spaces), so two methods
+    that generated the same tokens for the same prompts have the same hash."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([[list(map(int, t)) for t in turns] for turns in outputs],
+                                     separators=(",", ":")).encode()).hexdigest()
 
 
 def jsonable(x):
@@ -105,21 +128,27 @@ class SuiteMismatches:
 class PromptFigures:
     """One sample under one method (all its turns): what the bootstrap resamples. accepted_tokens = Σ (accepted
     + 1) over its verify steps, so τ of a set of prompts = Σ accepted_tokens / Σ steps. wall_s is the prompt's
-    share of its batches' generation time (exact at batch 1), decode_s the same minus the prefill."""
+    share of its batches' generation time (exact at batch 1), decode_s the same minus the prefill. request_tau: τ of
+    each of its requests (turns) that took a verify step, for the mean over requests."""
     id: str
     tokens: int
     steps: int
     accepted_tokens: int
     wall_s: float
     decode_s: float
+    request_tau: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["request_tau"] = list(self.request_tau)
+        if not self.request_tau:
+            del out["request_tau"]
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping) -> PromptFigures:
         return cls(str(d["id"]), int(d["tokens"]), int(d["steps"]), int(d["accepted_tokens"]), _float(d["wall_s"]),
-                   _float(d["decode_s"]))
+                   _float(d["decode_s"]), tuple(float(x) for x in d.get("request_tau") or ()))
 
 
 def _interval(v) -> tuple[float, float] | None:
@@ -153,6 +182,9 @@ class CellResult:
     prefill_s: float | None = None
     seeds: tuple[int, ...] | None = None  # training seeds of the drafter behind the cell; () for AR / MTP
     per_prompt: tuple[PromptFigures, ...] = ()
+    tau_per_request: float | None = None  # mean over requests of each request's τ (TAU_AVERAGES)
+    tau_per_request_ci: tuple[float, float] | None = None
+    output_sha256: str | None = None  # `outputs_sha256` of the method's outputs on the suite
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # unknown keys of a file read back
 
     @property
@@ -167,10 +199,10 @@ class CellResult:
         out = {**self.stats.to_json(), "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
                "wall_s": self.wall_s, "compile_s": self.compile_s, "speedup": self.speedup,
                "greedy_match_ar": self.greedy_match_ar, "score": self.score, "block_size": self.stats.block_size}
-        for k in ("samples", "warmup_s", "drafter", "decode_speedup", "prefill_s"):
+        for k in ("samples", "warmup_s", "drafter", "decode_speedup", "prefill_s", "tau_per_request", "output_sha256"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
-        for k in ("tau_ci", "speedup_ci", "decode_speedup_ci", "seeds"):
+        for k in ("tau_ci", "speedup_ci", "decode_speedup_ci", "seeds", "tau_per_request_ci"):
             if getattr(self, k) is not None:
                 out[k] = list(getattr(self, k))
         if self.per_prompt:
@@ -209,6 +241,8 @@ class CellResult:
                    prefill_s=None if d.get("prefill_s") is None else float(d["prefill_s"]),
                    seeds=None if d.get("seeds") is None else tuple(int(x) for x in d["seeds"]),
                    per_prompt=tuple(PromptFigures.from_json(p) for p in d.get("per_prompt") or ()),
+                   tau_per_request=None if d.get("tau_per_request") is None else float(d["tau_per_request"]),
+                   tau_per_request_ci=_interval(d.get("tau_per_request_ci")), output_sha256=d.get("output_sha256"),
                    extra={k: v for k, v in d.items() if k not in REQUIRED_CELL_KEYS + _OPTIONAL_KEYS})
 
 
@@ -279,7 +313,8 @@ class Results:
         mism = tuple(SuiteMismatches(x["suite"], x["method"], x["n_samples"],
                                      tuple(Mismatch(**m) for m in x["mismatched"]))
                      for x in d.get("greedy_mismatches") or ())
-        groups = {v: {s: SeedGroup.from_json(g) for s, g in by.items()} for v, by in (d.get("seed_groups") or {}).items()}
+        groups = {v: {s: SeedGroup.from_json(g) for s, g in by.items()}
+                  for v, by in (d.get("seed_groups") or {}).items()}
         return cls(dict(d["config"]), dict(d["versions"]), suites, mism, groups,
                    {k: v for k, v in d.items()
                     if k not in ("config", "versions", "suites", "greedy_mismatches", "seed_groups")})

@@ -66,10 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--thinking", action="store_true",
                     help="DeepSeek-V4 thinking mode (prompts end in <think>); default: chat mode (</think>)")
     ap.add_argument("--limit", type=int, default=None, help="first N samples of each suite (default: all)")
+    ap.add_argument("--first-turn-only", action="store_true",
+                    help="run only each sample's first user turn (MT-Bench's second turns left out: DeepSpec's "
+                         "protocol)")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="(default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy, outputs checked against AR (default: 0)")
     ap.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    ap.add_argument("--verify", default="token",
+                    help="token or block: the acceptance rule at --temperature > 0, token-level rejection sampling or "
+                         "Sun et al.'s "
+                         "block verification (lossless, accepts at least as much); greedy runs are the same either "
+                         "way (default: token)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="block size B of the block drafters (anchor + B-1 drafts); default: each drafter's "
                          "training block size")

@@ -99,6 +99,25 @@ def test_greedy_speculative_equals_autoregressive(target, ar_runs, method, batch
         print(f"\n{method} batch {batch}: accepted-length histogram {list(res.stats.accepted_hist)}")
 
 
+def test_greedy_decoding_is_the_same_program_under_either_verify_rule(target, ar_runs):
+    """At T = 0 the acceptance rule is argmax matching whatever `verify` says: block verification compiles the
+    very same program as token-level (lowered text identical), so greedy output is unchanged bit for bit; it
+    equals AR. Control: at T = 1 the two rules are different programs."""
+    prompts = _prompts(1)
+    drafter, modules = _drafter("hyperdflash", target, prompts, ar_runs[1])
+
+    def program(rule, temperature=0.0):
+        settings = DecodeSettings(max_new_tokens=40, temperature=temperature, verify=rule)
+        return Generator(target, drafter, modules, settings=settings)
+
+    assert program("token").lower(prompts).as_text() == program("block").lower(prompts).as_text()
+    assert program("token", 1.0).lower(prompts).as_text() != program("block", 1.0).lower(prompts).as_text()
+    res = program("block").generate(prompts)
+    np.testing.assert_array_equal(res.tokens, ar_runs[1].tokens)
+    with pytest.raises(ValueError, match="DecodeSettings.verify must be one of token, block"):
+        program("tree")
+
+
 def test_eos_and_max_new_tokens_inside_accepted_blocks(target, ar_runs):
     """With the oracle every step accepts a whole block, so the stop lands mid-block and must cut there."""
     prompts = _prompts(3)

@@ -21,5 +21,5 @@ def test_dspark_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypa
     # a Markov head that leans on the previous token: proposals far from uniform, drafts often accepted
     modules.markov_head.markov_w1.weight[...] = jnp.eye(v, dtype=jnp.float32)
     modules.markov_head.markov_w2.weight[...] = 3.0 * jnp.eye(v, dtype=jnp.float32)
-    drafter = DSparkDrafterAdapter(dcfg, K, sampled=True, temperature=0.7)
+    drafter = DSparkDrafterAdapter(dcfg, K, sampled=True, temperature=0.7, top_p=0.8)  # the run's nucleus
     _sampled_drafter_check(sampling_target, ar_samples_2x, drafter, modules, monkeypatch, "DSpark")

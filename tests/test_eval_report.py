@@ -229,3 +229,37 @@ def test_seed_compare_reproduces_the_published_seed_means(tmp_path, capsys):
         su["hd-nokl-s1"]["per_prompt"] = su["hd-nokl-s1"]["per_prompt"][1:]
     with pytest.raises(UsageError, match="ran other prompts"):
         compare(Results.from_json(res), ["hd-nokl"])
+
+
+def test_the_two_tau_averages_and_the_output_hash(tmp_path):
+    """Pooled over verify steps vs mean over requests, computed by the runner from per-turn figures: prompt A has a
+    5-step turn at τ 2 and a 1-step turn at τ 4, prompt B one 2-step turn at τ 3. Pooled: (10 + 4 + 6) / (5 + 1 + 2)
+    = 2.5; per request: (2 + 4 + 3) / 3 = 3.0. Both are named in the tables; the outputs' hash is per suite and
+    method, equal for equal tokens, and survives a round trip."""
+    from eval.results import TAU_AVERAGES, outputs_sha256
+    from eval.runner import Cell, interval_figures
+
+    c = Cell(per_sample={0: [8, 6, 14, 1.0, 0.8], 1: [7, 2, 6, 0.5, 0.4]}, request_tau={0: [2.0, 4.0], 1: [3.0]})
+    ar = Cell(per_sample={0: [8, 7, 7, 2.0, 1.8], 1: [7, 6, 6, 1.0, 0.9]}, request_tau={0: [1.0, 1.0], 1: [1.0]})
+    fig = interval_figures(c, ar, 2)
+    assert fig["tau_per_request"] == pytest.approx(3.0) and fig["tau_ci"][0] <= 2.5 <= fig["tau_ci"][1]
+    assert 2.0 <= fig["tau_per_request_ci"][0] <= 3.0 <= fig["tau_per_request_ci"][1] <= 4.0
+    assert interval_figures(ar, ar, 2)["tau_per_request"] == 1.0
+    same = outputs_sha256([[[5, 6], [7]], [[8]]])
+    assert same == outputs_sha256([[np.array([5, 6]), (7,)], [[8]]]) != outputs_sha256([[[5, 6], [7]], [[9]]])
+    assert outputs_sha256([[[5, 6], [7]], [[8]]]) != outputs_sha256([[[5], [6, 7]], [[8]]])  # turns are kept apart
+    r = make_results()
+    r["suites"]["gsm8k"]["dflash"].update(tau_per_request=3.0, tau_per_request_ci=[2.0, 4.0], output_sha256=same,
+                                          per_prompt=[{**_prompts([(8, 6, 14, 1.0, 0.8)])[0], "request_tau": [2, 4]}])
+    r["suites"]["gsm8k"]["ar"].update(tau_per_request=1.0, output_sha256=same)
+    md = render_markdown(r)
+    assert "| method | gsm8k pooled / per request | mbpp pooled / per request | avg pooled / per request |" in md
+    assert "| dflash | 2.25 / 3.00 | 2.50 / — | 2.38 / — |" in md  # a suite without the figure: no mean of it
+    assert "| gsm8k | dflash | 2.25 | 3.00 | 2.00× |" in md and f"| {same[:12]} |" in md
+    data = json.loads((write_results(tmp_path / "run", r) / "results.json").read_text())
+    cell0 = data["suites"]["gsm8k"]["dflash"]
+    assert cell0["output_sha256"] == same and cell0["per_prompt"][0]["request_tau"] == [2.0, 4.0]
+    back = Results.from_json(data)
+    assert back.suites["gsm8k"]["dflash"].tau_per_request_ci == (2.0, 4.0)
+    assert json.loads(json.dumps(back.to_json())) == data
+    assert set(TAU_AVERAGES) == {"tau", "tau_per_request"}

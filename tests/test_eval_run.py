@@ -238,6 +238,7 @@ def _err(capsys, argv):
     (["--block-size", "1"], "--block-size must be >= 2"),
     (["--prompt-buckets", "16"], "exceeds the largest bucket"),
     (["--method", "replay", "--temperature", "1.0"], "greedy runs only (--temperature 0)"),
+    (["--verify", "tree"], "--verify must be one of token, block, got 'tree'"),
 ])
 def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -391,6 +392,36 @@ def test_replay_ceiling_accepts_every_draft(e2e):
         assert c["tau"] > r["suites"][suite]["hyperdflash"]["tau"]
 
 
+def test_output_hashes_and_the_two_tau_averages(e2e):
+    """Greedy: every method's outputs hash to AR's on each suite (what results.json shows a reader); the replay
+    ceiling's τ per request is the mean of its requests' τ (every
+    MT-Bench sample has two) and both averages are named in config.tau_averages. (The hash of other tokens differs:
+    the sampled run of `test_verify_block_reaches_the_decoder_and_is_recorded`.)"""
+    from hdflash_jax.suites import load_suite
+
+    _, out, _ = e2e
+    r = _results(out)
+    assert set(r["config"]["tau_averages"]) == {"tau", "tau_per_request"} and r["config"]["first_turn_only"] is False
+    for suite, cells in r["suites"].items():
+        assert {c["output_sha256"] for c in cells.values()} == {cells["ar"]["output_sha256"]}, suite
+        assert cells["ar"]["tau_per_request"] == 1.0
+        rep = cells["replay"]
+        taus = [t for p in rep["per_prompt"] for t in p["request_tau"]]
+        assert len(taus) == sum(len(smp.turns) for smp in load_suite(suite, 3))
+        assert rep["tau_per_request"] == pytest.approx(np.mean(taus), abs=1e-12)
+
+
+def test_first_turn_only_runs_mt_bench_first_turns(tmp_path):
+    """--first-turn-only (DeepSpec's protocol): one turn per MT-Bench sample, recorded in the config."""
+    out = tmp_path / "first"
+    assert ev.main(["--suite", "mt_bench", "--method", "ar", "--limit", "2", "--first-turn-only", "--out", str(out),
+                    *E2E]) == EXIT_OK
+    r = _results(out)
+    assert r["config"]["first_turn_only"] is True
+    assert [len(x["turns"]) for x in _records(out)] == [1, 1]
+    assert all(len(p["request_tau"]) == 1 for p in r["suites"]["mt_bench"]["ar"]["per_prompt"])
+
+
 def test_end_to_end_refuses_to_overwrite(e2e, capsys):
     _, out, _ = e2e
     before = (out / "results.json").read_text()
@@ -471,6 +502,27 @@ def test_sampled_run_is_seeded_consistent_and_not_greedy(e2e, drafter_ckpt, tmp_
             "--temperature", "0.8", "--top-p", "0.9", *E2E]
     runs = [_sampled_run(argv, tmp_path / f"s{i}") for i in (0, 1)]
     _check_sampled(runs, _records(greedy_out), ("ar", "hyperdflash"), (1, 4))
+
+
+def test_verify_block_reaches_the_decoder_and_is_recorded(e2e, drafter_ckpt, tmp_path, monkeypatch):
+    """`--verify block` at T = 0.8: the decoder traces block verification (and not token-level's rule), and
+    results.json's config says which rule judged the drafts (the greedy run's says "token", the default)."""
+    from hdflash_jax.decode import generate as gen
+
+    traced = []
+    for name in ("accept_block", "accept_sampled"):
+        rule = getattr(gen, name)
+        monkeypatch.setattr(gen, name, lambda *a, _rule=rule, _name=name: traced.append(_name) or _rule(*a))
+    _, greedy_out, _ = e2e
+    path, _ = drafter_ckpt
+    argv = ["--suite", "gsm8k", "--method", "hyperdflash", "--drafter", f"hyperdflash={path}", "--limit", "3",
+            "--temperature", "0.8", "--top-p", "0.9", "--verify", "block", *E2E]
+    r, recs = _sampled_run(argv, tmp_path / "block")
+    assert set(traced) == {"accept_block"}, traced
+    assert r["config"]["verify"] == "block" and _results(greedy_out)["config"]["verify"] == "token"
+    assert r["suites"]["gsm8k"]["hyperdflash"]["steps"] > 0 and len(recs) == 6
+    greedy = _results(greedy_out)["suites"]["gsm8k"]["ar"]["output_sha256"]
+    assert r["suites"]["gsm8k"]["hyperdflash"]["output_sha256"] != greedy  # other tokens, another hash
 
 
 def test_every_method_of_tiny_random_runs(tmp_path, fast_compile):

@@ -118,7 +118,8 @@ def _emitted_pvalues(rule, sampled: bool, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sampled,broken", [(False, _biased_residual), (True, _biased_residual),
-                                            (True, _point_mass_residual), (False, _wrong_position), (True, _wrong_position)])
+                                            (True, _point_mass_residual), (False, _wrong_position),
+                                            (True, _wrong_position)])
 def test_accept_sampled_emits_the_target_distribution(sampled, broken):
     p_ok, reached = _emitted_pvalues(accept_sampled, sampled, seed=1).T
     p_bad = _emitted_pvalues(broken, sampled, seed=1)[:, 0]
@@ -249,7 +250,7 @@ def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypa
     dcfg = DrafterConfig.for_target(SAMPLING, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, inter_dim=64,
                                     block_size=K + 1, conditioning="layers", reducer="linear",
                                     target_layer_ids=(0, 1, 2))
-    drafter = BlockDrafterAdapter(dcfg, K, sampled=True, temperature=0.7)
+    drafter = BlockDrafterAdapter(dcfg, K, sampled=True, temperature=0.7, top_p=SETTINGS.top_p)
     _sampled_drafter_check(sampling_target, ar_samples_2x, drafter, init_drafter_from_target(sampling_target, dcfg),
                            monkeypatch, "DFlash")
 
@@ -258,5 +259,96 @@ def test_dflash_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypa
 def test_mtp_sampled_drafts_lossless(sampling_target, ar_samples_2x, monkeypatch):
     from hdflash_jax.decode.drafters import MTPDrafter
 
-    _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7), None,
-                           monkeypatch, "MTP")
+    _sampled_drafter_check(sampling_target, ar_samples_2x, MTPDrafter(K, sampled=True, temperature=0.7,
+                                                                      top_p=SETTINGS.top_p), None, monkeypatch, "MTP")
+
+
+# ---- sampled drafts come from the run's nucleus (every family through the registry) --------------------------
+
+def _capture_drafts(monkeypatch):
+    """Record the drafts and their probabilities that reach the acceptance rule at every step of a run."""
+    seen = []
+    rule = gen.accept_sampled
+
+    def recording(key, probs, drafts, draft_probs=None):
+        if draft_probs is not None:
+            jax.debug.callback(lambda d, q: seen.append((np.asarray(d), np.asarray(q))), drafts, draft_probs)
+        return rule(key, probs, drafts, draft_probs)
+
+    monkeypatch.setattr(gen, "accept_sampled", recording)
+    return seen
+
+
+def _mtp_via_registry(top_p: float):
+    from hdflash_jax.families import family
+    from hdflash_jax.families.mtp import MTPConfig
+
+    return family("mtp").adapter(MTPConfig(K), K, SETTINGS.temperature, top_p)
+
+
+def test_mtp_sampled_drafts_honour_top_p_and_stay_lossless(sampling_target, ar_samples, monkeypatch):
+    """The registry hands the run's top-p to MTP's adapter: every draft's proposal is cut to the nucleus (tokens
+    outside it have probability 0, and no draft is one of them), and the run stays lossless against AR. Control:
+    at top-p 1 the same capture sees no cut (what MTP's drafts looked like at every top-p before)."""
+    seen = _capture_drafts(monkeypatch)
+    res = gen.Generator(sampling_target, _mtp_via_registry(SETTINGS.top_p), settings=SETTINGS).generate(
+        _batch(PER_PROMPT // 4), seed=700)  # the slow tests' MTP / DFlash / DSpark runs at top-p have the power
+    drafts = np.concatenate([d.reshape(-1) for d, _ in seen])
+    q = np.concatenate([x.reshape(-1, x.shape[-1]) for _, x in seen])
+    q_d = np.take_along_axis(q, drafts[:, None], axis=1)[:, 0]
+    cut = (q == 0).sum(-1)
+    p_ok = _two_sample_pvalues(ar_samples, res.tokens)
+    print(f"\nMTP drafts at top-p {SETTINGS.top_p}: {len(drafts)} proposals, tokens cut per proposal "
+          f"{cut.mean():.2f} of {q.shape[-1]}, min q(draft) {q_d.min():.3g}; min p {p_ok.min():.3g}")
+    assert (cut > 0).mean() > 0.9 and (q_d > 0).all()
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
+    assert (p_ok > 1e-4).all(), p_ok
+    seen.clear()
+    gen.Generator(sampling_target, _mtp_via_registry(1.0), settings=SETTINGS).generate(_batch(2), seed=701)
+    assert seen and all((x > 0).all() for _, x in seen)
+
+
+# ---- block verification end to end (`DecodeSettings.verify="block"`; exact checks: tests/test_block_verify.py) ----
+
+BLOCK_SETTINGS = gen.DecodeSettings(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.8, verify="block")
+
+
+def _self_drafter():
+    """Sampled drafts with q ≠ p that are often accepted (full blocks too): the target itself sampled at T = 1 with
+    no nucleus, judged at T = 0.7, top-p 0.8 — where block and token-level verification differ."""
+    from hdflash_jax.decode.drafters import TargetSampleDrafter
+
+    return TargetSampleDrafter(K, sampled=True, temperature=1.0)
+
+
+def _block_run(sampling_target, per_prompt: int, seed: int, settings=BLOCK_SETTINGS):
+    return gen.Generator(sampling_target, _self_drafter(), settings=settings).generate(_batch(per_prompt), seed=seed)
+
+
+def test_block_verification_lossless_with_sampled_drafts_t07_top_p08(sampling_target, ar_samples):
+    """Block verification of sampled drafts, three prompts in one batch, against AR: the per-position two-sample χ²
+    of the token-level test (half the rows of AR's sample, for the default suite's time; the slow test has the power
+    and the negative control)."""
+    res = _block_run(sampling_target, PER_PROMPT // 2, seed=500)
+    p_ok = _two_sample_pvalues(ar_samples, res.tokens)
+    print(f"\nblock verification, sampled drafts: hist {list(res.stats.accepted_hist)}, tau {res.stats.tau:.3f}; "
+          f"min p {p_ok.min():.3g} over {p_ok.size} tests")
+    assert min(res.stats.accepted_hist) > PER_PROMPT // 6, res.stats.accepted_hist  # every length, full blocks too
+    assert (p_ok > 1e-4).all(), p_ok
+
+
+@pytest.mark.slow
+def test_block_verification_end_to_end_rejects_a_biased_block_rule(sampling_target, ar_samples_2x, monkeypatch):
+    """Twice the samples; keeping the first passing prefix instead of the longest is rejected by the same test."""
+    from test_block_verify import first_kept_prefix
+
+    n = 2 * PER_PROMPT
+    res = _block_run(sampling_target, n, seed=600)
+    p_ok = _two_sample_pvalues(ar_samples_2x, res.tokens)
+    monkeypatch.setattr(gen, "accept_block", first_kept_prefix)
+    bad = _block_run(sampling_target, n, seed=600)
+    p_bad = _two_sample_pvalues(ar_samples_2x, bad.tokens)
+    print(f"\nblock: tau {res.stats.tau:.3f}, min p {p_ok.min():.3g}; first kept prefix: tau {bad.stats.tau:.3f}, "
+          f"min p {p_bad.min():.3g}")
+    assert (p_ok > 1e-4).all(), p_ok
+    assert p_bad.min() < 1e-6, p_bad

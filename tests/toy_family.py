@@ -66,7 +66,8 @@ class BigramFamily(DrafterFamily):
     def num_drafts(self, cfg: BigramConfig, block_size: int | None) -> int:
         return cfg.depth if block_size is None else block_size - 1
 
-    def adapter(self, cfg: BigramConfig, num_drafts: int, temperature: float):
+    def adapter(self, cfg: BigramConfig, num_drafts: int, temperature: float, top_p: float = 1.0):
+        # point masses (argmax chains) at every temperature: top_p has nothing to cut
         return BigramDrafter(num_drafts)
 
     def check_target(self, cfg: BigramConfig, target_cfg, where: str) -> None:

@@ -4,7 +4,10 @@
 * `ReplayDrafter` — proposes a known continuation at no cost: the oracle of the tests (τ = block size) and the
   ceiling of the benchmarks.
 * `MTPDrafter` — DeepSeek's native MTP block chained k times on its own streams.
-* `BlockDrafterAdapter` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass per block.
+* `BlockDrafterAdapter` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass a
+  block.
+* `TargetSampleDrafter` — the target itself sampled K tokens ahead on the committed context: what the target's own
+  distribution allows a drafter (the self-sample ceiling at T > 0; a strong sampled drafter for the tests).
 
 Which adapter a drafter gets, and with how many drafts, is its family's to say (`hdflash_jax.families`).
 """
@@ -22,8 +25,8 @@ from hdflash_jax.config import DrafterConfig, TargetConfig
 from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardings
 from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
-from hdflash_jax.deepseek_v4.cache import init_cache
-from hdflash_jax.decode.verify import check_block_size
+from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
+from hdflash_jax.decode.verify import check_block_size, target_probs
 
 
 class _Stateless:
@@ -88,6 +91,7 @@ class MTPDrafter:
     return_layers: tuple[int, ...] = ()
     sampled: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0  # sampled drafts come from the run's nucleus, as the target's tokens do
 
     def check_target(self, tcfg: TargetConfig) -> None:
         if tcfg.n_mtp_layers < 1:
@@ -113,7 +117,7 @@ class MTPDrafter:
         keys = jax.random.split(key, self.num_drafts)
 
         def choose(logits, k):
-            return choose_drafts(logits, k, self.sampled, self.temperature)
+            return choose_drafts(logits, k, self.sampled, self.temperature, self.top_p)
 
         first, first_p = choose(state["logits"], keys[0])
 
@@ -131,11 +135,13 @@ class MTPDrafter:
         return drafts, probs, state
 
 
-def choose_drafts(logits, key, sampled: bool, temperature: float):
-    """Greedy drafts (point masses) or samples with their probabilities (for standard rejection sampling)."""
+def choose_drafts(logits, key, sampled: bool, temperature: float, top_p: float = 1.0):
+    """Greedy drafts (point masses) or samples with their probabilities (for rejection sampling), drawn from the
+    draft distribution at `temperature` cut to its `top_p` nucleus (`verify.target_probs`, the target's own rule:
+    a draft outside the nucleus would be one the target never emits)."""
     if not sampled:
         return jnp.argmax(logits, -1).astype(jnp.int32), None
-    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    probs = target_probs(logits, temperature, top_p)
     return jax.random.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
 
 
@@ -152,6 +158,7 @@ class BlockDrafterAdapter:
     num_drafts: int
     sampled: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0
 
     @property
     def return_layers(self) -> tuple[int, ...]:
@@ -176,6 +183,49 @@ class BlockDrafterAdapter:
     def propose(self, target, modules, state, anchor, position, key):
         _, logits = draft_block(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
         keys = jax.random.split(key, self.num_drafts)
-        tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), in_axes=(1, 0),
-                                 out_axes=1)(logits, keys)
+        tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
+                                 in_axes=(1, 0), out_axes=1)(logits, keys)
         return tokens, probs, state
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSampleDrafter:
+    """The target as its own drafter: K tokens sampled from the target at `temperature` / `top_p` on the committed
+    context (its own copy of the target cache, updated by `observe`), each step conditioned on the drafts before it.
+
+    Point masses (`sampled=False`) at the run's temperature give the self-sample ceiling: each draft is an
+    independent sample of the target, accepted with probability p(d), so its τ is what the target's entropy alone
+    allows a drafter that proposes point masses. With `sampled=True` the drafts carry their probabilities (q = p at
+    the run's settings: everything accepted; another temperature: a strong drafter with q ≠ p). Temperature 0:
+    the target's greedy continuation. It costs K target steps per verify: its τ means something, its speed not."""
+    num_drafts: int
+    return_layers: tuple[int, ...] = ()
+    sampled: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def check_target(self, tcfg: TargetConfig) -> None:
+        check_block_size(self.num_drafts + 1, where="block size")
+
+    def init_state(self, target, modules, batch, max_len):
+        return {"cache": init_cache(target.cfg, batch, max_len, max_block=self.num_drafts + 1)}
+
+    def observe(self, target, modules, state, out, n_valid, next_tokens):
+        """The target's cache after the call, committed up to what the decoder commits."""
+        return {"cache": set_committed_length(out.cache, state["cache"]["length"] + n_valid)}
+
+    def propose(self, target, modules, state, anchor, position, key):
+        def step(carry, k):
+            tok, cache = carry
+            out = target(tok[:, None], cache, jnp.ones_like(tok))
+            logits = out.logits[:, 0].astype(jnp.float32)
+            if self.temperature == 0:
+                return (jnp.argmax(logits, -1).astype(jnp.int32), out.cache), (jnp.argmax(logits, -1), logits)
+            probs = target_probs(logits, self.temperature, self.top_p)
+            nxt = jax.random.categorical(k, jnp.log(probs + 1e-38)).astype(jnp.int32)
+            return (nxt, out.cache), (nxt, probs)
+
+        _, (tokens, probs) = jax.lax.scan(step, (anchor.astype(jnp.int32), state["cache"]),
+                                          jax.random.split(key, self.num_drafts))
+        drafts = tokens.T.astype(jnp.int32)
+        return drafts, (probs.transpose(1, 0, 2) if self.sampled else None), state  # the scan's writes are dropped

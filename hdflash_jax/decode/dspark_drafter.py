@@ -3,8 +3,9 @@
 The drafter's state is its context ring (keys of committed positions only; `observe` appends what a verify step
 committed), so rollback needs nothing: rejected positions never enter it. `propose` drafts B tokens for a block of
 B slots [anchor, noise...] (verify width B + 1), greedy or sampled: with sampling, draft j is drawn from
-softmax((base_j + Markov bias(d_{j-1})) / T) and that distribution goes to the rejection sampler, which makes the
-output exactly the target's distribution (each draft's proposal is conditioned on the drafts before it).
+softmax((base_j + Markov bias(d_{j-1})) / T), cut to the run's top-p nucleus, and that distribution goes to the
+rejection sampler, which makes the output exactly the target's distribution (each draft's proposal is conditioned
+on the drafts before it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DSparkDrafterAdapter:
     num_drafts: int  # = the block's slots B (slot j drafts the token j + 1 after the anchor)
     sampled: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0
 
     @property
     def return_layers(self) -> tuple[int, ...]:
@@ -48,5 +50,6 @@ class DSparkDrafterAdapter:
         base = modules.base_logits(target.head_logits, x)
         keys = jax.random.split(key, self.num_drafts)
         tokens, _, probs = markov_draft(modules, base, anchor,
-                                        lambda l, k: choose_drafts(l, k, self.sampled, self.temperature), keys)
+                                        lambda l, k: choose_drafts(l, k, self.sampled, self.temperature,
+                                                                   self.top_p), keys)
         return tokens.astype(jnp.int32), probs, state

@@ -24,7 +24,8 @@ from flax import nnx
 
 from hdflash_jax.decode.prefill import chunked_prefill
 from hdflash_jax.decode.stats import AcceptanceStats
-from hdflash_jax.decode.verify import accept_greedy, accept_sampled, sample, target_probs
+from hdflash_jax.decode.verify import (accept_block, accept_greedy, accept_sampled, check_verify_rule, sample,
+                                      target_probs)
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
@@ -88,6 +89,7 @@ class DecodeSettings:
     # prompt tokens per prefill call: a longer bucket prefills in chunks through the cache (`decode/prefill.py`), so
     # its activations and logits are a chunk's, not the bucket's; a bucket up to this size is one call
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    verify: str = "token"  # the acceptance rule at T > 0: "token" (accept_sampled) or "block" (accept_block)
 
     @property
     def extends_buckets(self) -> bool:
@@ -240,7 +242,8 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
         acc = accept_greedy(vout.logits, block[:, 1:])
     else:
         probs = target_probs(vout.logits, settings.temperature, settings.top_p)
-        acc = accept_sampled(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
+        rule = accept_block if settings.verify == "block" else accept_sampled
+        acc = rule(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
     a = jnp.where(st.done, 0, acc.accepted)
     slot = jnp.arange(k + 1)[None, :]
     shifted = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
@@ -369,6 +372,7 @@ class Generator:
             raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
         if settings.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {settings.prefill_chunk}")
+        check_verify_rule(settings.verify, where="DecodeSettings.verify")
         if self.drafter.num_drafts < 0:
             raise ValueError("num_drafts must be >= 0")
         self.tgraph, self.tstate = nnx.split(target)

@@ -10,6 +10,16 @@ predicts the token after it, so p_i judges draft d_{i+1} and p_K gives the bonus
   with q = δ_d, so every committed token is an exact sample of the target.
 * sampling, sampled drafts with probabilities q: accept with min(1, p(d)/q(d)), on rejection draw from
   norm(max(p − q, 0)). The point-mass rule is this rule with q one-hot.
+
+Those two are token-level verification (`accept_sampled`, `verify="token"`). Block verification (Sun et al.,
+"Block Verification Accelerates Speculative Decoding", 2024, Algorithm 2; `accept_block`, `verify="block"`)
+judges the block jointly: with w_0 = 1 and w_i = min(1, w_{i-1} · p_{i-1}(d_i) / q_{i-1}(d_i)), the residual mass
+r_i = Σ_x max(w_i p_i(x) − q_i(x), 0) and the stop probability h_i = r_i / (r_i + 1 − w_i) (i < K), h_K = w_K,
+it keeps the longest prefix i whose independent uniform η_i < h_i (τ = 0 if none) and draws the token after it
+from norm(max(w_τ p_τ − q_τ, 0)) (from p_K when τ = K). A later draft can rescue an earlier one that token-level
+verification would reject, since w only shrinks by the ratio and grows back towards 1. Every emitted sequence is
+an exact sample of the target, and its expected accepted length is never below token-level's; for point-mass
+drafts the two accept the same lengths in distribution (Π p(d) bounds both). Greedy decoding never calls either.
 """
 
 from __future__ import annotations
@@ -80,6 +90,69 @@ def accept_sampled(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_pr
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a)
     bonus = jax.random.categorical(key_res, jnp.log(residual + 1e-38), axis=-1).astype(drafts.dtype)
+    return Acceptance(a, bonus)
+
+
+VERIFY_RULES = ("token", "block")  # the acceptance rules at T > 0: `accept_sampled`, `accept_block`
+
+
+def check_verify_rule(rule: str, where: str = "--verify") -> None:
+    if rule not in VERIFY_RULES:
+        raise ValueError(f"{where} must be one of {', '.join(VERIFY_RULES)}, got {rule!r}")
+
+
+class BlockVerdict(NamedTuple):
+    """What block verification decides from, per row (before any randomness): `stop` [B, K+1] = h_0..h_K (the
+    probability of keeping prefix i when no longer prefix is kept; h_0 = 1) and `residual` [B, K+1, V], the
+    unnormalised distribution of the token after a kept prefix i (max(w_i p_i − q_i, 0); p_K at i = K)."""
+    stop: jax.Array
+    residual: jax.Array
+
+
+def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None) -> BlockVerdict:
+    """Sun et al.'s block verification, the deterministic half. probs [B, K+1, V] target; drafts [B, K];
+    draft_probs [B, K, V] or None (point masses)."""
+    b, k1, v = probs.shape
+    k = k1 - 1
+    p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]  # p_i(d_{i+1})
+    if draft_probs is None:
+        q = jax.nn.one_hot(drafts, v, dtype=probs.dtype)
+        q_d = jnp.ones_like(p_d)
+    else:
+        q = draft_probs.astype(probs.dtype)
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    tiny = jnp.finfo(probs.dtype).tiny
+
+    def weight(w, pq):  # w_i = min(1, w_{i-1} p / q); a zero q (never drawn) with p > 0 gives 1, with p = 0 gives 0
+        p_i, q_i = pq
+        w = jnp.minimum(w * p_i / jnp.maximum(q_i, tiny), 1.0)
+        return w, w
+
+    _, ws = jax.lax.scan(weight, jnp.ones((b,), probs.dtype), (p_d.T, q_d.T))
+    w = jnp.concatenate([jnp.ones((b, 1), probs.dtype), ws.T], axis=1)  # [B, K+1]: w_0..w_K
+    residual = jnp.maximum(w[:, :k, None] * probs[:, :k] - q, 0.0)  # after prefix i < K
+    r = jnp.sum(residual, axis=-1)
+    den = r + 1.0 - w[:, :k]
+    h = jnp.where(den > 0, r / jnp.where(den > 0, den, 1.0), 0.0)  # 0/0 (w = 1, no residual): never stop there
+    tail = [h[:, 1:], w[:, k:]] if k else []  # h_1..h_{K-1}, h_K = w_K (AR's block of one: h_0 alone)
+    stop = jnp.concatenate([jnp.ones((b, 1), probs.dtype)] + tail, axis=1)
+    return BlockVerdict(stop, jnp.concatenate([residual, probs[:, k:]], axis=1))
+
+
+def accept_block(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None,
+                 ) -> Acceptance:
+    """Block verification (lossless; see the module docstring): the same arguments as `accept_sampled`."""
+    b, k1, v = probs.shape
+    key_u, key_res = jax.random.split(key)
+    verdict = block_verdict(probs, drafts, draft_probs)
+    u = jax.random.uniform(key_u, (b, k1 - 1))
+    kept = u < verdict.stop[:, 1:]
+    a = jnp.max(jnp.where(kept, jnp.arange(1, k1)[None, :], 0), axis=1, initial=0).astype(jnp.int32)  # longest
+    res = jnp.take_along_axis(verdict.residual, a[:, None, None], axis=1)[:, 0]
+    p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
+    mass = jnp.sum(res, axis=-1, keepdims=True)
+    res = jnp.where(mass > 0, res / jnp.where(mass > 0, mass, 1.0), p_a)
+    bonus = jax.random.categorical(key_res, jnp.log(res + 1e-38), axis=-1).astype(drafts.dtype)
     return Acceptance(a, bonus)
 
 

@@ -16,7 +16,7 @@ class ARFamily(DrafterFamily):
     def num_drafts(self, cfg, block_size: int | None) -> int:
         return 0
 
-    def adapter(self, cfg, num_drafts: int, temperature: float):
+    def adapter(self, cfg, num_drafts: int, temperature: float, top_p: float = 1.0):
         from hdflash_jax.decode.drafters import NoDrafter
 
         return NoDrafter()

@@ -24,11 +24,12 @@ class MTPFamily(DrafterFamily):
     def num_drafts(self, cfg: MTPConfig, block_size: int | None) -> int:
         return cfg.depth  # a chain of `depth` MTP steps, whatever the verify width of the block drafters
 
-    def adapter(self, cfg, num_drafts: int, temperature: float):
+    def adapter(self, cfg, num_drafts: int, temperature: float, top_p: float = 1.0):
         from hdflash_jax.decode.drafters import MTPDrafter
 
         sampled = temperature > 0
-        return MTPDrafter(num_drafts, sampled=sampled, temperature=temperature if sampled else 1.0)
+        return MTPDrafter(num_drafts, sampled=sampled, temperature=temperature if sampled else 1.0,
+                          top_p=top_p if sampled else 1.0)
 
     def describe(self, cfg: MTPConfig) -> str:
         return f"the target's MTP layer chained {cfg.depth}x"

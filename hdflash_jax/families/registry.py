@@ -47,8 +47,10 @@ class DrafterFamily:
         width with --block-size."""
         raise NotImplementedError
 
-    def adapter(self, cfg, num_drafts: int, temperature: float):
-        """The decoder's `Drafter` (hdflash_jax.decode.generate) drafting `num_drafts` per step."""
+    def adapter(self, cfg, num_drafts: int, temperature: float, top_p: float = 1.0):
+        """The decoder's `Drafter` (hdflash_jax.decode.generate) drafting `num_drafts` per step, for a run at
+        `temperature` and `top_p` (`DecodeSettings`): a family that samples its drafts at T > 0 samples them from
+        that nucleus."""
         raise NotImplementedError
 
     def decode_modules(self, cfg):

@@ -29,7 +29,7 @@ class ReplayFamily(DrafterFamily):
     def num_drafts(self, cfg: ReplayConfig, block_size: int | None) -> int:
         return cfg.drafts if block_size is None else block_size - 1
 
-    def adapter(self, cfg, num_drafts: int, temperature: float):
+    def adapter(self, cfg, num_drafts: int, temperature: float, top_p: float = 1.0):
         from hdflash_jax.decode.drafters import ReplayDrafter
 
         return ReplayDrafter(num_drafts)
