@@ -40,3 +40,18 @@ def mech(request):
     if why is not None:
         pytest.skip(f"{request.param} does not isolate here: {why}")
     return request.param
+
+
+# a program that forks 64 sleeping children: the sandbox's process cap must stop it (both sandbox test files)
+FORK_BOMB = """\
+import os, sys, time
+n = 0
+try:
+    for _ in range(64):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+finally:
+    print(f"forked {n}", file=sys.stderr)
+"""

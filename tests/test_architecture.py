@@ -2,7 +2,8 @@
 tests/test_architecture.py` prints the import graph's package edges):
 
 * no import cycle among the modules of the four packages (hdflash_jax, convert, train, eval; every import counted,
-  also those inside functions);
+  also those inside functions), nor among the library's subpackages (families, training, decode, ...: a module
+  of one may import another only if no module of that one imports it back);
 * arrows point one way: the library imports no application; convert imports only the library; train/ and eval/
   are siblings (neither imports the other) except the one module that drives both, the small model's pipeline;
 * one place decides which drafter family a drafter is: outside the registry and the families' own modules no code
@@ -100,6 +101,19 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def library_units(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The library's import graph with each subpackage as one node (hdflash_jax.families.block -> families)."""
+    def unit(m: str) -> str:
+        parts = m.split(".")
+        return ".".join(parts[:2]) if len(parts) > 2 else m
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for m, deps in graph.items():
+        if m.split(".")[0] == "hdflash_jax":
+            out[unit(m)] |= {unit(d) for d in deps if d.split(".")[0] == "hdflash_jax" and unit(d) != unit(m)}
+    return dict(out)
+
+
 def layering_violations(graph: dict[str, set[str]]) -> list[str]:
     allowed = {"hdflash_jax": {"hdflash_jax"}, "convert": {"hdflash_jax", "convert"},
                "train": {"hdflash_jax", "train"}, "eval": {"hdflash_jax", "eval"}}
@@ -139,6 +153,7 @@ GRAPH = import_graph()
 
 def test_no_import_cycle():
     assert cycles(GRAPH) == []
+    assert cycles(library_units(GRAPH)) == []
 
 
 def test_arrows_point_one_way():
@@ -168,12 +183,16 @@ def test_negative_controls_find_planted_violations(tmp_path):
         "train/t.py": "from eval.b import x\n",  # train -> eval
         "hdflash_jax/lib.py": "import convert.c\n",  # library -> application
         "convert/c.py": "x = 1\n",
+        "hdflash_jax/fam/reg.py": "from hdflash_jax.trn.loss import L\n",  # subpackages importing each other
+        "hdflash_jax/trn/loss.py": "L = 1\n",
+        "hdflash_jax/trn/cfg.py": "def f():\n    from hdflash_jax.fam import reg\n",
         "train/small_pipeline.py": "from eval import b\n",  # allowed: the pipeline
         "eval/w.py": "ok = isinstance(cfg, DSparkConfig)\nif src.kind == 'dspark': pass\n"
                      "path / \"drafter_config.json\"\nfam.name == \"replay\"\nmeth.name == \"ar\"\n",
     })
     graph = import_graph(root)
-    assert cycles(graph) == [["eval.a", "eval.b"]]
+    assert cycles(graph) == [["eval.a", "eval.b"]]  # modules: the subpackages' loop is no module cycle
+    assert cycles(library_units(graph)) == [["hdflash_jax.fam", "hdflash_jax.trn"]]
     assert layering_violations(graph) == ["hdflash_jax.lib -> convert.c", "train.t -> eval.b"]
     assert len(family_tests(root)) == 4
 
@@ -207,6 +226,7 @@ if __name__ == "__main__":
                 counts[(a + (" (pipeline)" if m == PIPELINE else ""), b)] += 1
     for (a, b), n in sorted(counts.items()):
         print(f"{a} -> {b}: {n} module imports")
-    print(f"modules: {len(GRAPH)}, cycles: {cycles(GRAPH)}, layering violations: {layering_violations(GRAPH)}, "
+    print(f"modules: {len(GRAPH)}, cycles: {cycles(GRAPH)}, library subpackage cycles: "
+          f"{cycles(library_units(GRAPH))}, layering violations: {layering_violations(GRAPH)}, "
           f"family tests outside the registry: {family_tests()}")
 

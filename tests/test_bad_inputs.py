@@ -444,7 +444,7 @@ def _fake_capture(folder: Path, overrides: list[str]) -> None:
     """What `--capture-features` writes for the config `overrides` give, without running the target: the layout's
     arrays filled with random values, the source recorded from that config."""
     from hdflash_jax.tokenizer import load_tokenizer
-    from hdflash_jax.training.config import load_config
+    from hdflash_jax.train_config import load_config
     from hdflash_jax.training.features import FeatureWriter, Layout, feature_source
     from train.trainer import drafter_for, target_config
 

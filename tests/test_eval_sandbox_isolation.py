@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import sandbox_why_not
+from conftest import FORK_BOMB, sandbox_why_not
 from eval import sandbox as sb
 from eval import scoring as S
 from hdflash_jax.suites import load_suite
@@ -112,20 +112,6 @@ def test_socket_to_a_local_listener_is_contained(mech, listener):
     assert not _accepted(listener)  # the listener saw nothing
     control = run(src, "none")
     assert control.status == "passed" and _accepted(listener)
-
-
-FORK_BOMB = """\
-import os, sys, time
-n = 0
-try:
-    for _ in range(64):
-        if os.fork() == 0:
-            time.sleep(30)
-            os._exit(0)
-        n += 1
-finally:
-    print(f"forked {n}", file=sys.stderr)
-"""
 
 
 def test_fork_bomb_is_capped(mech):

@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from conftest import FORK_BOMB
 from eval import sandbox as sb
 
 
@@ -305,19 +306,6 @@ def test_detached_shared_memory_is_capped_by_the_ipc_namespace(mech, no_leftover
     control, _ = timed("16 MiB SysV segments", SHM.format(n=8, remove=True), "none")
     assert control.status == "passed" and "shm MiB 128" in control.stderr_tail
 
-
-FORK_BOMB = """\
-import os, sys, time
-n = 0
-try:
-    for _ in range(64):
-        if os.fork() == 0:
-            time.sleep(30)
-            os._exit(0)
-        n += 1
-finally:
-    print(f"forked {n}", file=sys.stderr)
-"""
 
 
 def test_the_cgroup_caps_tasks_without_rlimit_nproc(mech, monkeypatch, no_leftover):

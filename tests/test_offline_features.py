@@ -54,7 +54,7 @@ def work(tmp_path_factory):
 
 
 def _config(work, name: str, drafter: str, mode: str = "online", seed: int = 3, **sections):
-    from hdflash_jax.training.config import load_config
+    from hdflash_jax.train_config import load_config
 
     base = {
         "out_dir": str(work["root"] / "runs" / name),

@@ -404,7 +404,7 @@ def test_shipped_small_model_speculates_losslessly(tmp_path):
 def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
     """Every drafter config the pipeline writes, and the CI pretraining overrides, pass the typed loaders."""
     from train import small_pipeline as SP
-    from hdflash_jax.training.config import load_config
+    from hdflash_jax.train_config import load_config
 
     for size_name, size in SP.SIZES.items():
         for v in size["variants"]:

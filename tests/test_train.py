@@ -130,7 +130,7 @@ def reference_run(work):
 
 def test_config_loader_names_the_key_path(tmp_path):
     from hdflash_jax.typed_config import ConfigError, to_dict
-    from hdflash_jax.training.config import load_config
+    from hdflash_jax.train_config import load_config
 
     cfg = load_config(REPO / "train" / "configs" / "tiny_hyperdflash.yaml", ["optim.lr=1e-3", "train.steps=5",
                                                                              "drafter.n_layers=3"])

@@ -5,7 +5,7 @@ frozen DeepSeek-V4 target.
         [--coordinator HOST:PORT --num-processes N --process-id I | --distributed auto] [--cpu-devices N]
     python -m train.drafter --config FILE --capture-features [--overwrite]   # offline features (train.features)
 
-The config (`hdflash_jax.training.config.DrafterRunConfig`, YAML or JSON; examples in train/configs/) is checked when
+The config (`hdflash_jax.train_config.DrafterRunConfig`, YAML or JSON; examples in train/configs/) is checked when
 it is read: a bad value or key stops with one line naming its path (exit 2). The pieces:
 * `train.trainer.Trainer`: target, drafter, optimizer (`hdflash_jax.training.optim`), shardings and the jitted step;
 * `hdflash_jax.distributed`: `jax.distributed.initialize` (explicit `--coordinator/--num-processes/--process-id`, the
@@ -38,7 +38,7 @@ from hdflash_jax.cli import run_command
 from hdflash_jax.distributed import init_distributed, log, rows_str
 from hdflash_jax.errors import CommandError, UsageError
 from hdflash_jax.fileio import OutputKind, atomic_write_text, check_output, has_files
-from hdflash_jax.training.config import DrafterRunConfig, load_config
+from hdflash_jax.train_config import DrafterRunConfig, load_config
 from hdflash_jax.typed_config import to_dict
 from train.checkpointing import Checkpointer
 from train.data import make_iterator
@@ -305,7 +305,7 @@ def _export(trainer: Trainer, params, out_dir: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.drafter", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML/JSON config (hdflash_jax.training.config.DrafterRunConfig)")
+    p.add_argument("--config", required=True, help="YAML/JSON config (hdflash_jax.train_config.DrafterRunConfig)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted key = YAML value, e.g. optim.lr=3e-4 (repeatable)")
     p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,fsdp=2,tensor=2 (default: data=all devices)")

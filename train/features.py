@@ -28,7 +28,7 @@ from hdflash_jax.errors import UsageError
 from hdflash_jax.fileio import atomic_dir, check_output, clean_stale_tmp
 from hdflash_jax.sharding import batch_sharding, mesh_from_spec
 from hdflash_jax.tokenizer import load_tokenizer
-from hdflash_jax.training.config import DrafterRunConfig
+from hdflash_jax.train_config import DrafterRunConfig
 from hdflash_jax.training.features import FEATURES_DIR, TOKENS, FeatureWriter, Layout, cost_line, feature_source
 from hdflash_jax.training.pure import PureModule
 from train import data as D

@@ -62,7 +62,7 @@ from hdflash_jax.deepseek_v4.cache import init_cache
 from hdflash_jax.deepseek_v4.model import forward_full, init_target
 from hdflash_jax.errors import UsageError
 from hdflash_jax.fileio import OutputKind, check_output, has_files, read_json
-from hdflash_jax.training.config import CheckpointConfig, LogConfig, OptimConfig
+from hdflash_jax.train_config import CheckpointConfig, LogConfig, OptimConfig
 from hdflash_jax.training.optim import make_optimizer
 from hdflash_jax.typed_config import ConfigError, check, check_fields_of, load, to_dict
 from train.checkpointing import Checkpointer

@@ -36,7 +36,7 @@ from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.errors import CommandError, UsageError
 from hdflash_jax.fileio import OutputKind, check_output
 from hdflash_jax.tokenizer import load_tokenizer
-from hdflash_jax.training.config import TargetSection
+from hdflash_jax.train_config import TargetSection
 from hdflash_jax.typed_config import build
 from train.data import JsonlSource, prompt_ids, prompt_messages
 from train.trainer import build_target

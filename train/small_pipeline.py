@@ -42,7 +42,7 @@ from eval.results import SEED_SUFFIX
 from hdflash_jax.cli import run_command
 from hdflash_jax.families import family
 from hdflash_jax.fileio import OutputKind, atomic_dir, atomic_write_text, check_output, has_files, read_json
-from hdflash_jax.training.config import load_config as load_drafter_config
+from hdflash_jax.train_config import load_config as load_drafter_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "tokenizer", "target", "regen", "drafters", "ship", "eval", "report")

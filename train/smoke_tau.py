@@ -33,7 +33,7 @@ from hdflash_jax.config import get_preset
 from hdflash_jax.deepseek_v4.model import init_target
 from hdflash_jax.errors import UsageError
 from hdflash_jax.tokenizer import load_tokenizer
-from hdflash_jax.training.config import TargetSection
+from hdflash_jax.train_config import TargetSection
 from train import drafter as T
 from train import regenerate as R
 

@@ -35,7 +35,7 @@ from hdflash_jax.families import family
 from hdflash_jax.params import active_params
 from hdflash_jax.sharding import batch_sharding, mesh_from_spec
 from hdflash_jax.tokenizer import load_tokenizer
-from hdflash_jax.training.config import DrafterRunConfig, TargetSection
+from hdflash_jax.train_config import DrafterRunConfig, TargetSection
 from hdflash_jax.training.features import FeatureReader, Layout, feature_source, offline_batch_spec
 from hdflash_jax.training.flops import drafter_step_flops
 from hdflash_jax.training.optim import make_optimizer

@@ -5,7 +5,7 @@
         --seq 3072 --anchors 512 [--drafter v4-flash-hyperdflash] [--train-override train.attention=dense] \
         [--drafter-only]
 
-The training options are the drafter trainer's defaults (`hdflash_jax.training.config`); `--train-override` sets
+The training options are the drafter trainer's defaults (`hdflash_jax.train_config`); `--train-override` sets
 others in the trainer's own syntax. `--drafter-only` plans the step of a run on offline features
 (`features.mode: offline`): the same pure step, whose batch carries the target's features and teacher hidden
 states (`training.features.offline_batch_spec`, as the trainer's) and whose target params are the embedding and
@@ -63,7 +63,7 @@ def build(name, cfg, args, mesh) -> Program:
     from hdflash_jax.families import family_of
     from hdflash_jax.params import active_params
     from hdflash_jax.sharding import batch_sharding
-    from hdflash_jax.training.config import load_config
+    from hdflash_jax.train_config import load_config
     from hdflash_jax.training.flops import drafter_step_flops
     from hdflash_jax.training.optim import make_optimizer
     from hdflash_jax.training.pure import PureModule

@@ -20,7 +20,7 @@ from hdflash_jax.typed_config import check
 
 @dataclasses.dataclass(frozen=True)
 class DSparkLossConfig:
-    """DSpark's loss, and its `drafter.loss` section of a training config (hdflash_jax.training.config)."""
+    """DSpark's loss, and its `drafter.loss` section of a training config (hdflash_jax.train_config)."""
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     confidence_weight: float = 0.0  # > 0 trains the confidence head too

@@ -15,6 +15,7 @@ import os
 from typing import Annotated, Any
 
 from hdflash_jax.config import TargetConfig
+from hdflash_jax.families import families, family
 from hdflash_jax.training.optim import OptimConfig  # noqa: F401 — a section of both trainers' configs
 from hdflash_jax.typed_config import TaggedUnion, check, check_fields_of, load
 
@@ -60,14 +61,10 @@ class TargetSection:
 
 
 def _drafter_sections() -> dict[str, type]:
-    from hdflash_jax.families import families
-
     return {f.name: f.section_cls for f in families() if f.section_cls is not None}
 
 
 def _default_drafter():
-    from hdflash_jax.families import family
-
     return family("block").section_cls()
 
 
