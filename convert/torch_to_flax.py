@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,6 +223,7 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
             tmp.mkdir(parents=True)
         except OSError as e:
             raise CheckpointError(f"--dst {dst}: cannot be created ({e.strerror or e}: {e.filename or tmp})") from None
+        threads_before = set(threading.enumerate())
         try:
             stats = _stream(source, plan, leaves, cfg, tmp, flush_bytes=int(flush_mb * 2**20), progress=progress,
                             allow_nonfinite=allow_nonfinite)
@@ -233,6 +235,7 @@ def convert(src, dst, *, fmt: str = "auto", dtype: str = "bf16", no_mtp: bool = 
             (tmp / ck.REPORT_FILE).write_text(json.dumps(report, indent=1))
             fileio.commit(tmp, dst, overwrite=overwrite)
         except BaseException:
+            ck.join_writer_threads(threads_before)  # a save interrupted mid-way leaves writers running: wait first
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:

@@ -202,9 +202,11 @@ class ParamWriter:
         if dup:
             raise ValueError(f"ParamWriter: {sorted(dup)[0]!r} written twice")
         before = set(threading.enumerate())
-        with self._context():
-            _ocp().partial.save(self.path, nest(flat))
-        _join_new_threads(before)
+        try:
+            with self._context():
+                _ocp().partial.save(self.path, nest(flat))
+        finally:  # also when Ctrl-C lands inside the save: its threads go on writing otherwise
+            join_writer_threads(before)
         self.keys.update(flat)
         self.n_adds += 1
 
@@ -213,10 +215,11 @@ class ParamWriter:
             _ocp().partial.finalize(self.path)
 
 
-def _join_new_threads(before: set, timeout_s: float = 10.0) -> None:
+def join_writer_threads(before: set, timeout_s: float = 10.0) -> None:
     """Wait for the threads a save started and left running (orbax's asyncio loop and metadata writer): they
     still write into the folder, so a caller that removes it on an error (Ctrl-C during a conversion) would
-    otherwise find it recreated behind its back. Threads that were there before are not ours to wait for."""
+    otherwise find it recreated behind its back. Threads that were there before (`before`, a set of
+    `threading.enumerate()`) are not ours to wait for."""
     for t in set(threading.enumerate()) - before:
         if t.name.startswith(("asyncio_", "metadata_store")):
             t.join(timeout_s)
