@@ -25,7 +25,9 @@ from hdflash_jax.families import family
 
 MICRO = get_preset("tiny").replace(n_layers=3, compress_ratios=(0, 4, 8, 0), n_hash_layers=1)
 LENGTHS, BUCKET, CHUNK = (23, 9, 20), 32, 5
-FAMILIES = ("ar", pytest.param("replay", marks=pytest.mark.slow), "mtp", "hyperdflash", "dflash", "dspark")
+# by default one of each kind of drafter state: none (ar), a block drafter's cache, DSpark's ring; the rest slow
+FAMILIES = ("ar", "hyperdflash", "dspark") + tuple(pytest.param(n, marks=pytest.mark.slow)
+                                                   for n in ("replay", "mtp", "dflash"))
 
 
 @pytest.fixture(scope="module", autouse=True)

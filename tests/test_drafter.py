@@ -368,7 +368,8 @@ def test_drafter_sizes_script(tmp_path, capsys):
     assert rows["hyperdflash"]["reducer_core_params"] == 65_541
     assert rows["final_streams+linear"]["reducer_core_params"] == 67_108_864
     assert rows["dflash"]["target_layer_ids"] == [1, 11, 20, 30, 40]
-    assert rows["hyperdflash"]["total_params"] == 5 * 186_654_976 + 65_541 + 4096 + 4096  # a layer: q, k, v (2 KV heads), o, MLP, norms
+    # a layer: q, k, v (8 KV heads), o, MLP, norms
+    assert rows["hyperdflash"]["total_params"] == 5 * 192_946_432 + 65_541 + 4096 + 4096
     assert "1024x" in capsys.readouterr().out
 
 

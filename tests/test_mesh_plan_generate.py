@@ -6,6 +6,7 @@ import json
 import re
 
 import jax
+import pytest
 
 from hdflash_jax.aot_plan import cli as mesh_plan
 from hdflash_jax.aot_plan import target as plan_target
@@ -92,6 +93,7 @@ def test_the_mtp_layer_is_counted_and_figures_say_where_they_come_from(tmp_path,
 
 
 
+@pytest.mark.slow  # two train-program compiles; the target programs' MTP count is checked by default above
 def test_the_train_program_counts_the_mtp_layer_the_trainer_holds(monkeypatch):
     """Online, the trainer holds the whole target (MTP layer included) though the step never reads the MTP layer:
     the train program takes it, compiled with keep_unused, and its argument bytes hold it. Offline (the drafter
