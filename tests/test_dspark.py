@@ -119,6 +119,35 @@ def test_eval_run_dspark_checkpoint(tmp_path):
     assert cell["greedy_match_ar"] is True and cell["block_size"] == 6 and len(cell["accepted_hist"]) == 6
 
 
+@pytest.mark.slow
+def test_eval_run_confidence_schedule_auto(tmp_path):
+    """`eval.run --confidence-schedule auto` at T = 1: step costs measured on the compiled shape, the chosen widths
+    and costs in results.json and results.md, config.confidence_schedule recorded; explicit costs of the wrong
+    count are refused before any compute (one line naming the flag)."""
+    import json
+
+    from eval import run as ev
+    from hdflash_jax.config import get_preset as preset
+    from hdflash_jax.families import family
+    from hdflash_jax.dspark.model import init_dspark
+
+    tcfg = preset("tiny")
+    dcfg = DSparkConfig(block_size=5, noise_token_id=tcfg.vocab_size - 1, target_layer_ids=(3, 4, 5), markov_rank=16)
+    ckpt = family("dspark").save(tmp_path / "dspark", init_dspark(dcfg, tcfg, seed=2), dcfg)
+    args = ["--suite", "gsm8k", "--method", "dspark", "--drafter", f"dspark={ckpt}", "--limit", "2", "--target",
+            "tiny-random", "--max-new-tokens", "8", "--prompt-buckets", "512", "--temperature", "1.0", "--quiet"]
+    assert ev.main([*args, "--out", str(tmp_path / "bad"), "--confidence-schedule", "1,2,3"]) == 2
+    out = tmp_path / "out"
+    assert ev.main([*args, "--out", str(out), "--confidence-schedule", "auto"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    cell = r["suites"]["gsm8k"]["dspark"]
+    assert r["config"]["confidence_schedule"] == "auto" and "verify_width_hist" not in r["suites"]["gsm8k"]["ar"]
+    assert len(cell["verify_width_hist"]) == 6 and sum(cell["verify_width_hist"]) > 0
+    (shape, costs), = cell["verify_costs"].items()
+    assert shape == "512x1" and len(costs["measured"]) == len(costs["used"]) == 6
+    assert "## Confidence schedule (DSpark)" in (out / "results.md").read_text()
+
+
 # ---- the confidence schedule: the head picks how many drafts each step verifies --------------------------------
 
 def _scheduled(target, costs, max_new_tokens=40):

@@ -396,7 +396,7 @@ def io_shardings(tstate, dstate, plan: DecodePlan, mesh):
     rep = rows_sharding(mesh, 1, 0)
     ins = (params(tstate), params(dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep, rep)
     outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
-            rows_sharding(mesh, b, 1), rows_sharding(mesh, 1, 1))
+            rows_sharding(mesh, b, 1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None)))
     return ins, outs
 
 
