@@ -41,7 +41,7 @@ def test_answer_entropies_are_those_of_the_positions_that_predict_the_answer(tar
     got = answer_entropies(target, prompts, answers, 1.0)
     assert [len(g) for g in got] == [4, 2]
     for p, a, g in zip(prompts, answers, got):
-        want, later = [], []
+        want = []
         for j in range(len(a) + 1):
             seq = p + a[:j]
             out = target(jnp.asarray([seq], jnp.int32), init_cache(MICRO, 1, 64, max_block=len(seq)))
