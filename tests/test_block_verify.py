@@ -342,7 +342,7 @@ def test_schedule_width_maximises_tokens_per_cost_reading_earlier_drafts_only():
     live = np.array([True, True])
     stepped = (1.0, 1.6, 1.6, 1.6, 1.6, 1.7, 1.7, 1.8)  # not affine: a jump, then flat (where the two differ)
     moved = 0
-    for i in range(400):
+    for i in range(120):
         conf = rng.uniform(0.3, 1.0, (2, 7))
         costs = 1.0 + rng.uniform(0.0, 0.3) * np.arange(8) if i % 2 else np.array(stepped)  # affine / stepped
         w = int(schedule_width(jnp.asarray(conf), jnp.asarray(live), tuple(costs)))
