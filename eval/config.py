@@ -39,6 +39,8 @@ class RunConfig:
     temperature: float
     top_p: float
     verify: str  # the acceptance rule at T > 0: "token" or "block" (hdflash_jax.decode.verify)
+    # DSpark's verify schedule: "off", "auto" (step costs measured per shape) or the costs at widths 1..K+1
+    confidence_schedule: str | tuple[float, ...]
     block_size: int | None
     mtp_k: int
     batch_size: int
@@ -92,6 +94,7 @@ class RunConfig:
             check_verify_rule(ns.verify)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        schedule = _confidence_schedule(ns.confidence_schedule)
         if not ns.score_timeout > 0:
             raise UsageError(f"--score-timeout must be > 0, got {ns.score_timeout}")
         if ns.mesh:
@@ -103,7 +106,8 @@ class RunConfig:
             suites=suites, method=ns.method, target=ns.target, drafters=_drafter_pairs(ns.drafter),
             tokenizer=ns.tokenizer, thinking=ns.thinking, limit=ns.limit,
             first_turn_only=ns.first_turn_only, max_new_tokens=ns.max_new_tokens,
-            temperature=float(ns.temperature), top_p=float(ns.top_p), verify=ns.verify, block_size=ns.block_size,
+            temperature=float(ns.temperature), top_p=float(ns.top_p), verify=ns.verify,
+            confidence_schedule=schedule, block_size=ns.block_size,
             mtp_k=ns.mtp_k, batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets),
             prefill_chunk=ns.prefill_chunk, seed=ns.seed,
             out=Path(ns.out) if ns.out is not None else None, overwrite=ns.overwrite, score=ns.score,
@@ -124,6 +128,39 @@ def _buckets(arg: str | None) -> tuple[int, ...] | None:
     if not buckets or buckets[0] < 1:
         raise UsageError(f"--prompt-buckets {arg!r}: need positive sizes")
     return buckets
+
+
+def _confidence_schedule(arg: str) -> str | tuple[float, ...]:
+    """--confidence-schedule off|auto|C1,C2,... → "off", "auto" or the costs (each > 0)."""
+    if arg in ("off", "auto"):
+        return arg
+    try:
+        costs = tuple(float(x) for x in arg.split(","))
+    except ValueError:
+        raise UsageError(f"--confidence-schedule {arg!r}: expected off, auto or a comma list of costs") from None
+    if not all(math.isfinite(c) and c > 0 for c in costs):
+        raise UsageError(f"--confidence-schedule {arg!r}: costs must be finite and > 0")
+    return costs
+
+
+def check_confidence_schedule(cfg: RunConfig, methods: list[str], drafters: dict[str, DrafterSource]) -> None:
+    """Every method but AR must have a confidence head (a DSpark drafter with one), and explicit costs one per
+    verify width 1..K+1 of each."""
+    from eval.methods import method_family
+
+    if cfg.confidence_schedule == "off":
+        return
+    for m in methods:
+        if m == "ar":
+            continue
+        _, dcfg = method_family(m, drafters, cfg.mtp_k)
+        if not getattr(dcfg, "confidence_head", False):
+            raise UsageError(f"--confidence-schedule: method {m} has no confidence head to schedule its verify with "
+                             f"(only DSpark drafters with one; run it without the flag)")
+        k = num_drafts(m, drafters, cfg.mtp_k, cfg.block_size)
+        if cfg.confidence_schedule != "auto" and len(cfg.confidence_schedule) != k + 1:
+            raise UsageError(f"--confidence-schedule: method {m} verifies widths 1..{k + 1}: give {k + 1} costs, "
+                             f"got {len(cfg.confidence_schedule)}")
 
 
 def _drafter_pairs(items: list[str] | None) -> tuple[tuple[str, Path], ...]:
@@ -250,6 +287,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     methods, ar_added = expand_methods(cfg.method, spec, cli_drafters, greedy=cfg.greedy)
     known = {**spec.drafters, **cli_drafters}
     drafters = {m: known[m] for m in methods if m in known}
+    check_confidence_schedule(cfg, methods, drafters)
     out = _out_dir(cfg, spec, known)
     warn_on_design(methods, drafters)
     samples = _load_samples(cfg.suites, cfg.limit)

@@ -115,11 +115,18 @@ class Method:
     compile_s: float = 0.0
     replays_ar: bool = False  # the replay ceiling: its drafter's reference is AR's output, set per batch
     seeds: tuple[int, ...] = ()  # the training seed of its drafter checkpoint, when known
+    confidence_schedule: str | None = None  # "auto": costs measured per shape as it compiles (eval.runner)
+
+    @property
+    def scheduled(self) -> bool:
+        """Its verify width follows DSpark's confidence schedule (measured or given costs)."""
+        return self.confidence_schedule == "auto" or self.generator.settings.confidence_schedule is not None
 
 
 def build_methods(names: list[str], sources: dict[str, DrafterSource], target, settings, *, mtp_k: int,
-                  block_size: int | None, seed: int) -> dict[str, Method]:
-    """One `Generator` per method over the loaded target (drafters' weights are loaded here)."""
+                  block_size: int | None, seed: int, confidence_schedule="off") -> dict[str, Method]:
+    """One `Generator` per method over the loaded target (drafters' weights are loaded here).
+    `confidence_schedule` ("off", "auto" or costs; eval.config checked it) applies to every method but AR."""
     from hdflash_jax.decode.generate import Generator, mesh_of
 
     out = {}
@@ -132,6 +139,10 @@ def build_methods(names: list[str], sources: dict[str, DrafterSource], target, s
         else:
             modules, origin, seeds = fam.decode_modules(cfg), fam.describe(cfg), ()
         drafter = fam.adapter(cfg, k, settings.temperature, settings.top_p)
-        out[m] = Method(m, Generator(target, drafter, modules, settings=settings, mesh=mesh_of(target)),
-                        drafter.num_drafts + 1, origin, replays_ar=fam.replays_reference, seeds=seeds)
+        scheduled = confidence_schedule != "off" and m != "ar"
+        own = (dataclasses.replace(settings, confidence_schedule=confidence_schedule)
+               if scheduled and confidence_schedule != "auto" else settings)
+        out[m] = Method(m, Generator(target, drafter, modules, settings=own, mesh=mesh_of(target)),
+                        drafter.num_drafts + 1, origin, replays_ar=fam.replays_reference, seeds=seeds,
+                        confidence_schedule="auto" if scheduled and confidence_schedule == "auto" else None)
     return out

@@ -56,6 +56,8 @@ def run_config(plan: Plan, methods: dict[str, Method], load_s: float) -> dict:
         "tokenizer": repr(tok), "chat_template": str(getattr(tok, "chat_template", None)),
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
         "verify": args.verify,
+        "confidence_schedule": (args.confidence_schedule if isinstance(args.confidence_schedule, str)
+                                else list(args.confidence_schedule)),
         "greedy": args.temperature == 0, "block_size": args.block_size, "mtp_k": args.mtp_k,
         "batch_size": args.batch_size, "prompt_buckets": list(plan.settings.prompt_buckets),
         "prefill_chunk": plan.settings.prefill_chunk, "seed": args.seed,

@@ -144,6 +144,29 @@ def wall_clock_table(results: Results | Mapping, ceiling: str = "replay") -> str
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def schedule_table(results: Results | Mapping) -> str:
+    """Markdown: per method run with --confidence-schedule, the verify widths it chose (steps per width, all suites)
+    and the step costs it read per compiled shape (ms, the affine fit of the measured ones with auto). Empty when no
+    cell has them."""
+    results = as_results(results)
+    lines = ["| method | steps per verify width 1..B (all suites) | mean width | costs read per shape |",
+             "|---|---|---|---|"]
+    for m in ordered_methods(results):
+        cs = [cells[m] for cells in results.suites.values() if m in cells and "verify_width_hist" in cells[m].extra]
+        if not cs:
+            continue
+        hist = np.sum([c.extra["verify_width_hist"] for c in cs], axis=0)
+        mean = float((hist * np.arange(1, len(hist) + 1)).sum() / max(hist.sum(), 1))
+        costs = {}
+        for c in cs:
+            for shape, v in c.extra.get("verify_costs", {}).items():
+                used = v["used"] if isinstance(v, Mapping) else v
+                costs[shape] = " ".join(f"{1e3 * x:.1f}" if isinstance(v, Mapping) else f"{x:g}" for x in used)
+        lines.append(f"| {m} | {' / '.join(str(int(x)) for x in hist)} | {mean:.2f} | "
+                     + "; ".join(f"{k}: {v}" for k, v in costs.items()) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tau_averages_table(results: Results | Mapping) -> str:
     """Markdown: per method and suite the two τ averages in use, `pooled / per request` (TAU_AVERAGES: pooled over
     verify steps as DeepSpec reports, and the mean over requests as ModelOpt's specdec_bench does); avg = the mean
@@ -273,6 +296,11 @@ def render_markdown(results: Results | Mapping) -> str:
            "Decode speedup: AR's seconds per output token after the first over the method's, each batch's prefill "
            "(timed apart for its shape) taken out. decode speedup / τ = the share of τ that becomes wall clock.",
            t] if (t := wall_clock_table(results)) else []),
+        *(["## Confidence schedule (DSpark)",
+           "The verify width each step chose (anchor + drafts judged; one width per batch step) and the step costs "
+           "the schedule weighed expected committed tokens against (ms per step: the affine fit of the measured "
+           "costs with --confidence-schedule auto; else as given).",
+           t] if (t := schedule_table(results)) else []),
         *(["## Training seeds",
            "τ: mean over seeds [two-stage bootstrap interval: seeds, then prompts] (each seed's τ).",
            t] if (t := seeds_table(results)) else []),

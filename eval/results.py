@@ -33,6 +33,11 @@ results.json:
             "seeds": [int],                # training seeds of the drafter(s) behind the cell; [] for AR / MTP
             "per_prompt": [{"id", "tokens", "steps", "accepted_tokens", "wall_s", "decode_s",
                             "request_tau": [float]}, ...]   # request_tau: τ of each turn with a verify step
+            # --confidence-schedule (DSpark's scheduled verify) only, in `extra`:
+            "verify_width_hist": [int],    # verify steps per width 1..B (anchor + drafts judged), batch steps
+            "verify_costs": {"<bucket>x<batch>": {"measured": [float], "used": [float]}},  # auto: step seconds
+                                           #   per width measured per shape and their affine fit, which the
+                                           #   schedule reads; explicit costs: {"given": [...]}
           }, ...
         }, ...
       },

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "Sun et al.'s "
                          "block verification (lossless, accepts at least as much); greedy runs are the same either "
                          "way (default: token)")
+    ap.add_argument("--confidence-schedule", default="off", metavar="off|auto|C1,...,CK+1",
+                    help="DSpark's confidence-scheduled verification: the drafter's confidence head picks how many "
+                         "drafts each step verifies, maximising expected committed tokens per step cost; auto "
+                         "measures the step's cost at each verify width 1..K+1 once per compiled shape, or give "
+                         "the K+1 costs; only for methods with a confidence head (default: off)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="block size B of the block drafters (anchor + B-1 drafts); default: each drafter's "
                          "training block size")

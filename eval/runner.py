@@ -72,6 +72,8 @@ class Cell:
     # sample index -> [tokens, steps, accepted tokens, wall seconds, decode seconds], summed over turns
     per_sample: dict = dataclasses.field(default_factory=dict)
     request_tau: dict = dataclasses.field(default_factory=dict)  # sample index -> τ of each turn with a verify step
+    width_hist: list = dataclasses.field(default_factory=list)  # verify steps per width 1..B (confidence schedule)
+    verify_costs: dict = dataclasses.field(default_factory=dict)  # shape -> measured step seconds per width
 
 
 def prefill_seconds(gen, batch: list[list[int]], seed: int, repeats: int = PREFILL_REPEATS) -> float:
@@ -123,6 +125,14 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         seed = seed0 + bi
         if plan.shape not in method.compiled:
             bar.set_postfix_str(f"compiling {method.name} {plan.shape}")
+            if method.confidence_schedule == "auto":  # measured on this shape, before its program compiles
+                from hdflash_jax.decode.verify_costs import affine_costs, measure_step_costs
+
+                t = time.perf_counter()
+                measured = measure_step_costs(method.generator, batch, seed=seed)
+                method.generator.set_confidence_schedule(plan.shape, affine_costs(measured))
+                cell.verify_costs[plan.shape] = measured
+                cell.compile_s += time.perf_counter() - t
             _compile(method, batch, seed, cell)
             t = time.perf_counter()
             prefill_by_shape[plan.shape] = prefill_seconds(method.generator, batch, seed)
@@ -144,6 +154,9 @@ def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[li
         acc = res.accepted[:, :n]
         cell.stats.append(AcceptanceStats.from_accepted(acc, acc >= 0, block_size=method.block_size))
         cell.tokens += int(res.lengths[:n].sum())
+        if method.scheduled:
+            hist = res.width_hist()
+            cell.width_hist = [a + b for a, b in zip(cell.width_hist, hist)] if cell.width_hist else hist
         valid = acc >= 0
         steps, acc_tokens = valid.sum(0), np.where(valid, acc + 1, 0).sum(0)
         for j, r in enumerate(rows):
@@ -273,6 +286,21 @@ def interval_figures(c: Cell, ar: Cell, n_samples: int) -> dict:
     return out
 
 
+def schedule_figures(meth: Method, c: Cell) -> dict:
+    """A scheduled method's verify_width_hist (steps per verify width 1..B, summed over batches: the schedule
+    chooses one width per batch step) and verify_costs: per compiled shape first measured in this cell
+    (--confidence-schedule auto) the measured step seconds per width and the affine fit the schedule read
+    (`verify_costs.affine_costs`); the given costs otherwise."""
+    from hdflash_jax.decode.verify_costs import affine_costs
+
+    if not meth.scheduled:
+        return {}
+    costs = ({f"{b}x{n}": {"measured": list(v), "used": list(affine_costs(v))} for (b, n), v in c.verify_costs.items()}
+             if meth.confidence_schedule == "auto"
+             else {"given": list(meth.generator.settings.confidence_schedule or [])})
+    return {"verify_width_hist": list(c.width_hist), "verify_costs": costs}
+
+
 def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[CellResult, list[OutputRecord]]:
     """Statistics, intervals, greedy check and scores of one (suite, method), and its outputs.jsonl records."""
     from eval.metrics import speedup, tokens_per_second
@@ -295,7 +323,8 @@ def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[C
         decode_speedup=ci.get("decode_speedup"), decode_speedup_ci=ci.get("decode_speedup_ci"),
         prefill_s=c.prefill_s, seeds=training_seeds(meth), per_prompt=prompts,
         tau_per_request=ci.get("tau_per_request"), tau_per_request_ci=ci.get("tau_per_request_ci"),
-        output_sha256=outputs_sha256([c.outputs[i] for i in range(len(samples))]))
+        output_sha256=outputs_sha256([c.outputs[i] for i in range(len(samples))]),
+        extra=schedule_figures(meth, c))
     records = [OutputRecord(su, smp.id, meth.name,
                             tuple(Turn(x, len(ids)) for x, ids in zip(texts[i], c.outputs[i])), per_sample[i])
                for i, smp in enumerate(samples)]
@@ -315,7 +344,8 @@ def execute(plan: Plan) -> tuple[Results, list[OutputRecord]]:
         target = spec.load(args.seed)
         load_s = time.perf_counter() - t
         methods = build_methods(plan.methods, plan.drafters, target, plan.settings, mtp_k=args.mtp_k,
-                                block_size=args.block_size, seed=args.seed)
+                                block_size=args.block_size, seed=args.seed,
+                                confidence_schedule=args.confidence_schedule)
     except (OSError, ValueError) as e:
         raise BadCheckpointError(str(e)) from None
     log(f"loaded in {load_s:.1f}s; methods: " + ", ".join(f"{m.name} (B={m.block_size})" for m in methods.values()))

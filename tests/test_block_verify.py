@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from hdflash_jax.decode.verify import Acceptance, BlockVerdict, accept_block, accept_sampled, block_verdict
+from hdflash_jax.decode.verify import (Acceptance, BlockVerdict, accept_block, accept_greedy, accept_sampled,
+                                      block_verdict)
 
 V, K = 3, 3
 DRAFTS = np.array(list(itertools.product(range(V), repeat=K)), np.int64)  # every draft block: [V^K, K]
@@ -176,14 +177,15 @@ def first_kept_prefix(key, probs, drafts, draft_probs=None):
 N = 60_000
 
 
-def _sampled_sequences(P, Q, rule, seed: int):
-    """N blocks drawn from Q, judged by `rule`, continued by the target: ([N, K+1] sequences, [N] accepted)."""
+def _sampled_sequences(P, Q, rule, seed: int, traced: bool = True):
+    """N blocks drawn from Q, judged by `rule` (jitted unless not `traced`), continued by the target: ([N, K+1]
+    sequences, [N] accepted)."""
     rng = np.random.default_rng(seed)
     codes = rng.choice(len(DRAFTS), N, p=[_draft_prob(Q, d) for d in DRAFTS])
     drafts = DRAFTS[codes]
     probs, q = _rows(P, Q, DRAFTS)
-    acc = jax.jit(rule)(jax.random.key(seed), jnp.asarray(probs[codes], jnp.float32), jnp.asarray(drafts, jnp.int32),
-                        jnp.asarray(q[codes], jnp.float32))
+    acc = (jax.jit(rule) if traced else rule)(jax.random.key(seed), jnp.asarray(probs[codes], jnp.float32),
+                                              jnp.asarray(drafts, jnp.int32), jnp.asarray(q[codes], jnp.float32))
     a, bonus = np.asarray(acc.accepted), np.asarray(acc.bonus)
     seqs = np.full((N, K + 1), -1, np.int64)
     for r in range(N):
@@ -255,3 +257,102 @@ def test_verdict_shapes_and_edge_cases():
     v = block_verdict(zero, jnp.array([[0]], jnp.int32))  # point mass on a token the target never emits
     assert np.asarray(v.stop).tolist() == [[1.0, 0.0]]
     assert isinstance(v, BlockVerdict)
+
+
+# ---- a verify schedule drops a block's tail: every rule judges exactly the first n_verify drafts ----------------
+
+def _stopping(drafts):
+    """A stopping time: judge drafts up to and including the first 0 (whether draft j is judged reads d_<j only)."""
+    d = np.asarray(drafts)
+    first_zero = np.where((d == 0).any(1), np.argmax(d == 0, axis=1) + 1, d.shape[1])
+    return jnp.asarray(first_zero)
+
+
+def _look_ahead(drafts):
+    """Not a stopping time: judge the whole block only when its last draft is 0, else one draft less."""
+    d = np.asarray(drafts)
+    return jnp.asarray(np.where(d[:, -1] == 0, d.shape[1], d.shape[1] - 1))
+
+
+def test_a_truncated_block_is_exactly_a_shorter_block():
+    """`n_verify = m` gives the verdict of the block of its first m drafts (stop probabilities equal, residuals equal
+    up to their scale), and nothing past it is kept."""
+    P, Q = _tables(3)
+    probs, q = _rows(P, Q, DRAFTS)
+    args = jnp.asarray(probs, jnp.float32), jnp.asarray(DRAFTS, jnp.int32), jnp.asarray(q, jnp.float32)
+    unit = lambda r: np.asarray(r) / np.maximum(np.asarray(r).sum(-1, keepdims=True), 1e-30)  # noqa: E731
+    for m in range(K + 1):
+        cut = block_verdict(*args, n_verify=m)
+        short = block_verdict(args[0][:, : m + 1], args[1][:, :m], args[2][:, :m])
+        np.testing.assert_allclose(np.asarray(cut.stop[:, : m + 1]), np.asarray(short.stop), atol=1e-7)
+        np.testing.assert_allclose(unit(cut.residual[:, : m + 1]), unit(short.residual), atol=1e-6)
+        assert not np.asarray(cut.stop[:, m + 1:]).any()
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_a_schedule_that_reads_only_earlier_drafts_stays_exact(point_mass):
+    """Block verification cut by a stopping time is exactly lossless (enumeration); a schedule that looks at the
+    drafts it cuts is not for sampled drafts (their judged part is no longer a sample of q) and is harmless for
+    point masses, which are not random."""
+    errs = {}
+    for name, schedule in (("stopping", _stopping), ("look-ahead", _look_ahead)):
+        errs[name] = max(_tv(_exact(*_tables(s, point_mass=point_mass),
+                                    lambda p, d, qq: block_verdict(p, d, qq, n_verify=schedule(d)), point_mass)[0],
+                             _target_joint(_tables(s, point_mass=point_mass)[0])) for s in range(3))
+    print(f"\n{'point-mass' if point_mass else 'sampled'} drafts, TV to the target: {errs}")
+    assert errs["stopping"] < 1e-6
+    assert errs["look-ahead"] > 1e-3 if not point_mass else errs["look-ahead"] < 1e-6
+
+
+@pytest.mark.parametrize("rule", [accept_sampled, accept_block])
+def test_sampled_rules_under_a_schedule_emit_the_target(rule):
+    """χ² of the emitted sequences (continued by the target) against the exact joint, every block cut by the stopping
+    schedule; the look-ahead schedule fails the same test."""
+    P, Q = _tables(7)
+
+    def cut(schedule):
+        return lambda k, p, d, qq: rule(k, p, d, qq, n_verify=schedule(d))
+
+    ok = _sequence_pvalue(P, _sampled_sequences(P, Q, cut(_stopping), seed=3, traced=False)[0])
+    bad = _sequence_pvalue(P, _sampled_sequences(P, Q, cut(_look_ahead), seed=3, traced=False)[0])
+    print(f"\n{rule.__name__} cut by a stopping time: p = {ok:.3g}; by a look-ahead schedule: p = {bad:.2g}")
+    assert ok > 1e-4 and bad < 1e-6
+
+
+def test_greedy_rule_under_a_schedule():
+    logits = jnp.log(jnp.asarray([[[.1, .9], [.8, .2], [.3, .7], [.6, .4]]]))
+    drafts = jnp.asarray([[1, 0, 1]])  # all three match the argmax chain
+    assert [int(accept_greedy(logits, drafts, n_verify=m).accepted[0]) for m in range(4)] == [0, 1, 2, 3]
+    assert [int(accept_greedy(logits, drafts, n_verify=m).bonus[0]) for m in range(4)] == [1, 0, 1, 0]
+
+
+def _rate(conf, live, costs):
+    s = np.cumprod(np.clip(np.asarray(conf, np.float64), 0, 1), axis=1)
+    expected = (np.asarray(live)[:, None] * (1 + np.concatenate([np.zeros((len(s), 1)), np.cumsum(s, 1)], 1))).sum(0)
+    return expected / np.asarray(costs)
+
+
+def test_schedule_width_maximises_tokens_per_cost_reading_earlier_drafts_only():
+    """On unimodal tokens per cost (affine costs) the width is the global maximum of expected committed tokens per
+    cost; it never changes when the confidences of drafts it does not judge change (a stopping time), which the
+    global maximum over the same rates does (the control)."""
+    from hdflash_jax.decode.verify import schedule_width
+
+    rng = np.random.default_rng(0)
+    live = np.array([True, True])
+    stepped = (1.0, 1.6, 1.6, 1.6, 1.6, 1.7, 1.7, 1.8)  # not affine: a jump, then flat (where the two differ)
+    moved = 0
+    for i in range(120):
+        conf = rng.uniform(0.3, 1.0, (2, 7))
+        costs = 1.0 + rng.uniform(0.0, 0.3) * np.arange(8) if i % 2 else np.array(stepped)  # affine / stepped
+        w = int(schedule_width(jnp.asarray(conf), jnp.asarray(live), tuple(costs)))
+        if i % 2:
+            assert w == int(np.argmax(_rate(conf, live, costs))) + 1
+        other = conf.copy()
+        other[:, w:] = rng.uniform(0.0, 1.0, other[:, w:].shape)  # drafts w + 1.. (not judged at width w)
+        assert int(schedule_width(jnp.asarray(other), jnp.asarray(live), tuple(costs))) == w
+        moved += int(np.argmax(_rate(other, live, costs))) != int(np.argmax(_rate(conf, live, costs)))
+    assert moved > 0, moved  # the global maximum reads them
+    conf = jnp.asarray([[0.9, 0.5, 0.2]])
+    assert int(schedule_width(conf, jnp.asarray([True]), (1.0, 1.0, 1.0, 1.0))) == 4  # flat costs: the whole block
+    assert int(schedule_width(conf, jnp.asarray([True]), (1.0, 2.0, 3.0, 4.0))) == 1  # verify nothing but the anchor

@@ -1,6 +1,8 @@
 """DSpark on the tiny target: its config from the checkpoint keys, greedy speculative output equal to greedy AR
 (mean pooling and the inherited-gate pooling), seeded sampled runs, the draft ring holding committed keys only."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,121 @@ def test_eval_run_dspark_checkpoint(tmp_path):
     r = json.loads((out / "results.json").read_text())
     cell = r["suites"]["gsm8k"]["dspark"]
     assert cell["greedy_match_ar"] is True and cell["block_size"] == 6 and len(cell["accepted_hist"]) == 6
+
+
+@pytest.mark.slow
+def test_eval_run_confidence_schedule_auto(tmp_path):
+    """`eval.run --confidence-schedule auto` at T = 1: step costs measured on the compiled shape, the chosen widths
+    and costs in results.json and results.md, config.confidence_schedule recorded; explicit costs of the wrong
+    count are refused before any compute (one line naming the flag)."""
+    import json
+
+    from eval import run as ev
+    from hdflash_jax.config import get_preset as preset
+    from hdflash_jax.families import family
+    from hdflash_jax.dspark.model import init_dspark
+
+    tcfg = preset("tiny")
+    dcfg = DSparkConfig(block_size=5, noise_token_id=tcfg.vocab_size - 1, target_layer_ids=(3, 4, 5), markov_rank=16)
+    ckpt = family("dspark").save(tmp_path / "dspark", init_dspark(dcfg, tcfg, seed=2), dcfg)
+    args = ["--suite", "gsm8k", "--method", "dspark", "--drafter", f"dspark={ckpt}", "--limit", "2", "--target",
+            "tiny-random", "--max-new-tokens", "8", "--prompt-buckets", "512", "--temperature", "1.0", "--quiet"]
+    assert ev.main([*args, "--out", str(tmp_path / "bad"), "--confidence-schedule", "1,2,3"]) == 2
+    out = tmp_path / "out"
+    assert ev.main([*args, "--out", str(out), "--confidence-schedule", "auto"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    cell = r["suites"]["gsm8k"]["dspark"]
+    assert r["config"]["confidence_schedule"] == "auto" and "verify_width_hist" not in r["suites"]["gsm8k"]["ar"]
+    assert len(cell["verify_width_hist"]) == 6 and sum(cell["verify_width_hist"]) > 0
+    (shape, costs), = cell["verify_costs"].items()
+    assert shape == "512x1" and len(costs["measured"]) == len(costs["used"]) == 6
+    assert "## Confidence schedule (DSpark)" in (out / "results.md").read_text()
+
+
+# ---- the confidence schedule: the head picks how many drafts each step verifies --------------------------------
+
+def _scheduled(target, costs, max_new_tokens=40):
+    drafter = _repeat_markov(init_dspark_from_target(target, _dcfg(), seed=3))
+    s = DecodeSettings(max_new_tokens=max_new_tokens, confidence_schedule=costs)
+    return Generator(target, DSparkDrafterAdapter(drafter.dcfg, BLOCK), drafter, settings=s).generate(_prompts())
+
+
+@pytest.mark.slow
+def test_confidence_schedule_with_flat_costs_verifies_the_whole_block(target):
+    """With flat costs the whole block is always the best width: under the schedule (one branch per verify width)
+    tokens and accepted lengths equal the unscheduled run's bit for bit, and greedy output equals AR."""
+    settings = DecodeSettings(max_new_tokens=40)
+    ar = Generator(target, settings=settings).generate(_prompts())
+    drafter = _repeat_markov(init_dspark_from_target(target, _dcfg(), seed=3))
+    whole = Generator(target, DSparkDrafterAdapter(drafter.dcfg, BLOCK), drafter, settings=settings).generate(
+        _prompts())
+    flat = _scheduled(target, (1.0,) * (BLOCK + 1))
+    np.testing.assert_array_equal(flat.tokens, ar.tokens)
+    np.testing.assert_array_equal(flat.accepted, whole.accepted)
+    assert whole.stats.tau > 1  # drafts were accepted: the comparison can see a schedule that drops them
+    steps = int((flat.accepted >= 0).any(1).sum())
+    assert flat.width_hist() == [0] * BLOCK + [steps] and whole.width_hist() == flat.width_hist()
+
+
+@pytest.mark.slow
+def test_confidence_schedule_with_steep_costs_verifies_less(target):
+    """Costs that make every draft too dear: the schedule verifies the anchor alone (τ = 1 exactly) and greedy
+    output still equals AR; the flat schedule accepted more."""
+    ar = Generator(target, settings=DecodeSettings(max_new_tokens=40)).generate(_prompts())
+    steep = _scheduled(target, tuple(1.0 + 2.0 * w for w in range(BLOCK + 1)))
+    np.testing.assert_array_equal(steep.tokens, ar.tokens)
+    assert steep.stats.tau == 1.0 and _scheduled(target, (1.0,) * (BLOCK + 1)).stats.tau > 1.0
+    assert steep.width_hist()[1:] == [0] * BLOCK and steep.width_hist()[0] > 0
+
+
+@pytest.mark.slow
+def test_confidence_schedule_on_measured_costs(target):
+    """`measure_step_costs` times a step at each verify width on the batch's shape; set for that shape, the
+    schedule chooses among the widths and greedy output still equals AR's; another shape keeps the settings'."""
+    from hdflash_jax.decode.verify_costs import measure_step_costs
+
+    settings = DecodeSettings(max_new_tokens=40)
+    ar = Generator(target, settings=settings).generate(_prompts())
+    drafter = _repeat_markov(init_dspark_from_target(target, _dcfg(), seed=3))
+    g = Generator(target, DSparkDrafterAdapter(drafter.dcfg, BLOCK), drafter, settings=settings)
+    costs = measure_step_costs(g, _prompts(), repeats=3)
+    print(f"\nmeasured step seconds per verify width 1..{BLOCK + 1}: {[round(c, 5) for c in costs]}")
+    assert len(costs) == BLOCK + 1 and all(c > 0 for c in costs)
+    plan = g.plan([len(p) for p in _prompts()])
+    g.set_confidence_schedule(plan.shape, costs)
+    assert g.settings_for(plan).confidence_schedule == costs
+    assert g.settings_for(dataclasses.replace(plan, batch=7)).confidence_schedule is None
+    res = g.generate(_prompts())
+    np.testing.assert_array_equal(res.tokens, ar.tokens)
+    print(f"widths chosen: {res.width_hist()}")
+    assert sum(res.width_hist()) == int((res.accepted >= 0).any(1).sum())
+    with pytest.raises(ValueError, match="already compiled"):
+        g.set_confidence_schedule(plan.shape, (1.0,) * (BLOCK + 1))
+
+
+def test_confidence_schedule_needs_a_confidence_head(target):
+    from hdflash_jax.decode.drafters import MTPDrafter
+
+    s = DecodeSettings(max_new_tokens=4, confidence_schedule=(1.0,) * (BLOCK + 1))
+    drafter = init_dspark_from_target(target, _dcfg(confidence_head=False), seed=3)
+    with pytest.raises(ValueError, match="confidence_schedule: this drafter has no confidence head"):
+        Generator(target, DSparkDrafterAdapter(drafter.dcfg, BLOCK), drafter, settings=s)
+    with pytest.raises(ValueError, match="confidence_schedule: this drafter has no confidence head"):
+        Generator(target, MTPDrafter(BLOCK), settings=s)
+    drafter = init_dspark_from_target(target, _dcfg(), seed=3)
+    with pytest.raises(ValueError, match=r"one cost > 0 per verify width 1..5, got \[1.0, 1.0\]"):
+        Generator(target, DSparkDrafterAdapter(drafter.dcfg, BLOCK), drafter,
+                  settings=DecodeSettings(max_new_tokens=4, confidence_schedule=(1.0, 1.0)))
+
+
+def test_affine_costs_denoise_measured_step_costs():
+    """The schedule reads the least-squares line through the measured costs (a step's work is linear in the width):
+    a line comes back as it is, noise around a rising line is smoothed to a rising line (so tokens per cost is
+    unimodal and the first local maximum is the global one), a falling fit is clipped flat."""
+    from hdflash_jax.decode.verify_costs import affine_costs
+
+    np.testing.assert_allclose(affine_costs([2.0, 3.0, 4.0, 5.0]), [2.0, 3.0, 4.0, 5.0])
+    noisy = affine_costs([20.98, 19.66, 19.86, 23.13, 21.27, 22.03, 23.96, 23.42])  # measured, ms (small model)
+    assert all(b > a for a, b in zip(noisy, noisy[1:]))
+    np.testing.assert_allclose(np.mean(noisy), np.mean([20.98, 19.66, 19.86, 23.13, 21.27, 22.03, 23.96, 23.42]))
+    assert affine_costs([3.0, 2.0, 1.0]) == (2.0, 2.0, 2.0)

@@ -239,6 +239,9 @@ def _err(capsys, argv):
     (["--prompt-buckets", "16"], "exceeds the largest bucket"),
     (["--method", "replay", "--temperature", "1.0"], "greedy runs only (--temperature 0)"),
     (["--verify", "tree"], "--verify must be one of token, block, got 'tree'"),
+    (["--confidence-schedule", "fast"], "--confidence-schedule 'fast': expected off, auto or a comma list of costs"),
+    (["--confidence-schedule", "1,0"], "--confidence-schedule '1,0': costs must be finite and > 0"),
+    (["--method", "ar,mtp", "--confidence-schedule", "auto"], "--confidence-schedule: method mtp has no confidence"),
 ])
 def test_cli_errors(capsys, no_compute, tmp_path, argv, message):
     out = tmp_path / "out"

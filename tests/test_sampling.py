@@ -352,3 +352,74 @@ def test_block_verification_end_to_end_rejects_a_biased_block_rule(sampling_targ
           f"min p {p_bad.min():.3g}")
     assert (p_ok > 1e-4).all(), p_ok
     assert p_bad.min() < 1e-6, p_bad
+
+
+# ---- DSpark's confidence schedule at T > 0 (the rule's exactness under cuts: tests/test_block_verify.py) -----------
+
+def _dspark_with_head(sampling_target):
+    import jax.numpy as jnp
+
+    from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
+    from hdflash_jax.dspark.config import DSparkConfig
+    from hdflash_jax.dspark.model import init_dspark_from_target
+
+    v = SAMPLING.vocab_size
+    dcfg = DSparkConfig(block_size=K, noise_token_id=v - 1, target_layer_ids=(1, 2), markov_rank=v,
+                        n_routed_experts=4, n_activated_experts=2)
+    modules = init_dspark_from_target(sampling_target, dcfg, seed=5)
+    modules.markov_head.markov_w1.weight[...] = jnp.eye(v, dtype=jnp.float32)  # proposals that are often accepted
+    modules.markov_head.markov_w2.weight[...] = 3.0 * jnp.eye(v, dtype=jnp.float32)
+    return DSparkDrafterAdapter(dcfg, K, sampled=True, temperature=0.7, top_p=0.8), modules
+
+
+# the head's confidences pick width 3 of 4 here (2 of 3 drafts judged: the cut is exercised). Rows share one width
+# per step and 3000 rows make it the same every step; per-row widths that depend on earlier drafts are checked
+# exactly in tests/test_block_verify.py
+SCHEDULE_COSTS = tuple(1.0 + 0.1 * w for w in range(K + 1))
+
+
+def _scheduled_run(sampling_target, per_prompt: int, seed: int, verify: str = "token"):
+    drafter, modules = _dspark_with_head(sampling_target)
+    settings = gen.DecodeSettings(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.8, verify=verify,
+                                  confidence_schedule=SCHEDULE_COSTS)
+    return gen.Generator(sampling_target, drafter, modules, settings=settings).generate(_batch(per_prompt), seed=seed)
+
+
+def _stale_q_at_the_cut(key, probs, drafts, draft_probs=None, n_verify=None):
+    """A schedule bug: the token after a fully accepted cut prefix drawn from norm(max(p − q, 0)) with the q of the
+    draft that was cut off (as if it had been judged and rejected) instead of from p."""
+    acc = accept_sampled(key, probs, drafts, draft_probs, n_verify=n_verify)
+    b, k1, v = probs.shape
+    at_cut = (acc.accepted == n_verify) & (acc.accepted < k1 - 1)
+    idx = jnp.minimum(acc.accepted, k1 - 2)[:, None, None]
+    res = jnp.maximum(jnp.take_along_axis(probs, idx, 1)[:, 0] - jnp.take_along_axis(draft_probs, idx, 1)[:, 0], 0)
+    stale = jax.random.categorical(jax.random.fold_in(key, 7), jnp.log(res + 1e-38)).astype(drafts.dtype)
+    return acc._replace(bonus=jnp.where(at_cut, stale, acc.bonus))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verify", ["token", "block"])
+def test_confidence_schedule_lossless_t07_top_p08(sampling_target, ar_samples, verify):
+    """Sampled DSpark drafts cut by the confidence schedule (a width short of the block), three prompts in one
+    batch, against AR (half AR's rows; the other slow test has the control)."""
+    res = _scheduled_run(sampling_target, PER_PROMPT // 2, seed=800, verify=verify)
+    p_ok = _two_sample_pvalues(ar_samples, res.tokens)
+    print(f"\nscheduled DSpark ({verify}): widths {res.width_hist()}, hist {list(res.stats.accepted_hist)}, "
+          f"tau {res.stats.tau:.3f}; min p {p_ok.min():.3g}")
+    assert sum(res.width_hist()[:-1]) > 0  # the schedule cut blocks
+    assert (p_ok > 1e-4).all(), p_ok
+
+
+@pytest.mark.slow
+def test_confidence_schedule_end_to_end_rejects_a_stale_q_at_the_cut(sampling_target, ar_samples_2x, monkeypatch):
+    """The control: a rule that draws the token after a fully accepted cut prefix from the cut draft's residual
+    (as if it had been judged) fails the same comparison the scheduled run passes."""
+    res = _scheduled_run(sampling_target, 2 * PER_PROMPT, seed=900)
+    p_ok = _two_sample_pvalues(ar_samples_2x, res.tokens)
+    assert sum(res.width_hist()[:-1]) > 0
+    monkeypatch.setattr(gen, "accept_sampled", _stale_q_at_the_cut)
+    bad = _scheduled_run(sampling_target, 2 * PER_PROMPT, seed=900)
+    p_bad = _two_sample_pvalues(ar_samples_2x, bad.tokens)
+    print(f"\nscheduled DSpark: min p {p_ok.min():.3g}; stale q at the cut: min p {p_bad.min():.3g}")
+    assert (p_ok > 1e-4).all(), p_ok
+    assert p_bad.min() < 1e-6, p_bad

@@ -6,6 +6,8 @@ B slots [anchor, noise...] (verify width B + 1), greedy or sampled: with samplin
 softmax((base_j + Markov bias(d_{j-1})) / T), cut to the run's top-p nucleus, and that distribution goes to the
 rejection sampler, which makes the output exactly the target's distribution (each draft's proposal is conditioned
 on the drafts before it).
+`propose_with_confidence` adds the confidence head's estimate per draft, for DSpark's verify schedule
+(`DecodeSettings.confidence_schedule`).
 """
 
 from __future__ import annotations
@@ -45,11 +47,27 @@ class DSparkDrafterAdapter:
         feats = modules.pool(out.layer_streams)
         return {"cache": extend_dspark_cache(modules, feats, n_valid, state["cache"])}
 
+    @property
+    def confidence_head(self) -> bool:
+        """Whether the drafter estimates its drafts' acceptance (a verify schedule can use it)."""
+        return self.cfg.confidence_head
+
     def propose(self, target, modules, state, anchor, position, key):
+        drafts, probs, _, state = self._draft(target, modules, state, anchor, key)
+        return drafts, probs, state
+
+    def propose_with_confidence(self, target, modules, state, anchor, position, key):
+        """`propose` and each draft's confidence c_j = P(draft j accepted | drafts before it accepted) [B, K] from
+        the confidence head on the drafted tokens (`DSparkDrafter.confidence`): what DSpark's schedule reads."""
+        drafts, probs, x, state = self._draft(target, modules, state, anchor, key)
+        prev = jnp.concatenate([jnp.asarray(anchor, jnp.int32)[:, None], drafts[:, :-1]], axis=1)
+        return drafts, probs, modules.confidence(x, prev), state
+
+    def _draft(self, target, modules, state, anchor, key):
         x = draft_hidden(modules, target.embed_tokens, anchor, state["cache"], self.num_drafts)
         base = modules.base_logits(target.head_logits, x)
         keys = jax.random.split(key, self.num_drafts)
         tokens, _, probs = markov_draft(modules, base, anchor,
                                         lambda l, k: choose_drafts(l, k, self.sampled, self.temperature,
                                                                    self.top_p), keys)
-        return tokens.astype(jnp.int32), probs, state
+        return tokens.astype(jnp.int32), probs, x, state

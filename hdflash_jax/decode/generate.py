@@ -25,7 +25,7 @@ from flax import nnx
 from hdflash_jax.decode.prefill import chunked_prefill
 from hdflash_jax.decode.stats import AcceptanceStats
 from hdflash_jax.decode.verify import (accept_block, accept_greedy, accept_sampled, check_verify_rule, sample,
-                                      target_probs)
+                                      schedule_width, target_probs)
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
@@ -55,6 +55,12 @@ class GenerateResult(NamedTuple):
     steps: np.ndarray  # [B] verify steps per row
     block_size: int
     prefill_finite: np.ndarray  # [B] bool: every prefill logit of the row's prompt positions is finite
+    widths: np.ndarray | None = None  # [max_steps] verify width of each step (anchor + drafts judged), -1: no step
+
+    def width_hist(self) -> list[int]:
+        """Steps per verify width 1..block_size (a confidence schedule's choices; unscheduled: all the block)."""
+        w = np.asarray(self.widths if self.widths is not None else [])
+        return [int((w == i).sum()) for i in range(1, self.block_size + 1)]
 
     @property
     def stats(self) -> AcceptanceStats:
@@ -90,6 +96,10 @@ class DecodeSettings:
     # its activations and logits are a chunk's, not the bucket's; a bucket up to this size is one call
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verify: str = "token"  # the acceptance rule at T > 0: "token" (accept_sampled) or "block" (accept_block)
+    # DSpark's verify schedule: the step's cost at verify widths 1..K+1 (anchor + 0..K drafts; relative, e.g. measured
+    # seconds); the drafter's confidence head picks a width each step (`verify.schedule_width`). None: every step
+    # verifies the whole block
+    confidence_schedule: tuple[float, ...] | None = None
 
     @property
     def extends_buckets(self) -> bool:
@@ -191,6 +201,7 @@ class LoopState(NamedTuple):
     done: jax.Array  # [B]
     accepted: jax.Array  # [max_steps, B] accepted drafts per step, -1 where the row was done
     prefill_finite: jax.Array  # [B] the prefill logits of the prompt positions are all finite
+    widths: jax.Array  # [max_steps] the verify width of each step (K + 1 unless a confidence schedule cut it), -1
 
 
 def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key, *,
@@ -226,7 +237,8 @@ def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_le
     out_buf, n_out, done = _emit(jnp.full((b, settings.max_new_tokens), -1, jnp.int32), jnp.zeros((b,), jnp.int32),
                                  jnp.zeros((b,), bool), first[:, None], jnp.ones((b,), jnp.int32), settings)
     accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
-    return LoopState(jnp.int32(0), key, r.cache, dst, first, out_buf, n_out, done, accepted, r.finite)
+    return LoopState(jnp.int32(0), key, r.cache, dst, first, out_buf, n_out, done, accepted, r.finite,
+                     jnp.full((settings.max_new_tokens,), -1, jnp.int32))
 
 
 def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
@@ -234,16 +246,24 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     b, k = st.anchor.shape[0], drafter.num_drafts
     key, k_draft, k_acc = jax.random.split(st.key, 3)
     start = st.cache["length"]
-    drafts, draft_probs, dst = drafter.propose(target, modules, st.drafter, st.anchor, start, k_draft)
+    schedule, judged = settings.confidence_schedule, {}
+    if schedule is None:
+        drafts, draft_probs, dst = drafter.propose(target, modules, st.drafter, st.anchor, start, k_draft)
+    else:
+        drafts, draft_probs, confidence, dst = drafter.propose_with_confidence(target, modules, st.drafter, st.anchor,
+                                                                              start, k_draft)
     block = jnp.concatenate([st.anchor[:, None], drafts.astype(jnp.int32)], axis=1)
-    n_new = jnp.where(st.done, 0, k + 1).astype(jnp.int32)
-    vout = target(block, st.cache, n_new, return_layers=drafter.return_layers)
+    if schedule is None:
+        n_new = jnp.where(st.done, 0, k + 1).astype(jnp.int32)
+        vout = target(block, st.cache, n_new, return_layers=drafter.return_layers)
+    else:
+        vout, judged["n_verify"] = _scheduled_verify(target, drafter, block, st.cache, st.done, confidence, schedule)
     if settings.temperature == 0:
-        acc = accept_greedy(vout.logits, block[:, 1:])
+        acc = accept_greedy(vout.logits, block[:, 1:], **judged)
     else:
         probs = target_probs(vout.logits, settings.temperature, settings.top_p)
         rule = accept_block if settings.verify == "block" else accept_sampled
-        acc = rule(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None)
+        acc = rule(k_acc, probs, block[:, 1:], draft_probs if drafter.sampled else None, **judged)
     a = jnp.where(st.done, 0, acc.accepted)
     slot = jnp.arange(k + 1)[None, :]
     shifted = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
@@ -253,7 +273,38 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     cache = set_committed_length(vout.cache, start + committed)
     dst = drafter.observe(target, modules, dst, vout, committed, emitted)
     return LoopState(st.step + 1, key, cache, dst, jnp.where(st.done, st.anchor, acc.bonus), out_buf, n_out, done,
-                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)), st.prefill_finite)
+                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)), st.prefill_finite,
+                     st.widths.at[st.step].set(judged.get("n_verify", k) + 1))
+
+
+def _scheduled_verify(target, drafter: Drafter, block, cache, done, confidence, costs):
+    """Verify the prefix of `block` whose width `verify.schedule_width` picks from the drafter's confidence: one
+    branch per width 1..K+1, each a target call of that width (the saving), its outputs padded back to the block's
+    width. Returns (TargetOutput, drafts judged: width − 1)."""
+    width = schedule_width(confidence, ~done, costs)
+    branches = [functools.partial(verify_width, target, drafter, block, cache, done, w)
+                for w in range(1, block.shape[1] + 1)]
+    return jax.lax.switch(width - 1, branches), width - 1
+
+
+def verify_width(target, drafter: Drafter, block, cache, done, w: int) -> TargetOutput:
+    """The target's verify call on the first `w` slots of `block` (rows done: none), its outputs padded back to the
+    block's width (what the acceptance rules and the drafter's observe read)."""
+    k1 = block.shape[1]
+    out = target(block[:, :w], cache, jnp.where(done, 0, w).astype(jnp.int32), return_layers=drafter.return_layers)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, k1 - w)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    return out._replace(logits=pad(out.logits), streams=pad(out.streams),
+                        layer_streams=tuple(pad(x) for x in out.layer_streams))
+
+
+def check_confidence_schedule(costs, drafter: Drafter, where: str = "confidence_schedule") -> None:
+    """A schedule needs a drafter with a confidence head and one positive cost per verify width 1..K+1."""
+    if costs is None:
+        return
+    if not getattr(drafter, "confidence_head", False):  # and then it has `propose_with_confidence`
+        raise ValueError(f"{where}: this drafter has no confidence head to schedule its verify with")
+    if len(costs) != drafter.num_drafts + 1 or not all(c > 0 for c in costs):
+        raise ValueError(f"{where}: one cost > 0 per verify width 1..{drafter.num_drafts + 1}, got {list(costs)}")
 
 
 def _running(st: LoopState, max_steps: int) -> jax.Array:
@@ -275,7 +326,7 @@ def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_le
     limit = jnp.minimum(max_steps, settings.max_new_tokens)  # never past the accepted-length log's rows
     st = jax.lax.while_loop(lambda s: _running(s, limit), lambda s: pin(_step(target, modules, drafter, settings, s)),
                             st)
-    return st.out, st.n_out, st.accepted, st.prefill_finite
+    return st.out, st.n_out, st.accepted, st.prefill_finite, st.widths
 
 
 def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len, seed,
@@ -328,7 +379,7 @@ def loop_shardings(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings: D
         return LoopState(jnp.int32(0), jax.random.key(0), init_cache(target.cfg, b, plan.max_len, max_block=k + 1),
                          drafter.init_state(target, modules, b, plan.max_len), rows(jnp.int32, b),
                          rows(jnp.int32, b, n), rows(jnp.int32, b), rows(bool, b), rows(jnp.int32, n, b),
-                         rows(bool, b))
+                         rows(bool, b), rows(jnp.int32, n))
 
     shardings = row_shardings(mesh, empty, plan.batch)
     own = getattr(drafter, "state_shardings", None)
@@ -345,7 +396,7 @@ def io_shardings(tstate, dstate, plan: DecodePlan, mesh):
     rep = rows_sharding(mesh, 1, 0)
     ins = (params(tstate), params(dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep, rep)
     outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
-            rows_sharding(mesh, b, 1))
+            rows_sharding(mesh, b, 1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None)))
     return ins, outs
 
 
@@ -373,6 +424,7 @@ class Generator:
         if settings.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {settings.prefill_chunk}")
         check_verify_rule(settings.verify, where="DecodeSettings.verify")
+        check_confidence_schedule(settings.confidence_schedule, self.drafter)
         if self.drafter.num_drafts < 0:
             raise ValueError("num_drafts must be >= 0")
         self.tgraph, self.tstate = nnx.split(target)
@@ -384,7 +436,22 @@ class Generator:
         if drafter_modules is not None:
             self.set_drafter_modules(drafter_modules)
         self._compiled = {}
+        self._schedules = {}  # shape -> confidence schedule costs (`set_confidence_schedule`), else settings'
         self.compile_count = 0
+
+    def set_confidence_schedule(self, shape: tuple[int, int], costs: tuple[float, ...] | None) -> None:
+        """The confidence schedule's costs for programs of `shape` (bucket, batch), e.g. measured on that shape
+        (`decode.verify_costs`); before that shape compiles."""
+        check_confidence_schedule(costs, self.drafter)
+        if shape in self._compiled and self._schedules.get(shape, self.settings.confidence_schedule) != costs:
+            raise ValueError(f"set_confidence_schedule: the program of shape {shape} is already compiled")
+        self._schedules[shape] = None if costs is None else tuple(float(c) for c in costs)
+
+    def settings_for(self, plan: DecodePlan) -> DecodeSettings:
+        """The settings a program of `plan`'s shape runs with (its own confidence schedule, when one was set)."""
+        if plan.shape not in self._schedules:
+            return self.settings
+        return dataclasses.replace(self.settings, confidence_schedule=self._schedules[plan.shape])
 
     def set_drafter_modules(self, drafter_modules) -> None:
         """Use these drafter modules' state from the next call on (placed as in __init__). The same graph with
@@ -415,8 +482,8 @@ class Generator:
         return io_shardings(self.tstate, self.dstate, plan, self.mesh)
 
     def program(self, plan: DecodePlan) -> GenerateProgram:
-        return generate_program(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter, self.settings, plan,
-                                self.mesh)
+        return generate_program(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter,
+                                self.settings_for(plan), plan, self.mesh)
 
     def _fn(self, plan: DecodePlan):
         if plan.shape not in self._compiled:
@@ -474,7 +541,7 @@ class Generator:
                          plan.max_len)
             while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
                 st = step(self.tstate, self.dstate, st)
-        return self._result(st.out, st.n_out, st.accepted, st.prefill_finite)
+        return self._result(st.out, st.n_out, st.accepted, st.prefill_finite, st.widths)
 
     def generate(self, prompts, seed: int = 0, max_steps: int | None = None) -> GenerateResult:
         """Generate for every prompt. `max_steps` caps the verify steps (0: the prefill and first token only, from
@@ -483,7 +550,7 @@ class Generator:
         with self._mesh_context():
             return self._result(*self._fn(plan)(*args))
 
-    def _result(self, out_buf, n_out, acc_log, prefill_finite) -> GenerateResult:
-        out_buf, n_out, acc_log, prefill_finite = to_host((out_buf, n_out, acc_log, prefill_finite))
+    def _result(self, out_buf, n_out, acc_log, prefill_finite, widths) -> GenerateResult:
+        out_buf, n_out, acc_log, prefill_finite, widths = to_host((out_buf, n_out, acc_log, prefill_finite, widths))
         return GenerateResult(out_buf, n_out, acc_log, (acc_log >= 0).sum(0), self.drafter.num_drafts + 1,
-                              prefill_finite)
+                              prefill_finite, widths)

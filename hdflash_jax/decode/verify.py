@@ -20,6 +20,21 @@ from norm(max(w_τ p_τ − q_τ, 0)) (from p_K when τ = K). A later draft can 
 verification would reject, since w only shrinks by the ratio and grows back towards 1. Every emitted sequence is
 an exact sample of the target, and its expected accepted length is never below token-level's; for point-mass
 drafts the two accept the same lengths in distribution (Π p(d) bounds both). Greedy decoding never calls either.
+
+Every rule takes `n_verify` ([B] or a scalar; None = K): only drafts 1..n_verify are judged, the rest are never
+accepted and the token after an accepted prefix of n_verify comes from the target alone (as if the block had been
+n_verify drafts long: q is zero past it, so the residual there is p itself). That is all a verify schedule does
+(drop a block's tail), and it keeps every rule exact on one condition: whether draft j is judged may depend on the
+drafts before j only (a stopping time). Greedy drafts are fixed by the context, so any schedule is exact for them;
+a schedule that looks at a sampled draft to decide whether to judge it makes the judged drafts no longer samples
+of q (tests/test_block_verify.py measures the bias). `schedule_width` is DSpark's schedule: a draft's confidence
+c_j estimates P(draft j accepted | drafts < j accepted) from the drafted token before it, so S_j = Π_{i<=j} c_i
+estimates that draft j is accepted, and the width w (anchor + w − 1 drafts) is chosen for the expected committed
+tokens (1 + Σ_{j<w} S_j per row) per unit of the step's measured cost at that width. The serving engines take the
+global maximum over their width buckets (sglang-jax `dspark_planner.select_dspark_verify_budget`); that looks at
+the survival of drafts past the ones it keeps, so here the width is the first local maximum scanning up from the
+narrowest — the same width whenever tokens per cost is unimodal in w (concave expected tokens over an increasing
+affine cost), and a stopping time always.
 """
 
 from __future__ import annotations
@@ -58,17 +73,29 @@ def target_probs(logits: jax.Array, temperature: float, top_p: float = 1.0) -> j
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
-def accept_greedy(logits: jax.Array, drafts: jax.Array) -> Acceptance:
-    """logits: [B, K+1, V] at the block positions; drafts: [B, K]."""
+def _judged(drafts: jax.Array, n_verify) -> jax.Array | None:
+    """[B, K] bool: the drafts a schedule verifies (None: all)."""
+    if n_verify is None:
+        return None
+    n = jnp.broadcast_to(jnp.asarray(n_verify, jnp.int32), drafts.shape[:1])
+    return jnp.arange(drafts.shape[1])[None, :] < n[:, None]
+
+
+def accept_greedy(logits: jax.Array, drafts: jax.Array, n_verify=None) -> Acceptance:
+    """logits: [B, K+1, V] at the block positions; drafts: [B, K]; n_verify: drafts judged (None: all)."""
     choice = jnp.argmax(logits, axis=-1).astype(drafts.dtype)  # y_0..y_K
     matches = (drafts == choice[:, :-1]).astype(jnp.int32)
+    judged = _judged(drafts, n_verify)
+    if judged is not None:
+        matches = matches * judged
     a = jnp.sum(jnp.cumprod(matches, axis=-1), axis=-1)
     return Acceptance(a, jnp.take_along_axis(choice, a[:, None], axis=1)[:, 0])
 
 
 def accept_sampled(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None,
-                   ) -> Acceptance:
-    """Lossless speculative sampling. probs: [B, K+1, V] target; draft_probs: [B, K, V] or None (point mass)."""
+                   n_verify=None) -> Acceptance:
+    """Lossless speculative sampling. probs: [B, K+1, V] target; draft_probs: [B, K, V] or None (point mass);
+    n_verify: drafts judged (None: all)."""
     b, k1, v = probs.shape
     k = k1 - 1
     key_u, key_res = jax.random.split(key)
@@ -79,8 +106,13 @@ def accept_sampled(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_pr
     else:
         q = draft_probs
         q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    judged = _judged(drafts, n_verify)
+    if judged is not None:  # past the schedule: never accepted, and no q to subtract from the target there
+        q = jnp.where(judged[..., None], q, 0.0)
     u = jax.random.uniform(key_u, (b, k))
     ok = (u * q_d < p_d).astype(jnp.int32)  # u < p/q without dividing by a zero q
+    if judged is not None:
+        ok = ok * judged
     a = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1)
     # residual at the first rejection (norm(max(p - q, 0))), or the plain target distribution after all K
     p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
@@ -109,9 +141,10 @@ class BlockVerdict(NamedTuple):
     residual: jax.Array
 
 
-def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None) -> BlockVerdict:
+def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None,
+                  n_verify=None) -> BlockVerdict:
     """Sun et al.'s block verification, the deterministic half. probs [B, K+1, V] target; drafts [B, K];
-    draft_probs [B, K, V] or None (point masses)."""
+    draft_probs [B, K, V] or None (point masses); n_verify: drafts judged (None: all)."""
     b, k1, v = probs.shape
     k = k1 - 1
     p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]  # p_i(d_{i+1})
@@ -121,6 +154,9 @@ def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | 
     else:
         q = draft_probs.astype(probs.dtype)
         q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    judged = _judged(drafts, n_verify)
+    if judged is not None:  # the block ends at n_verify: no q past it, so h there is w (the last draft's rule)
+        q = jnp.where(judged[..., None], q, 0.0)
     tiny = jnp.finfo(probs.dtype).tiny
 
     def weight(w, pq):  # w_i = min(1, w_{i-1} p / q); a zero q (never drawn) with p > 0 gives 1, with p = 0 gives 0
@@ -136,15 +172,17 @@ def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | 
     h = jnp.where(den > 0, r / jnp.where(den > 0, den, 1.0), 0.0)  # 0/0 (w = 1, no residual): never stop there
     tail = [h[:, 1:], w[:, k:]] if k else []  # h_1..h_{K-1}, h_K = w_K (AR's block of one: h_0 alone)
     stop = jnp.concatenate([jnp.ones((b, 1), probs.dtype)] + tail, axis=1)
+    if judged is not None:  # a prefix longer than the schedule's is never kept
+        stop = stop * jnp.concatenate([jnp.ones((b, 1), bool), judged], axis=1)
     return BlockVerdict(stop, jnp.concatenate([residual, probs[:, k:]], axis=1))
 
 
 def accept_block(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None = None,
-                 ) -> Acceptance:
+                 n_verify=None) -> Acceptance:
     """Block verification (lossless; see the module docstring): the same arguments as `accept_sampled`."""
     b, k1, v = probs.shape
     key_u, key_res = jax.random.split(key)
-    verdict = block_verdict(probs, drafts, draft_probs)
+    verdict = block_verdict(probs, drafts, draft_probs, n_verify)
     u = jax.random.uniform(key_u, (b, k1 - 1))
     kept = u < verdict.stop[:, 1:]
     a = jnp.max(jnp.where(kept, jnp.arange(1, k1)[None, :], 0), axis=1, initial=0).astype(jnp.int32)  # longest
@@ -154,6 +192,19 @@ def accept_block(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_prob
     res = jnp.where(mass > 0, res / jnp.where(mass > 0, mass, 1.0), p_a)
     bonus = jax.random.categorical(key_res, jnp.log(res + 1e-38), axis=-1).astype(drafts.dtype)
     return Acceptance(a, bonus)
+
+
+def schedule_width(confidence: jax.Array, live: jax.Array, costs: tuple[float, ...]) -> jax.Array:
+    """DSpark's verify schedule (see the module docstring): the verify width w in 1..K+1 (anchor included) at the
+    first local maximum, scanning up from 1, of the expected committed tokens per unit of `costs[w − 1]` (the
+    step's measured cost at width w). confidence [B, K]: c_j of each row's drafts; live [B]: rows still
+    generating. Going from w to w + 1 reads S_w, i.e. the drafts before draft w: a stopping time."""
+    s = jnp.cumprod(jnp.clip(confidence.astype(jnp.float32), 0.0, 1.0), axis=-1)  # S_j, j = 1..K
+    rows = live.astype(jnp.float32)[:, None]
+    expected = jnp.sum(rows * (1.0 + jnp.concatenate([jnp.zeros_like(s[:, :1]), jnp.cumsum(s, axis=-1)], -1)), 0)
+    rate = expected / jnp.asarray(costs, jnp.float32)  # per width 1..K+1
+    better = jnp.concatenate([rate[1:] > rate[:-1], jnp.zeros((1,), bool)])  # is w + 1 better than w?
+    return (jnp.argmin(better) + 1).astype(jnp.int32)  # the first w whose successor is no better
 
 
 def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
