@@ -533,6 +533,12 @@ def _loader_nan(kind: str):
 NOT_FINITE = "non-finite values (NaN or Inf)"
 CFG_STR = json.dumps({**tiny_cfg().to_dict(), "dim": "48"})
 
+def _regen_over_a_users_file(w: World) -> list[str]:
+    argv = _regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt"))(w)
+    w.dst.write_text("my notes\n")  # --out: a file of the user's, not a JSONL train.regenerate wrote
+    return argv
+
+
 CASES = [
     # ---- the converter: paths ----
     # (refused before anything is read: exit 2, the output rule of hdflash_jax.fileio.check_output)
@@ -781,7 +787,7 @@ CASES = [
              _regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt"))(w)),
          ("--out {root}/rows.jsonl: is the input --data {root}/rows.jsonl",), rc=2),
     Case("regen_out_foreign_file", "regenerate",
-         lambda w: (lambda a: (w.dst.write_text("my notes\n"), a)[1])(_regen(lambda w: w.copy(w.base.nan_ckpt, "ckpt"))(w)),
+         _regen_over_a_users_file,
          ("--out {root}/regen.jsonl: exists and is not a JSONL written by train.regenerate",), rc=2),
     # ---- the drafter exporter, the small pipeline, merge_runs, the suites' files ----
     Case("export_dst_is_src", "export",

@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from hdflash_jax.config import get_preset

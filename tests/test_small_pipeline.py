@@ -343,8 +343,8 @@ def test_pipeline_ci_size(tmp_path):
                 assert all(m["greedy_match_ar"] for k, m in methods.items() if k != "ar"), suite
     for name in ("hyperdflash", "dflash"):
         t = res["drafter_training"][name]
-        # trained beats untrained on held-out prompts by a margin (docs/training.md: 1.52 / 1.24 vs 1.00); a drafter that
-        # learned nothing stays at ~1.00 (the old check, tau_end > tau_start, passed at 1.000 -> 1.001)
+        # trained beats untrained on held-out prompts by a margin (docs/training.md: 1.52 / 1.24 vs 1.00); a drafter
+        # that learned nothing stays at ~1.00 (the old check, tau_end > tau_start, passed at 1.000 -> 1.001)
         assert t["tau_start"] < 1.05 and t["tau_end"] > 1.1, (name, t)
     assert (out / "results" / "acceptance_by_position.png").stat().st_size > 1000
     # cached: a rerun does no work
@@ -356,8 +356,8 @@ def test_pipeline_ci_size(tmp_path):
 
 
 SHIPPED = REPO / "models" / "small"
-# The shipped drafters reach held-out τ 3.4–4.2 (B = 8, greedy; docs/results.md); an untrained one gives 1.00. 1.5 on one
-# short prompt leaves room for prompt-to-prompt spread and still fails for a drafter that learned nothing.
+# The shipped drafters reach held-out τ 3.4–4.2 (B = 8, greedy; docs/results.md); an untrained one gives 1.00. 1.5
+# on one short prompt leaves room for prompt-to-prompt spread and still fails for a drafter that learned nothing.
 TAU_FLOOR = 1.5
 
 
@@ -377,7 +377,6 @@ def test_shipped_small_model_is_complete():
     assert cfg.hc_mult == 4 and cfg.n_routed_experts > cfg.n_activated_experts
     tok = load_tokenizer(SHIPPED / "tokenizer")
     assert tok.vocab_size == cfg.vocab_size and tok.chat_template == "role_tags" and tok.mask_id == cfg.vocab_size - 1
-    from hdflash_jax.families import family
 
     for name, want in (("hyperdflash", ("final_streams", "gated")), ("dflash", ("layers", "linear"))):
         d = family("block").load_config(SHIPPED / "drafters" / name)

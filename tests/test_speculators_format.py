@@ -91,7 +91,8 @@ def test_export_loads_strictly_into_speculators_and_gives_our_logits(exported):
         ours = np.asarray(nnx.jit(lambda d: train_forward(d, jnp.asarray(embed), jnp.asarray(head), jnp.asarray(feats),
                                                           anchors, blocks, how=TrainAttention("dense")))(drafter))
     err, shifted = _rel(ours, theirs), _rel(ours[:, :, :-1], theirs[:, :, 1:])
-    print(f"\nspeculators export, logits of 4 anchored blocks: max rel err {err:.2e}; slot-shifted control {shifted:.2e}")
+    print(f"\nspeculators export, logits of 4 anchored blocks: max rel err {err:.2e}; "
+          f"slot-shifted control {shifted:.2e}")
     assert err <= TOL and shifted > FAIL
 
 

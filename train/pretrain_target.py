@@ -19,9 +19,9 @@ Gradients flow from the MTP loss into the trunk, as in DeepSeek's training.
 
 Only `nnx.Param`s train (`hdflash_jax.training.optim`: AdamW, linear warmup then cosine, global-norm clipping,
 weight decay on matrices only). The `Buffer`s never get gradients: the hash layers' token→expert table
-(`tid2eid`) is drawn once at init (a fixed random k-subset of experts per token id, as a hash would give), and the routed layers'
-score-correction bias follows DeepSeek-V3's auxiliary-loss-free balancing, b_e += γ·sign(mean load − load_e)
-per step (γ = `train.bias_update_speed`; 0 freezes it), with the loads read from the gates' outputs.
+(`tid2eid`) is drawn once at init (a fixed random k-subset of experts per token id, as a hash would give), and the
+routed layers' score-correction bias follows DeepSeek-V3's auxiliary-loss-free balancing,
+b_e += γ·sign(mean load − load_e) per step (γ = `train.bias_update_speed`; 0 freezes it), with the loads read from the gates' outputs.
 
 Data (`train.pretrain_data`): the corpus rendered, tokenized once and cached as uint16 under `<out>/data/`; a
 step takes `batch_size` windows at offsets drawn from `np.random.default_rng([seed, step])`, so a resumed run sees
