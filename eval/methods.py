@@ -2,7 +2,9 @@
 
 Names: `ar`, `mtp` (the target's MTP layer chained --mtp-k times), `mtp<k>` (chained k times, so `mtp3,mtp7`
 compare depths in one run), `replay` (AR's own greedy answer proposed at no cost: the ceiling that the verify step
-alone allows, greedy runs only), and the drafters by name (a target's own or `--drafter NAME=CKPT`, of any family).
+alone allows, greedy runs only), `self-sample` (the target's own sample at the run's temperature as point-mass
+drafts: the ceiling the target's entropy allows at T > 0; it runs the target K times a step), and the drafters
+by name (a target's own or `--drafter NAME=CKPT`, of any family).
 Each name resolves to a drafter family and its config (`method_family`); the family says what a block size means
 in drafts and builds the decode adapter.
 """
@@ -18,7 +20,8 @@ from eval.errors import UsageError, log
 if TYPE_CHECKING:
     from eval.targets import DrafterSource, TargetSpec
 
-BUILTIN_METHODS = ("ar", "mtp", "replay")  # plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3): see mtp_depth
+# plus "mtp<k>" (the MTP layer chained k times, e.g. mtp3): see mtp_depth
+BUILTIN_METHODS = ("ar", "mtp", "replay", "self-sample")
 MTP_K = re.compile(r"^mtp([1-9][0-9]*)$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # the design a method name promises (`DrafterFamily.describe` of its drafter)
@@ -42,11 +45,14 @@ def method_family(method: str, sources: dict[str, DrafterSource], mtp_k: int) ->
     from hdflash_jax.families import family
     from hdflash_jax.families.mtp import MTPConfig
     from hdflash_jax.families.replay import ReplayConfig
+    from hdflash_jax.families.self_sample import SelfSampleConfig
 
     if method == "ar":
         return family("ar"), None
     if method == "replay":
         return family("replay"), ReplayConfig()
+    if method == "self-sample":
+        return family("self-sample"), SelfSampleConfig()
     depth = mtp_depth(method, mtp_k)
     if depth is not None:
         return family("mtp"), MTPConfig(depth)
