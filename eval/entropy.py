@@ -12,7 +12,6 @@ and the effective support exp(H).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -46,11 +45,13 @@ def answer_entropies(target, prompts: list[list[int]], answers: list[list[int]],
     return [ent[r, len(p) - 1: len(p) - 1 + len(a)].tolist() for r, (p, a) in enumerate(zip(prompts, answers))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     from eval.bootstrap import ratio_ci
     from eval.config import prompt_ids
     from eval.targets import resolve_target
     from hdflash_jax.decode.generate import DecodeSettings, Generator
+    from hdflash_jax.errors import UsageError
+    from hdflash_jax.fileio import JSON_REPORT, check_output, write_json_report
     from hdflash_jax.suites import expand_suites, load_suite
 
     ap = argparse.ArgumentParser(prog="python -m eval.entropy", description=__doc__.split("\n\n")[0])
@@ -65,15 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not args.temperature > 0:
-        print("error: --temperature must be > 0 (the entropy of a sampled answer)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--temperature must be > 0 (the entropy of a sampled answer), got {args.temperature}")
+    check_output(args.out, flag="--out", kind=JSON_REPORT, overwrite=True)  # before anything is read
     spec = resolve_target(args.target)
     target, tok = spec.load(args.seed), spec.tokenizer
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               eos_token_id=tok.eos_id,
                               prompt_buckets=tuple(int(x) for x in args.prompt_buckets.split(",")))
     gen = Generator(target, settings=settings)
-    out = {"argv": argv if argv is not None else sys.argv[1:], "suites": {}}
+    out = {"argv": argv, "suites": {}}
     for su in expand_suites(args.suite):
         samples = load_suite(su, args.limit)
         prompts = [prompt_ids(tok, s, 0, []) for s in samples]
@@ -92,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                              "prompts": len(samples)}
         print(f"{su}: H = {ci.point:.3f} [{ci.bounds[0]:.3f}, {ci.bounds[1]:.3f}] nats, "
               f"exp(H) = {np.exp(ci.point):.1f}, {sum(counts)} tokens", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json_report(args.out, out, flag="--out")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hdflash_jax.cli import run_command
+
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import numpy as np
@@ -23,6 +22,7 @@ from eval.merge_runs import merge_runs, read_run
 from eval.results import SEED_SUFFIX, Results
 from hdflash_jax.cli import run_command
 from hdflash_jax.errors import UsageError
+from hdflash_jax.fileio import JSON_REPORT, check_output, write_json_report
 
 
 def seed_arrays(results: Results, variant: str) -> tuple[list[int], list[list[np.ndarray]]]:
@@ -87,14 +87,16 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--variants", required=True, help="comma list of variants (methods <variant>-s<seed>)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.json:  # the output rule, before anything is read
+        check_output(args.json, flag="--json", kind=JSON_REPORT, overwrite=True,
+                     inputs=[("the input run", s.partition("#")[0]) for s in args.runs])
     runs = [read_run(s) for s in args.runs]
     results = merge_runs(runs, args.runs) if len(runs) > 1 else runs[0]
     cmp = compare(results, args.variants.split(","))
     cmp["runs"] = args.runs
     print(render(cmp))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(cmp, f, indent=1)
+        write_json_report(args.json, cmp, indent=1)
     return 0
 
 

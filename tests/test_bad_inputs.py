@@ -810,6 +810,14 @@ CASES = [
     Case("merge_out_is_a_run", "merge",
          lambda w: [str(_fake_results(w.root / "r1")), str(w.root / "r1"), str(_fake_results(w.root / "r2"))],
          ("--out {root}/r1: is the run {root}/r1",), rc=2),
+    Case("entropy_out_users_file", "entropy",
+         lambda w: ["--target", "tiny-random", "--suite", "gsm8k", "--limit", "1", "--out",
+                    str(_users_folder(w) / "notes.txt")],
+         ("--out {root}/mine/notes.txt: exists and is not a JSON report",), rc=2),
+    Case("seed_compare_json_over_a_run", "seed_compare",
+         lambda w: [str(_fake_results(w.root / "r1")), "--variants", "hd", "--json",
+                    str(w.root / "r1" / "results.json")],
+         ("--json {root}/r1/results.json: lies inside the input run {root}/r1",), rc=2),
     Case("suite_file_garbage", "load_suite", lambda w: [str(_garbage_suite(w)), "gsm8k"],
          ("{root}/suites/gsm8k/test.jsonl: line 2 is not valid JSON",), rc="ValueError"),
     Case("suite_file_wrong_records", "load_suite", lambda w: [str(_garbage_suite(w, '{"x": 1}')), "gsm8k"],
@@ -837,7 +845,8 @@ CASES = [
          ("{config}: expected a JSON object of DrafterConfig fields, got a list",), rc="ValueError"),
 ]
 
-OTHER_TOOLS = {"export": "convert.drafter_export", "pipeline": "train.small_pipeline", "merge": "eval.merge_runs"}
+OTHER_TOOLS = {"export": "convert.drafter_export", "pipeline": "train.small_pipeline", "merge": "eval.merge_runs",
+               "entropy": "eval.entropy", "seed_compare": "eval.seed_compare"}
 
 ENTRY = {"convert": [str(REPO / "convert" / "torch_to_flax.py")], "eval": ["-m", "eval.run"],
          "export": ["-m", "convert.drafter_export"],
