@@ -135,6 +135,13 @@ class MTPDrafter:
         return drafts, probs, state
 
 
+def draft_sampling(temperature: float, top_p: float = 1.0) -> dict:
+    """A sampling adapter's fields for a run at `temperature` / `top_p`: at T > 0 its drafts are sampled from that
+    nucleus (with their probabilities, for the rejection sampler); at T = 0 they are greedy (the fields unused)."""
+    sampled = temperature > 0
+    return {"sampled": sampled, "temperature": temperature if sampled else 1.0, "top_p": top_p if sampled else 1.0}
+
+
 def choose_drafts(logits, key, sampled: bool, temperature: float, top_p: float = 1.0):
     """Greedy drafts (point masses) or samples with their probabilities (for rejection sampling), drawn from the
     draft distribution at `temperature` cut to its `top_p` nucleus (`verify.target_probs`, the target's own rule:

@@ -81,6 +81,31 @@ def _judged(drafts: jax.Array, n_verify) -> jax.Array | None:
     return jnp.arange(drafts.shape[1])[None, :] < n[:, None]
 
 
+def _draft_terms(probs, drafts, draft_probs, n_verify):
+    """What both sampled rules read of a block: p_d [B, K] = p_i(d_{i+1}), the draft distributions q [B, K, V]
+    (one-hot for point masses; zero past a schedule's cut: no q to subtract from the target there), q_d [B, K] =
+    q_i(d_{i+1}) and the judged drafts [B, K] (None: all)."""
+    k, v = drafts.shape[1], probs.shape[-1]
+    p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]
+    if draft_probs is None:
+        q = jax.nn.one_hot(drafts, v, dtype=probs.dtype)
+        q_d = jnp.ones_like(p_d)
+    else:
+        q = draft_probs.astype(probs.dtype)
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    judged = _judged(drafts, n_verify)
+    if judged is not None:
+        q = jnp.where(judged[..., None], q, 0.0)
+    return p_d, q, q_d, judged
+
+
+def _draw_bonus(key, residual, fallback, dtype):
+    """The token after the kept prefix: a draw from norm(residual), or from `fallback` where it has no mass."""
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    dist = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), fallback)
+    return jax.random.categorical(key, jnp.log(dist + 1e-38), axis=-1).astype(dtype)
+
+
 def accept_greedy(logits: jax.Array, drafts: jax.Array, n_verify=None) -> Acceptance:
     """logits: [B, K+1, V] at the block positions; drafts: [B, K]; n_verify: drafts judged (None: all)."""
     choice = jnp.argmax(logits, axis=-1).astype(drafts.dtype)  # y_0..y_K
@@ -99,30 +124,17 @@ def accept_sampled(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_pr
     b, k1, v = probs.shape
     k = k1 - 1
     key_u, key_res = jax.random.split(key)
-    p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]  # p_i(d_{i+1})
-    if draft_probs is None:
-        q = jax.nn.one_hot(drafts, v, dtype=probs.dtype)
-        q_d = jnp.ones_like(p_d)
-    else:
-        q = draft_probs
-        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    judged = _judged(drafts, n_verify)
-    if judged is not None:  # past the schedule: never accepted, and no q to subtract from the target there
-        q = jnp.where(judged[..., None], q, 0.0)
+    p_d, q, q_d, judged = _draft_terms(probs, drafts, draft_probs, n_verify)
     u = jax.random.uniform(key_u, (b, k))
     ok = (u * q_d < p_d).astype(jnp.int32)  # u < p/q without dividing by a zero q
-    if judged is not None:
+    if judged is not None:  # past the schedule: never accepted
         ok = ok * judged
     a = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1)
     # residual at the first rejection (norm(max(p - q, 0))), or the plain target distribution after all K
     p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
     q_a = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros((b, 1, v), q.dtype)], axis=1), a[:, None, None],
                               axis=1)[:, 0]
-    residual = jnp.maximum(p_a - q_a, 0.0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a)
-    bonus = jax.random.categorical(key_res, jnp.log(residual + 1e-38), axis=-1).astype(drafts.dtype)
-    return Acceptance(a, bonus)
+    return Acceptance(a, _draw_bonus(key_res, jnp.maximum(p_a - q_a, 0.0), p_a, drafts.dtype))
 
 
 VERIFY_RULES = ("token", "block")  # the acceptance rules at T > 0: `accept_sampled`, `accept_block`
@@ -147,16 +159,7 @@ def block_verdict(probs: jax.Array, drafts: jax.Array, draft_probs: jax.Array | 
     draft_probs [B, K, V] or None (point masses); n_verify: drafts judged (None: all)."""
     b, k1, v = probs.shape
     k = k1 - 1
-    p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]  # p_i(d_{i+1})
-    if draft_probs is None:
-        q = jax.nn.one_hot(drafts, v, dtype=probs.dtype)
-        q_d = jnp.ones_like(p_d)
-    else:
-        q = draft_probs.astype(probs.dtype)
-        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    judged = _judged(drafts, n_verify)
-    if judged is not None:  # the block ends at n_verify: no q past it, so h there is w (the last draft's rule)
-        q = jnp.where(judged[..., None], q, 0.0)
+    p_d, q, q_d, judged = _draft_terms(probs, drafts, draft_probs, n_verify)  # past a cut q = 0: h there is w
     tiny = jnp.finfo(probs.dtype).tiny
 
     def weight(w, pq):  # w_i = min(1, w_{i-1} p / q); a zero q (never drawn) with p > 0 gives 1, with p = 0 gives 0
@@ -188,10 +191,7 @@ def accept_block(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_prob
     a = jnp.max(jnp.where(kept, jnp.arange(1, k1)[None, :], 0), axis=1, initial=0).astype(jnp.int32)  # longest
     res = jnp.take_along_axis(verdict.residual, a[:, None, None], axis=1)[:, 0]
     p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
-    mass = jnp.sum(res, axis=-1, keepdims=True)
-    res = jnp.where(mass > 0, res / jnp.where(mass > 0, mass, 1.0), p_a)
-    bonus = jax.random.categorical(key_res, jnp.log(res + 1e-38), axis=-1).astype(drafts.dtype)
-    return Acceptance(a, bonus)
+    return Acceptance(a, _draw_bonus(key_res, res, p_a, drafts.dtype))
 
 
 def schedule_width(confidence: jax.Array, live: jax.Array, costs: tuple[float, ...]) -> jax.Array:

@@ -27,11 +27,9 @@ class BlockFamily(DrafterFamily):
         return (cfg.block_size if block_size is None else block_size) - 1  # [anchor, mask × (B − 1)]
 
     def adapter(self, cfg: DrafterConfig, num_drafts: int, temperature: float, top_p: float = 1.0):
-        from hdflash_jax.decode.drafters import BlockDrafterAdapter
+        from hdflash_jax.decode.drafters import BlockDrafterAdapter, draft_sampling
 
-        sampled = temperature > 0
-        return BlockDrafterAdapter(cfg, num_drafts, sampled=sampled, temperature=temperature if sampled else 1.0,
-                                   top_p=top_p if sampled else 1.0)
+        return BlockDrafterAdapter(cfg, num_drafts, **draft_sampling(temperature, top_p))
 
     def describe(self, cfg: DrafterConfig) -> str:
         extra = " + per-stream norm" if cfg.gate_path_norm else ""

@@ -24,11 +24,10 @@ class DSparkFamily(DrafterFamily):
         return cfg.block_size if block_size is None else block_size - 1
 
     def adapter(self, cfg: DSparkConfig, num_drafts: int, temperature: float, top_p: float = 1.0):
+        from hdflash_jax.decode.drafters import draft_sampling
         from hdflash_jax.decode.dspark_drafter import DSparkDrafterAdapter
 
-        sampled = temperature > 0
-        return DSparkDrafterAdapter(cfg, num_drafts, sampled=sampled, temperature=temperature if sampled else 1.0,
-                                    top_p=top_p if sampled else 1.0)
+        return DSparkDrafterAdapter(cfg, num_drafts, **draft_sampling(temperature, top_p))
 
     def describe(self, cfg: DSparkConfig) -> str:
         return f"dspark/{cfg.pooling or 'mean'}"

@@ -25,11 +25,9 @@ class MTPFamily(DrafterFamily):
         return cfg.depth  # a chain of `depth` MTP steps, whatever the verify width of the block drafters
 
     def adapter(self, cfg, num_drafts: int, temperature: float, top_p: float = 1.0):
-        from hdflash_jax.decode.drafters import MTPDrafter
+        from hdflash_jax.decode.drafters import MTPDrafter, draft_sampling
 
-        sampled = temperature > 0
-        return MTPDrafter(num_drafts, sampled=sampled, temperature=temperature if sampled else 1.0,
-                          top_p=top_p if sampled else 1.0)
+        return MTPDrafter(num_drafts, **draft_sampling(temperature, top_p))
 
     def describe(self, cfg: MTPConfig) -> str:
         return f"the target's MTP layer chained {cfg.depth}x"
