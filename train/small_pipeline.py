@@ -73,6 +73,7 @@ class Variant:
 # thing; 'dspark' / 'dspark-gated' are DeepSeek's block drafter (mean pooling / the inherited hc_head gate) at the
 # same draft budget (7 drafts a step) and depth (2 blocks); the '-t1' drafters train on responses sampled at T = 1.
 DSPARK_SHAPE = {"n_blocks": 2, "markov_rank": 32}
+DFLASH2_PARTS = {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 32, "selector_top_k": 16}
 VARIANTS: dict[str, Variant] = {
     "hyperdflash": Variant({"conditioning": "final_streams", "reducer": "gated"}),
     "dflash": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False}),
@@ -103,6 +104,12 @@ VARIANTS: dict[str, Variant] = {
     # heads (one per query head) or 1 (4x fewer), so only the KV projections' width differs (shipped: 2)
     "hd-kv4": Variant({"conditioning": "final_streams", "reducer": "gated", "n_kv_heads": 4}),
     "hd-kv1": Variant({"conditioning": "final_streams", "reducer": "gated", "n_kv_heads": 1}),
+    # DFlash 2 on both conditionings: the block drafters plus the convolution and the selector, the selector's rank
+    # that of DSpark's Markov head (32: both ≈ 2·V·32 parameters), so "does the selector beat the Markov head" is
+    # asked at equal parameters
+    "dflash2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False, **DFLASH2_PARTS},
+                       kind="dflash2"),
+    "hyperdflash2": Variant({"conditioning": "final_streams", "reducer": "gated", **DFLASH2_PARTS}, kind="dflash2"),
 }
 SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
@@ -110,6 +117,7 @@ GATE_VARIANTS = ("hd-pathnorm", "hd-lowrank")  # evaluated beside hyperdflash an
 REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
 # per family: the loss a Variant's `loss` overrides (DSpark: DeepSpec's recipe, its loss config's defaults)
 BASE_LOSS = {"block": {"gamma": None, "kl_alpha": 0.1, "kl_slots": 2, "kl_temperature": 1.0}, "dspark": {}}
+BASE_LOSS["dflash2"] = {**BASE_LOSS["block"], "selector_alpha": 1.0}  # speculators' selector_loss_alpha
 
 SIZES: dict[str, dict] = {
     "full": {
@@ -117,7 +125,8 @@ SIZES: dict[str, dict] = {
         "pretrain": [],  # the `small` preset and PretrainConfig defaults: 1,200 steps of 8 × 256 tokens
         "regen": {"prompts": 1536, "eval_prompts": 32, "max_new_tokens": 160, "batch_size": 32},
         # the draft layers' shape, per family (a variant's fields go on top)
-        "drafter": {"shape": {"block": dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, inter_dim=384)},
+        "drafter": {"shape": {kind: dict(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, inter_dim=384)
+                              for kind in ("block", "dflash2")},
                     "max_len": 256, "num_anchors": 32, "global_batch": 8, "steps": 400, "lr": 3e-3,
                     "eval_prompts": 16, "eval_max_new_tokens": 96},
         "variants": tuple(VARIANTS),

@@ -5,7 +5,7 @@
   ceiling of the benchmarks.
 * `MTPDrafter` — DeepSeek's native MTP block chained k times on its own streams.
 * `BlockDrafterAdapter` — the block drafters (HyperDFlash and vanilla DFlash: `hdflash_jax.drafter`), one pass a
-  block.
+  block; `DFlash2DrafterAdapter` — the same pass, then DFlash 2's selector chooses each slot's token in turn.
 * `TargetSampleDrafter` — the target itself sampled K tokens ahead on the committed context: what the target's own
   distribution allows a drafter (the self-sample ceiling at T > 0; a strong sampled drafter for the tests).
 
@@ -23,7 +23,8 @@ from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
 from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardings
-from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
+from hdflash_jax.drafter.dflash2 import select_drafts
+from hdflash_jax.drafter.model import draft_block, draft_block_hidden, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.verify import check_block_size, target_probs
@@ -192,6 +193,22 @@ class BlockDrafterAdapter:
         keys = jax.random.split(key, self.num_drafts)
         tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
                                  in_axes=(1, 0), out_axes=1)(logits, keys)
+        return tokens, probs, state
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlash2DrafterAdapter(BlockDrafterAdapter):
+    """DFlash 2 / HyperDFlash-2 (`drafter.dflash2`): the block drafter's pass, then the candidate selector picks
+    slot by slot among the unary top-K with the previous pick as predecessor (greedy, or sampled at T > 0 from
+    softmax(score / T) over the K candidates cut to the run's nucleus, which is the q the rejection sampler
+    reads)."""
+
+    def propose(self, target, modules, state, anchor, position, key):
+        hidden, head = draft_block_hidden(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
+        keys = jax.random.split(key, self.num_drafts)
+        tokens, probs = select_drafts(modules.selector, head(hidden), hidden, anchor,
+                                      lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
+                                      keys)
         return tokens, probs, state
 
 

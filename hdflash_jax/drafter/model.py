@@ -88,21 +88,25 @@ class DraftLayer(nnx.Module):
         """KV injection: the conditioning vectors c [b, T, D] (already normed; no input norm here)."""
         return self._kv(c.astype(jnp.dtype(self.cfg.dtype)), positions)
 
-    def __call__(self, h, positions, attend: Callable):
-        """h [b, Tq, D] at positions [b, Tq]. `attend(q, k, v)` gets the block's own q [b, Tq, H, hd] and
-        k/v [b, Tq, KV, hd] (normed, RoPE'd) and returns [b, Tq, H, hd]: it puts the injected context keys before
-        the block's and applies the path's mask (inference: `cache_attend`; training: `drafter.training`)."""
+    def attention(self, x, positions, attend: Callable):
+        """The attention sublayer on normed inputs x [b, Tq, D]: q/k/v, `attend`, the output projection."""
         cfg = self.cfg
-        b, t, _ = h.shape
-        x = self.input_norm(h)
+        b, t, _ = x.shape
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta))
         q = apply_rope(self.q_norm(self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)), cos, sin)
         k, v = self._kv(x, positions)
-        a = attend(q, k, v)
-        h = h + self.wo(a.reshape(b, t, cfg.n_heads * cfg.head_dim)).astype(h.dtype)
-        x = self.post_attn_norm(h)
-        f = self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
-        return h + f.astype(h.dtype)
+        return self.wo(attend(q, k, v).reshape(b, t, cfg.n_heads * cfg.head_dim))
+
+    def mlp(self, x):
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+    def __call__(self, h, positions, attend: Callable, block_len: int | None = None):
+        """h [b, Tq, D] at positions [b, Tq]. `attend(q, k, v)` gets the block's own q [b, Tq, H, hd] and
+        k/v [b, Tq, KV, hd] (normed, RoPE'd) and returns [b, Tq, H, hd]: it puts the injected context keys before
+        the block's and applies the path's mask (inference: `cache_attend`; training: `drafter.training`).
+        `block_len`: the rows of h are blocks of this many slots (None: one block); a plain layer ignores it."""
+        h = h + self.attention(self.input_norm(h), positions, attend).astype(h.dtype)
+        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype)
 
 
 def concat_attend(ctx_k, ctx_v, mask, scale: float) -> Callable:
@@ -116,11 +120,12 @@ def concat_attend(ctx_k, ctx_v, mask, scale: float) -> Callable:
 
 class BlockDrafter(nnx.Module):
     """reducer (gated / linear) → n_layers DraftLayers with KV injection → final norm (→ target head)."""
+    layer_cls = DraftLayer  # DFlash 2's drafter (drafter/dflash2.py) wraps each sublayer in a convolution
 
     def __init__(self, cfg: DrafterConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.reducer = make_reducer(cfg, rngs=rngs)
-        self.layers = nnx.List([DraftLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([self.layer_cls(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=jnp.dtype(cfg.param_dtype))
 
     def condition(self, ctx_feats: jax.Array) -> jax.Array:
@@ -140,7 +145,7 @@ class BlockDrafter(nnx.Module):
         final-normed hidden [b, Tq, D]."""
         h = h.astype(jnp.dtype(self.cfg.dtype))
         for layer, attend in zip(self.layers, attends):
-            h = layer(h, positions, attend)
+            h = layer(h, positions, attend, block_len=h.shape[1])
         return self.norm(h)
 
 
@@ -203,13 +208,20 @@ def draft_block(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, bl
 
     Returns (draft_tokens [b, B−1] int32 greedy, draft_logits [b, B−1, V] fp32). The cache is not changed.
     """
+    hidden, head = draft_block_hidden(drafter, target, anchor_tokens, cache, block_size=block_size)
+    logits = head(hidden)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+
+
+def draft_block_hidden(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, block_size: int | None = None):
+    """`draft_block` up to the final-normed hidden of the draft slots [b, B−1, D]; returns (hidden, head), head the
+    frozen LM head as a function (DFlash 2's selector reads the hidden beside the logits)."""
     cfg = drafter.cfg
     bs = block_size or cfg.block_size
     h, positions, head = _block_inputs(drafter, target, anchor_tokens, cache["length"], bs)
     scale = cfg.head_dim ** -0.5
     attends = [cache_attend(layer, i, cache, cfg.draft_chunk, scale) for i, layer in enumerate(drafter.layers)]
-    logits = head(drafter.hidden(h, positions, attends)[:, 1:])
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+    return drafter.hidden(h, positions, attends)[:, 1:], head
 
 
 def draft_block_dense(drafter: BlockDrafter, target, anchor_tokens, cache: dict, *, block_size: int | None = None):
@@ -261,20 +273,20 @@ def make_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
 
 # ---- construction --------------------------------------------------------------------------------------------
 
-def init_drafter(cfg: DrafterConfig, seed: int = 0) -> BlockDrafter:
-    """Random drafter (no mesh: eager sharding off; under a mesh build `BlockDrafter` inside `jax.set_mesh`)."""
+def init_drafter(cfg: DrafterConfig, seed: int = 0, cls: type = BlockDrafter) -> BlockDrafter:
+    """Random drafter of class `cls` (no mesh: eager sharding off; under a mesh build it inside `jax.set_mesh`)."""
     with nnx.use_eager_sharding(False):
-        return BlockDrafter(cfg, rngs=nnx.Rngs(seed))
+        return cls(cfg, rngs=nnx.Rngs(seed))
 
 
-def init_drafter_from_target(target, cfg: DrafterConfig, seed: int = 0, *, copy_final_norm: bool = True
-                             ) -> BlockDrafter:
+def init_drafter_from_target(target, cfg: DrafterConfig, seed: int = 0, *, copy_final_norm: bool = True,
+                             cls: type = BlockDrafter) -> BlockDrafter:
     """A drafter whose gate(s) are copies of the target's hc_head (fn, base, scale), post RMSNorm and (with
     `copy_final_norm`) final norm copies of the target's final norm weight. Embedding and head are not copied.
     """
     tc = target.cfg
     cfg.check_target(tc)
-    d = init_drafter(cfg, seed)
+    d = init_drafter(cfg, seed, cls)
     d.reducer.load_from_target(target)
     if copy_final_norm:
         w = target.norm.weight[...]
@@ -287,7 +299,7 @@ def count_params(module_or_state: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
-def abstract_drafter(cfg: DrafterConfig) -> BlockDrafter:
+def abstract_drafter(cfg: DrafterConfig, cls: type = BlockDrafter) -> BlockDrafter:
     """Shapes only (no allocation): for parameter counts and checkpoint restore targets."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: BlockDrafter(cfg, rngs=nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))

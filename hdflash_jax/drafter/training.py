@@ -99,7 +99,7 @@ def train_hidden(drafter: BlockDrafter, target_embed, ctx_feats, anchors, block_
         layer = nnx.merge(graphdef, layer_state)
         attend = attend_of(ck, cv)
         named = lambda q, k, v: checkpoint_name(attend(q, k, v), ATTENTION_OUT)
-        return constrain_tokens(layer(h, q_pos, named))
+        return constrain_tokens(layer(h, q_pos, named, block_len=bs))
 
     policy = REMAT_POLICIES[how.remat]
     h = constrain_tokens(h.astype(jnp.dtype(cfg.dtype)))

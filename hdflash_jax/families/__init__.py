@@ -7,14 +7,15 @@ ask the registry; nothing else tests which family a drafter is.
     cfg, drafter = fam.load(path, target.cfg)
     adapter = fam.adapter(cfg, fam.num_drafts(cfg, None), temperature=0.0)
 
-Registered here: `ar`, `replay`, `self-sample`, `mtp`, `block` (HyperDFlash / DFlash), `dspark`. A new family is
+Registered here: `ar`, `replay`, `self-sample`, `mtp`, `block` (HyperDFlash / DFlash), `dflash2` (DFlash 2 /
+HyperDFlash-2), `dspark`. A new family is
 one module and one `@register` (docs/adding_a_drafter_family.md).
 """
 
 from hdflash_jax.families.registry import (DrafterFamily, check_block_size, checkpoint_family, families, family,
                                            family_of, format_of_folder, register, section_fields, training_section,
                                            unregister)
-from hdflash_jax.families import ar, replay, self_sample, mtp, block, dspark  # noqa: E402,F401,I001 — each registers
+from hdflash_jax.families import ar, replay, self_sample, mtp, block, dflash2, dspark  # noqa: E402,F401,I001 — each registers
 
 __all__ = ["DrafterFamily", "check_block_size", "checkpoint_family", "families", "family", "family_of",
            "format_of_folder", "register", "section_fields", "training_section", "unregister"]

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from hdflash_jax.fileio import OutputKind
-from hdflash_jax.formats import dspark, speculators, zlab, zlab_read
+from hdflash_jax.formats import dspark, speculators, speculators_dflash2, zlab, zlab_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +25,16 @@ class DrafterFormat:
     read: Callable[..., tuple]
     needs_target: bool = False  # exporting needs the target (the drafter's shapes follow it)
     options: tuple[str, ...] = ()  # keyword options `read` takes beyond target_cfg
+    # whether `read` takes a folder (None: any folder of the output kind; formats sharing a kind tell theirs apart)
+    takes: Callable[..., bool] | None = None
 
     def recognises(self, path) -> bool:
-        return self.folder.is_own(path)
+        return self.folder.is_own(path) and (self.takes is None or self.takes(path))
 
 
 ZLAB = DrafterFormat("zlab", zlab.ZLAB_FOLDER, zlab.export, zlab_read.read_zlab, options=("stream_pooling",))
 DSPARK = DrafterFormat("dspark", dspark.DSPARK_FOLDER, dspark.export, dspark.read_dspark, needs_target=True)
 SPECULATORS = DrafterFormat("speculators", speculators.SPECULATORS_FOLDER, speculators.export,
-                            speculators.read_speculators)
+                            speculators.read_speculators, takes=speculators.model_type_is("dflash"))
+SPECULATORS_DFLASH2 = DrafterFormat("speculators", speculators.SPECULATORS_FOLDER, speculators_dflash2.export,
+                                    speculators_dflash2.read, takes=speculators.model_type_is("dflash2"))

@@ -21,7 +21,8 @@ verifier's and are not written. Conventions that differ from this project's, mad
 
 What the format cannot hold, and is refused in one line: HyperDFlash's gated reducer (no `fc`: use the z-lab export,
 which carries the gate tensors), DSpark on V4 blocks (speculators' DSpark is Qwen3 layers), V4's native MTP
-(speculators' MTP takes Qwen3-family verifiers only), DFlash 2, reduced draft vocabularies.
+(speculators' MTP takes Qwen3-family verifiers only), reduced draft vocabularies. DFlash 2 (`dflash2`) is the
+DFlash 2 family's: `formats.speculators_dflash2`.
 """
 
 from __future__ import annotations
@@ -83,15 +84,27 @@ def speculators_config(cfg: DrafterConfig) -> dict:
 
 def export(cfg: DrafterConfig, drafter, dst, *, target_cfg=None, overwrite: bool = False) -> dict:
     """A vanilla DFlash drafter as a speculators folder at `dst`, atomically → a summary."""
+    tensors = dflash_tensors(cfg, {k: np.asarray(v) for k, v in flat_params(drafter).items()})
+    return write_folder(dst, speculators_config(cfg), tensors, cfg, overwrite=overwrite)
+
+
+def dflash_tensors(cfg: DrafterConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{this project's dotted path: array} of a vanilla DFlash drafter → speculators' tensors (fc mean-pooled
+    for a multi-stream target); a drafter the format cannot hold is refused."""
     if (cfg.conditioning, cfg.reducer) != ("layers", "linear"):
         raise ExportError(f"speculators' DFlashDraftModel conditions on tapped layers through a linear fc; this "
                           f"drafter is {cfg.conditioning}/{cfg.reducer} (HyperDFlash's gate has no place there: export "
                           "it to the z-lab format, which carries the gate tensors)")
-    tensors = export_tensors(cfg, {k: np.asarray(v) for k, v in flat_params(drafter).items()})
+    tensors = export_tensors(cfg, flat)
     if cfg.hc_mult > 1:
         tensors["fc.weight"] = _mean_pooled_fc(cfg, tensors["fc.weight"])
+    return tensors
+
+
+def write_folder(dst, config: dict, tensors: dict, cfg: DrafterConfig, *, overwrite: bool) -> dict:
+    """config.json and model.safetensors at `dst`, atomically → the export's summary."""
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(speculators_config(cfg), indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
     notes = ["features: the per-layer stream mean (vLLM's DeepSeek-V4 aux hidden states); fc = n · each stream's "
              "block"] if cfg.hc_mult > 1 else []
@@ -107,6 +120,16 @@ def is_speculators_folder(path) -> bool:
         return False
 
 
+def model_type_is(kind: str):
+    """A predicate: the speculators folder's `speculators_model_type` is `kind`."""
+    def takes(path) -> bool:
+        try:
+            return read_json(Path(path) / CONFIG_FILE).get("speculators_model_type") == kind
+        except (ValueError, TypeError, OSError):
+            return False
+    return takes
+
+
 SPECULATORS_FOLDER = OutputKind("a speculators folder (config.json with speculators_model_type)",
                                 is_speculators_folder)
 
@@ -114,17 +137,32 @@ SPECULATORS_FOLDER = OutputKind("a speculators folder (config.json with speculat
 def read_speculators(src, *, target_cfg) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
     """A speculators DFlash folder → (DrafterConfig, {this project's dotted path: array}), strictly checked (the
     z-lab reader's checks, on speculators' keys mapped to z-lab's). The target says how many layers and streams."""
-    from hdflash_jax.formats.zlab_read import from_reference
+    cpath, wpath, raw = _open(src, target_cfg, "dflash")
+    if not wpath.is_file():
+        raise FileNotFoundError(f"{wpath}: not found")
+    return dflash_from_speculators(cpath, wpath, raw, load_all(wpath), target_cfg)
 
+
+def _open(src, target_cfg, want: str) -> tuple[Path, Path, dict]:
+    """(config path, weights path, config) of a speculators folder of model type `want`."""
     src = Path(src)
     cpath, wpath = src / CONFIG_FILE, src / WEIGHTS_FILE
     if target_cfg is None:
         raise ExportError(f"{cpath}: --target: a speculators folder does not say its target's depth or streams")
     raw = read_json(cpath)
     kind = raw.get("speculators_model_type")
-    if kind != "dflash":
-        raise ExportError(f"{cpath}: speculators_model_type={kind!r}: only 'dflash' has a counterpart here (DSpark on "
-                          "Qwen3 layers, DFlash 2, EAGLE and MTP drafters are other models)")
+    if kind != want:
+        raise ExportError(f"{cpath}: speculators_model_type={kind!r}: this reader takes {want!r} (the DFlash family "
+                          "reads 'dflash', the DFlash 2 family 'dflash2'; DSpark on Qwen3 layers, EAGLE and MTP "
+                          "drafters are other models)")
+    return cpath, wpath, raw
+
+
+def dflash_from_speculators(cpath: Path, wpath: Path, raw: dict, tensors: dict, target_cfg
+                            ) -> tuple[DrafterConfig, dict[str, np.ndarray]]:
+    """The DFlash part of a speculators config and its tensors → (DrafterConfig, this project's tree)."""
+    from hdflash_jax.formats.zlab_read import from_reference
+
     if raw.get("sample_from_anchor", False):
         raise ExportError(f"{cpath}: sample_from_anchor=true: slot j drafts token a + j + 1 (DSpark's numbering); "
                           "this project's block drafters draft a + j at slot j")
@@ -144,9 +182,6 @@ def read_speculators(src, *, target_cfg) -> tuple[DrafterConfig, dict[str, np.nd
                            "target_layer_ids": [i - 1 for i in aux]}}
     if isinstance(ext, dict):
         c[EXT] = {k: v for k, v in ext.items() if k not in ("target_n_layers", "stream_pooling")}
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{wpath}: not found")
-    tensors = load_all(wpath)
     fc = tensors.get("fc.weight")
     pooled = fc is not None and fc.ndim == 2 and fc.shape[1] == len(aux) * tl.get("hidden_size", -1)
     mean = target_cfg.hc_mult > 1 and pooled  # one D-vector per layer for a multi-stream verifier: the stream mean

@@ -25,6 +25,7 @@ from hdflash_jax.deepseek_v4.model import forward_full
 from hdflash_jax.drafter.model import block_token_ids, target_io_arrays
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.drafter.training import TrainAttention, train_hidden
+from hdflash_jax.training.dflash2_loss import selector_loss
 from hdflash_jax.training.dspark_loss import dspark_batch_loss, dspark_offline_inputs, dspark_target_inputs
 from hdflash_jax.training.features import teacher_hidden_at_slots  # noqa: F401 — also this module's interface
 from hdflash_jax.training.losses import loss_function
@@ -55,8 +56,9 @@ def master_params(values, master_dtype: str):
     return jax.tree.map(one, values)
 
 
-def block_train_step(parts: StepParts, state, target_params, batch):
-    """One step of a block drafter (HyperDFlash / DFlash: `DrafterConfig`, `LossConfig`)."""
+def block_train_step(parts: StepParts, state, target_params, batch, *, selector: bool = False):
+    """One step of a block drafter (HyperDFlash / DFlash: `DrafterConfig`, `LossConfig`); with `selector`, DFlash
+    2's (`DFlash2Config`, `DFlash2LossConfig`): the selector's objective added (`training.dflash2_loss`)."""
     dcfg, lcfg = parts.dcfg, parts.lcfg
     tokens, loss_mask = batch["tokens"], batch["loss_mask"]
     anchors, keep = batch["anchors"], batch["keep"]
@@ -79,7 +81,13 @@ def block_train_step(parts: StepParts, state, target_params, batch):
     def loss_fn(params):
         drafter = parts.dpure.merge(parts.dpure.in_own_dtypes(params))
         hidden = train_hidden(drafter, embed, feats, anchors, block_tokens, keep, parts.attention)
-        return loss_of(hidden, head, tokens, loss_mask, anchors, keep, lcfg, teacher)
+        loss, metrics = loss_of(hidden, head, tokens, loss_mask, anchors, keep, lcfg, teacher)
+        if selector:
+            sel, sel_metrics = selector_loss(drafter.selector, hidden, head, tokens, loss_mask, anchors, keep, lcfg,
+                                             dcfg.selector_top_k)
+            loss = loss + lcfg.selector_alpha * sel
+            metrics = {**metrics, **sel_metrics, "loss": loss}
+        return loss, metrics
 
     return apply_gradients(parts, state, loss_fn)
 
