@@ -198,6 +198,18 @@ class Case:
     real_process: bool = False  # also run as a real process (no traceback from the entry point)
 
 
+def _hyperdflash2(w: World) -> Path:
+    """A HyperDFlash-2 checkpoint (the DFlash 2 family on the final streams through the gate)."""
+    from hdflash_jax.config import PRESETS
+    from hdflash_jax.drafter.dflash2 import DFlash2Drafter
+    from hdflash_jax.drafter.model import init_drafter
+    from hdflash_jax.families import family
+
+    fam = family("dflash2")
+    cfg = fam.example_config(PRESETS["tiny"])
+    return fam.save(w.root / "hd2", init_drafter(cfg, 0, DFlash2Drafter), cfg)
+
+
 def conv(w: World, *extra) -> list[str]:
     return ["--src", str(w.src), "--dst", str(w.dst), *map(str, extra)]
 
@@ -799,6 +811,10 @@ CASES = [
     Case("export_dst_users_folder", "export",
          lambda w: ["--to", "zlab", "--src", str(w.copy(w.base.nan_drafter, "d")), "--dst", str(_users_folder(w)),
                     "--overwrite"], ("--dst {root}/mine: exists and is not a z-lab DFlash folder",), rc=2),
+    Case("export_hyperdflash2_to_speculators", "export",
+         lambda w: ["--to", "speculators", "--src", str(_hyperdflash2(w)), "--dst", str(w.root / "spec")],
+         ("speculators' DFlashDraftModel conditions on tapped layers through a linear fc; this drafter is "
+          "final_streams/gated",), rc=2),
     Case("pipeline_ship_users_folder", "pipeline",
          lambda w: (setattr(w, "chdir", w.root), ["--size", "ci", "--stages", "ship", "--out", str(w.root / "run"),
                                                   "--ship", str(_users_folder(w))])[1],
