@@ -18,18 +18,22 @@ def drafter_config(cfg, name: str | None):
     import os
 
     from hdflash_jax.config import DRAFTER_PRESETS, DrafterConfig, get_drafter_preset
+    from hdflash_jax.drafter.dflash2 import DFLASH2_PRESETS
     from hdflash_jax.fileio import read_json
 
     if name is None:
         return DrafterConfig.for_target(cfg)
     if name in DRAFTER_PRESETS:
         return get_drafter_preset(name)
+    if name in DFLASH2_PRESETS:
+        return DFLASH2_PRESETS[name]()
     if os.path.isfile(name):
         try:
             return DrafterConfig.from_dict(read_json(name))
         except (TypeError, ValueError) as e:
             raise UsageError(f"--drafter {name}: {e}") from None
-    raise UsageError(f"--drafter: {name!r} is neither a drafter preset ({sorted(DRAFTER_PRESETS)}) nor a file")
+    presets = sorted(DRAFTER_PRESETS) + sorted(DFLASH2_PRESETS)
+    raise UsageError(f"--drafter: {name!r} is neither a drafter preset ({presets}) nor a file")
 
 
 def target_cache_bytes_per_token(cfg) -> float:
@@ -60,7 +64,8 @@ def build(name, cfg, args, mesh) -> Program:
     from jax.sharding import NamedSharding
 
     from hdflash_jax.drafter.cache import draft_cache_bytes_per_token, draft_cache_shardings
-    from hdflash_jax.drafter.model import abstract_drafter, count_params, init_draft_cache, make_draft_fn
+    from hdflash_jax.drafter.model import count_params, init_draft_cache
+    from hdflash_jax.families import family_of
     from hdflash_jax.drafter.reducer import feature_shape
     from hdflash_jax.sharding import logical_to_spec, state_shardings
 
@@ -70,7 +75,8 @@ def build(name, cfg, args, mesh) -> Program:
     for field in ("dim", "hc_mult", "vocab_size"):
         if getattr(dcfg, field) != getattr(cfg, field):
             raise UsageError(f"--drafter: {field}={getattr(dcfg, field)}, the target has {getattr(cfg, field)}")
-    graph, state = nnx.split(abstract_drafter(dcfg))
+    fam = family_of(dcfg)
+    graph, state = nnx.split(fam.abstract(dcfg, cfg))
     state = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)), state,
                          state_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
     b, bs = args.batch, dcfg.block_size
@@ -92,6 +98,6 @@ def build(name, cfg, args, mesh) -> Program:
     print(f"  draft cache ({dcfg.draft_cache}): {per_tok:,} bytes per token per row; target cache "
           f"{target_tok:,.0f} -> {'<=' if per_tok <= target_tok else '>'} the target's; "
           f"{per_tok * b * (context + bs) / 2**30:.3f} GiB at batch {b} over {context + bs} slots", flush=True)
-    fn = make_draft_fn(graph, jit=False)
+    fn = fam.draft_step(graph)
     active = 2.0 * count_params(state) * b * bs / mesh.size
     return Program(fn, (state, embed, head, feats, n_new, anchors, cache), (6,), active)

@@ -179,3 +179,38 @@ class DFlash2Drafter(BlockDrafter):
     def __init__(self, cfg: DFlash2Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.selector = CandidateSelector(cfg, rngs=rngs)
+
+
+def make_dflash2_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
+    """DFlash 2's drafting step, pure (what the AOT planner compiles; the decoder's `DFlash2DrafterAdapter` runs the
+    same calls): append the new context features to the draft cache, run the block, choose greedily with the
+    selector. fn(drafter_state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache)
+    -> (draft_tokens [b, B−1], new_cache)."""
+    from hdflash_jax.drafter.cache import extend_draft_cache
+    from hdflash_jax.drafter.model import draft_block_hidden
+
+    def greedy(logits, key):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+
+    def fn(state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache):
+        drafter = nnx.merge(graphdef, state)
+        cache = extend_draft_cache(drafter, ctx_feats_new, n_ctx_new, cache)
+        anchor = jnp.asarray(anchor_tokens, jnp.int32)
+        hidden, head = draft_block_hidden(drafter, (target_embed, target_head), anchor, cache, block_size=block_size)
+        keys = jax.random.split(jax.random.key(0), hidden.shape[1])
+        tokens, _ = select_drafts(drafter.selector, head(hidden), hidden, anchor, greedy, keys)
+        return tokens, cache
+    return jax.jit(fn) if jit else fn
+
+
+def _v4_flash(**kw) -> DFlash2Config:
+    from hdflash_jax.config import PRESETS
+
+    return DFlash2Config.for_target(PRESETS["v4-flash"], draft_cache="kv", **kw)
+
+
+# the V4-Flash block drafters' presets (`config.DRAFTER_PRESETS`) with DFlash 2's parts at speculators' defaults
+DFLASH2_PRESETS = {
+    "v4-flash-dflash2": lambda: _v4_flash(conditioning="layers", reducer="linear"),
+    "v4-flash-hyperdflash2": lambda: _v4_flash(),
+}

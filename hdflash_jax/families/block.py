@@ -31,6 +31,11 @@ class BlockFamily(DrafterFamily):
 
         return BlockDrafterAdapter(cfg, num_drafts, **draft_sampling(temperature, top_p))
 
+    def draft_step(self, graphdef):
+        from hdflash_jax.drafter.model import make_draft_fn
+
+        return make_draft_fn(graphdef, jit=False)
+
     def describe(self, cfg: DrafterConfig) -> str:
         extra = " + per-stream norm" if cfg.gate_path_norm else ""
         extra += f" + rank-{cfg.gate_residual_rank} residual" if cfg.gate_residual_rank else ""

@@ -28,6 +28,11 @@ class DFlash2Family(BlockFamily):
 
         return DFlash2DrafterAdapter(cfg, num_drafts, **draft_sampling(temperature, top_p))
 
+    def draft_step(self, graphdef):
+        from hdflash_jax.drafter.dflash2 import make_dflash2_draft_fn
+
+        return make_dflash2_draft_fn(graphdef, jit=False)
+
     def describe(self, cfg) -> str:
         base = super().describe(cfg)
         return (f"{base} + conv{cfg.conv_kernel_size or 2} + selector r{cfg.selector_rank or 256} "

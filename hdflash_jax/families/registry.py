@@ -53,6 +53,11 @@ class DrafterFamily:
         that nucleus."""
         raise NotImplementedError
 
+    def draft_step(self, graphdef):
+        """The family's pure drafting step over its split module, for the AOT planner's draft program:
+        fn(state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache) -> (drafts…, cache)."""
+        raise ValueError(f"{self.what} has no planned draft step")
+
     def decode_modules(self, cfg):
         """What the adapter reads besides the target when no checkpoint is loaded (None: nothing)."""
         return None
