@@ -174,7 +174,7 @@ def test_drafter_trainer_runs_dspark_and_exports_a_loadable_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"drafter": {"kind": "medusa"}}, "drafter.kind: unknown 'medusa'; one of block, dspark"),
+    ({"drafter": {"kind": "medusa"}}, "drafter.kind: unknown 'medusa'; one of block, dflash2, dspark"),
     ({"drafter": {"kind": "dspark", "reducer": "gated"}},
      "drafter.reducer: unknown key (known: kind, init_from_target, block_size, noise_token_id, target_layer_ids, "
      "markov_rank, n_routed_experts, n_activated_experts, n_blocks, pooling, confidence_head, loss)"),

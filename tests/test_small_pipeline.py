@@ -363,7 +363,8 @@ TAU_FLOOR = 1.5
 
 def test_shipped_small_model_is_complete():
     """models/small (what `--target small` and the README's main command load) holds every piece, at the sizes
-    its manifest states: the target, its tokenizer, HyperDFlash, DFlash, DSpark and DSpark-gated."""
+    its manifest states: the target, its tokenizer, HyperDFlash, DFlash, DSpark, DSpark-gated, DFlash 2 and
+    HyperDFlash-2."""
     from hdflash_jax.checkpoint import load_config
     from hdflash_jax.families import family
     from hdflash_jax.tokenizer import load_tokenizer
@@ -384,6 +385,9 @@ def test_shipped_small_model_is_complete():
     for name, pooling in (("dspark", "mean"), ("dspark-gated", "gated")):
         d = family("dspark").load_config(SHIPPED / "drafters" / name)
         assert d.pooling == pooling and d.noise_token_id == tok.mask_id and d.block_size == 7
+    for name, want in (("hyperdflash2", ("final_streams", "gated")), ("dflash2", ("layers", "linear"))):
+        d = family("dflash2").load_config(SHIPPED / "drafters" / name)
+        assert (d.conditioning, d.reducer) == want and d.mask_token_id == tok.mask_id and d.selector_rank == 32
 
 
 def test_shipped_small_model_speculates_losslessly(tmp_path):

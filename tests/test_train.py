@@ -154,7 +154,7 @@ def test_config_loader_names_the_key_path(tmp_path):
                                              "post_norm, gate_path_norm, gate_residual_rank, draft_cache, draft_chunk, "
                                              "dim, hc_mult, vocab_size, target_n_layers, hc_eps, hc_norm_eps, dtype, "
                                              "param_dtype, loss)"),
-            ((None, ["drafter.kind=medusa"]), "drafter.kind: unknown 'medusa'; one of block, dspark"),
+            ((None, ["drafter.kind=medusa"]), "drafter.kind: unknown 'medusa'; one of block, dflash2, dspark"),
             ((None, ["eval.every=5"]), "eval.every: > 0 needs data.eval (a JSONL of held-out prompts)"),
             ((None, ["checkpoint.max_to_keep=0"]), "checkpoint.max_to_keep: must be >= 1, got 0"),
             ((None, ["lr"]), "--override 'lr': expected key=value with a dotted key, e.g. optim.lr=3e-4"),

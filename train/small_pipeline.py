@@ -111,8 +111,8 @@ VARIANTS: dict[str, Variant] = {
                        kind="dflash2"),
     "hyperdflash2": Variant({"conditioning": "final_streams", "reducer": "gated", **DFLASH2_PARTS}, kind="dflash2"),
 }
-SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated")
-MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated")
+SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated", "dflash2", "hyperdflash2")
+MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated", "dflash2", "hyperdflash2")
 GATE_VARIANTS = ("hd-pathnorm", "hd-lowrank")  # evaluated beside hyperdflash and dflash in their own run
 REGEN_DIRS = {"greedy": "regen", "t1": "regen-t1"}
 # per family: the loss a Variant's `loss` overrides (DSpark: DeepSpec's recipe, its loss config's defaults)
