@@ -449,6 +449,6 @@ def test_pipeline_configs_load_through_the_trainers_loaders(tmp_path):
                                                     "hyperdflash-t1-kl7a1"]
     assert method("ablations") == ["hyperdflash", "hd-linear", "hd-layers", "hd-nokl", "hd-b16", "hyperdflash-x2",
                                    "dflash-x2", "hyperdflash-x4", "dflash-x4", "hd-linear-x4", "hd-layers-x4",
-                                   "hd-kv4", "hd-kv1"]
+                                   "hd-kv4", "hd-kv1", "dflash2-conv"]
     assert all(f"{m}=" in " ".join(runs["t1"]) for m in ("dspark-gated", "dflash-t1"))
     assert method("gates") == ["hyperdflash", "dflash", "hd-pathnorm", "hd-lowrank"]

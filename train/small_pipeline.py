@@ -110,6 +110,9 @@ VARIANTS: dict[str, Variant] = {
     "dflash2": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False, **DFLASH2_PARTS},
                        kind="dflash2"),
     "hyperdflash2": Variant({"conditioning": "final_streams", "reducer": "gated", **DFLASH2_PARTS}, kind="dflash2"),
+    # the convolution alone: one candidate leaves the selector nothing to choose (greedy: DFlash + convolutions)
+    "dflash2-conv": Variant({"conditioning": "layers", "reducer": "linear", "post_norm": False, **DFLASH2_PARTS,
+                             "selector_top_k": 1}, kind="dflash2"),
 }
 SHIPPED = ("hyperdflash", "dflash", "dspark", "dspark-gated", "dflash2", "hyperdflash2")
 MAIN_METHODS = ("ar", "mtp3", "mtp7", "dflash", "hyperdflash", "dspark", "dspark-gated", "dflash2", "hyperdflash2")
