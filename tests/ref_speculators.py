@@ -60,7 +60,13 @@ def speculators_model(folder: Path, embed: np.ndarray, head: np.ndarray, verifie
     model = (DSparkDraftModel if cls_name == "dspark" else DFlashDraftModel)(cfg).eval().to(torch.float32)
     sd = load_file(str(folder / "model.safetensors"))
     sd.update({k: torch.as_tensor(v) for k, v in (extra or {}).items()})
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    return load_weights(model, sd, embed, head, verifier_norm)
+
+
+def load_weights(model, state_dict: dict, embed, head, verifier_norm):
+    """`model` (a speculators draft model in fp32) holding `state_dict`, which must fill every tensor but the
+    verifier's own (embedding, heads, verifier norm: a real checkpoint leaves them out too), and those set."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     verifier_owned = {"embed_tokens.weight", "lm_head.weight", "verifier_lm_head.weight", "verifier_norm.weight"}
     assert not unexpected and set(missing) == verifier_owned, (missing, unexpected)
     with torch.no_grad():

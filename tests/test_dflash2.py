@@ -46,14 +46,16 @@ def setup():
     return base, cfg, (embed, head), feats, tokens
 
 
-def _randomize_convs(d, seed: int = 0):
+def randomize_convs(d, seed: int = 0, scale: float = 0.2):
+    """Every convolution's taps and kernel projection random (identity convolutions would hide a wrong tap order,
+    group layout or side)."""
     rng = np.random.default_rng(seed)
     for layer in d.layers:
         for conv in (layer.attention_conv, layer.mlp_conv):
             conv.base_kernel[...] = jnp.asarray(0.5 + 0.3 * rng.standard_normal(conv.base_kernel[...].shape),
                                                 jnp.float32)
             w = conv.kernel_projection.weight
-            w[...] = jnp.asarray(0.2 * rng.standard_normal(w[...].shape), jnp.float32)
+            w[...] = jnp.asarray(scale * rng.standard_normal(w[...].shape), jnp.float32)
     return d
 
 
@@ -71,13 +73,13 @@ def test_identity_convolutions_give_the_block_drafter(setup):
     ref = np.asarray(_train(plain, *io, feats, anchors, blocks))
     same = np.asarray(_train(d2, *io, feats, anchors, blocks))
     np.testing.assert_array_equal(same, ref)
-    moved = np.asarray(_train(_randomize_convs(d2), *io, feats, anchors, blocks))
+    moved = np.asarray(_train(randomize_convs(d2), *io, feats, anchors, blocks))
     assert np.abs(moved - ref).max() > 1e-2
 
 
 def test_dflash2_inference_equals_training_across_adjacent_blocks(setup, monkeypatch):
     _, cfg, io, feats, tokens = setup
-    d = _randomize_convs(init_drafter(cfg, seed=2, cls=DFlash2Drafter), seed=3)
+    d = randomize_convs(init_drafter(cfg, seed=2, cls=DFlash2Drafter), seed=3)
     anchors = jnp.array([[3, 7, 11]])  # B = 4: blocks 3..6, 7..10, 11..14 touch
     blocks = block_token_ids(tokens[0][anchors[0]][None], cfg.block_size, cfg.mask_token_id)
     ref = np.asarray(_train(d, *io, feats, anchors, blocks))
@@ -124,7 +126,7 @@ def _sampled_dflash2(target, top_k: int):
                                    block_size=K + 1, conditioning="layers", reducer="linear",
                                    target_layer_ids=(0, 1, 2), conv_group_size=8, selector_rank=4,
                                    selector_top_k=top_k)
-    modules = _randomize_convs(init_drafter_from_target(target, cfg, seed=3, cls=DFlash2Drafter), seed=9)
+    modules = randomize_convs(init_drafter_from_target(target, cfg, seed=3, cls=DFlash2Drafter), seed=9)
     rng = np.random.default_rng(2)
     for p in (modules.selector.predecessor_codebook, modules.selector.successor_codebook):
         p[...] = jnp.asarray(rng.standard_normal(p[...].shape), jnp.float32)  # transitions that matter

@@ -31,7 +31,8 @@ from hdflash_jax.drafter.model import block_token_ids  # noqa: E402
 from hdflash_jax.drafter.training import TrainAttention, train_hidden  # noqa: E402
 from hdflash_jax.families import family  # noqa: E402
 from hdflash_jax.training.dflash2_loss import training_candidates  # noqa: E402
-from ref_speculators import fixed_anchors  # noqa: E402
+from ref_speculators import fixed_anchors, load_weights  # noqa: E402
+from test_dflash2 import randomize_convs  # noqa: E402
 from test_drafter_export import D, V, random_drafter, tiny_cfg  # noqa: E402
 
 S, ANCHORS = 24, np.array([2, 7, 9, 15])  # two blocks overlap: masks by anchor
@@ -59,13 +60,8 @@ def random_dflash2(cfg: DFlash2Config, seed: int = 0):
     base = random_drafter(cfg, seed)  # norms random
     d = init_drafter(cfg, seed, DFlash2Drafter)
     nnx.update(d, nnx.state(base))
+    randomize_convs(d, seed + 7, scale=0.1)
     rng = np.random.default_rng(seed + 7)
-    for layer in d.layers:
-        for conv in (layer.attention_conv, layer.mlp_conv):
-            conv.base_kernel[...] = jnp.asarray(0.5 + 0.3 * rng.standard_normal(conv.base_kernel[...].shape),
-                                                jnp.float32)
-            w = conv.kernel_projection.weight
-            w[...] = jnp.asarray(0.1 * rng.standard_normal(w[...].shape), jnp.float32)
     sel = d.selector
     for p in (sel.predecessor_codebook, sel.successor_codebook):
         p[...] = jnp.asarray(0.7 * rng.standard_normal(p[...].shape), jnp.float32)
@@ -94,15 +90,7 @@ def speculators_dflash2(folder, embed, head, vnorm):
         sample_from_anchor=raw["sample_from_anchor"], speculators_config=spec,
         **{k: raw[k] for k in ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")})
     model = DFlash2DraftModel(cfg).eval().to(torch.float32)
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    verifier_owned = {"embed_tokens.weight", "lm_head.weight", "verifier_lm_head.weight", "verifier_norm.weight"}
-    assert not unexpected and set(missing) == verifier_owned, (missing, unexpected)
-    with torch.no_grad():
-        model.embed_tokens.weight.copy_(torch.as_tensor(embed))
-        model.lm_head.weight.copy_(torch.as_tensor(head))
-        model.verifier_lm_head.weight.copy_(torch.as_tensor(head))
-        model.verifier_norm.weight.copy_(torch.as_tensor(vnorm))
-    return model
+    return load_weights(model, load_file(str(folder / "model.safetensors")), embed, head, vnorm)
 
 
 @pytest.fixture(scope="module")
