@@ -23,8 +23,8 @@ from flax import nnx
 
 from hdflash_jax.config import DrafterConfig, TargetConfig
 from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardings
-from hdflash_jax.drafter.dflash2 import select_drafts
-from hdflash_jax.drafter.model import draft_block, draft_block_hidden, extend_draft_cache, init_draft_cache
+from hdflash_jax.drafter.dflash2 import propose_dflash2
+from hdflash_jax.drafter.model import draft_block, extend_draft_cache, init_draft_cache
 from hdflash_jax.drafter.reducer import features_from_target, target_return_layers
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.verify import check_block_size, target_probs
@@ -204,11 +204,9 @@ class DFlash2DrafterAdapter(BlockDrafterAdapter):
     reads)."""
 
     def propose(self, target, modules, state, anchor, position, key):
-        hidden, head = draft_block_hidden(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
-        keys = jax.random.split(key, self.num_drafts)
-        tokens, probs = select_drafts(modules.selector, head(hidden), hidden, anchor,
-                                      lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
-                                      keys)
+        tokens, probs = propose_dflash2(modules, target, anchor, state["cache"],
+                                        lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
+                                        key, block_size=self.num_drafts + 1)
         return tokens, probs, state
 
 

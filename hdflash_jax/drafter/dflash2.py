@@ -143,19 +143,14 @@ class CandidateSelector(nnx.Module):
         return unary.astype(jnp.float32) + jnp.einsum("...r,...kr->...k", self.context(hidden, prev_ids), succ)
 
 
-def unary_top_k(logits, k: int):
-    """(values, ids) [..., K] of the unary logits, best first."""
-    vals, ids = jax.lax.top_k(logits, k)
-    return vals, ids.astype(jnp.int32)
-
-
 def select_drafts(selector: CandidateSelector, logits, hidden, anchor, choose: Callable, keys):
     """Sequential selection over the draft slots: logits [b, K_d, V] fp32 (unary), hidden [b, K_d, D], anchor [b];
     choose(full_logits [b, V], key) → (token [b], probs [b, V] | None), the run's rule (greedy or sampled from its
     nucleus) applied to the selector's scores (−∞ outside the K candidates).
 
     Returns (tokens [b, K_d] int32, probs [b, K_d, V] or None)."""
-    vals, cand = unary_top_k(logits, selector.top_k)
+    vals, cand = jax.lax.top_k(logits, selector.top_k)  # the unary top-K, best first
+    cand = cand.astype(jnp.int32)
     b, v = logits.shape[0], logits.shape[-1]
     rows = jnp.arange(b)[:, None]
 
@@ -181,13 +176,23 @@ class DFlash2Drafter(BlockDrafter):
         self.selector = CandidateSelector(cfg, rngs=rngs)
 
 
-def make_dflash2_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
-    """DFlash 2's drafting step, pure (what the AOT planner compiles; the decoder's `DFlash2DrafterAdapter` runs the
-    same calls): append the new context features to the draft cache, run the block, choose greedily with the
-    selector. fn(drafter_state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache)
-    -> (draft_tokens [b, B−1], new_cache)."""
-    from hdflash_jax.drafter.cache import extend_draft_cache
+def propose_dflash2(drafter: "DFlash2Drafter", target, anchor, cache: dict, choose: Callable, key, *,
+                    block_size: int | None = None):
+    """One DFlash 2 proposal from the draft cache as it is: the block drafter's pass (`draft_block_hidden`), then
+    `select_drafts` with `choose` (the decoder's adapter passes the run's rule). Returns (tokens, probs | None)."""
     from hdflash_jax.drafter.model import draft_block_hidden
+
+    anchor = jnp.asarray(anchor, jnp.int32)
+    hidden, head = draft_block_hidden(drafter, target, anchor, cache, block_size=block_size)
+    keys = jax.random.split(key, hidden.shape[1])
+    return select_drafts(drafter.selector, head(hidden), hidden, anchor, choose, keys)
+
+
+def make_dflash2_draft_fn(graphdef, *, block_size: int | None = None, jit: bool = True):
+    """DFlash 2's drafting step, pure (what the AOT planner compiles): append the new context features to the draft
+    cache, then `propose_dflash2` greedily. fn(drafter_state, target_embed, target_head, ctx_feats_new, n_ctx_new,
+    anchor_tokens, cache) -> (draft_tokens [b, B−1], new_cache)."""
+    from hdflash_jax.drafter.cache import extend_draft_cache
 
     def greedy(logits, key):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
@@ -195,10 +200,8 @@ def make_dflash2_draft_fn(graphdef, *, block_size: int | None = None, jit: bool 
     def fn(state, target_embed, target_head, ctx_feats_new, n_ctx_new, anchor_tokens, cache):
         drafter = nnx.merge(graphdef, state)
         cache = extend_draft_cache(drafter, ctx_feats_new, n_ctx_new, cache)
-        anchor = jnp.asarray(anchor_tokens, jnp.int32)
-        hidden, head = draft_block_hidden(drafter, (target_embed, target_head), anchor, cache, block_size=block_size)
-        keys = jax.random.split(jax.random.key(0), hidden.shape[1])
-        tokens, _ = select_drafts(drafter.selector, head(hidden), hidden, anchor, greedy, keys)
+        tokens, _ = propose_dflash2(drafter, (target_embed, target_head), anchor_tokens, cache, greedy,
+                                    jax.random.key(0), block_size=block_size)
         return tokens, cache
     return jax.jit(fn) if jit else fn
 

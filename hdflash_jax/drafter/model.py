@@ -145,7 +145,7 @@ class BlockDrafter(nnx.Module):
         final-normed hidden [b, Tq, D]."""
         h = h.astype(jnp.dtype(self.cfg.dtype))
         for layer, attend in zip(self.layers, attends):
-            h = layer(h, positions, attend, block_len=h.shape[1])
+            h = layer(h, positions, attend)  # one block per row: a layer's default
         return self.norm(h)
 
 

@@ -34,9 +34,12 @@ class DFlash2Family(BlockFamily):
         return make_dflash2_draft_fn(graphdef, jit=False)
 
     def describe(self, cfg) -> str:
-        base = super().describe(cfg)
-        return (f"{base} + conv{cfg.conv_kernel_size or 2} + selector r{cfg.selector_rank or 256} "
-                f"top-{cfg.selector_top_k or 16}")
+        def field(name):  # a section's unset field (None) reads as the config's default
+            v = getattr(cfg, name)
+            return getattr(DFlash2Config, name) if v is None else v
+
+        return (f"{super().describe(cfg)} + conv{field('conv_kernel_size')} + selector r{field('selector_rank')} "
+                f"top-{field('selector_top_k')}")
 
     def describe_loss(self, loss: DFlash2LossConfig) -> str:
         return f"{super().describe_loss(loss)} + selector {loss.selector_alpha:g}"

@@ -41,6 +41,11 @@ def extra_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {there: shapes[next(s for s in shapes if there.endswith(s))] for _, there in extra_names(cfg)}
 
 
+def _dflash2_only(name: str) -> bool:
+    """A tensor of DFlash 2's parts (a convolution or the selector), not of the DFlash folder beneath them."""
+    return name.startswith("candidate_selector.") or "_conv." in name
+
+
 def _dflash_part(cfg) -> DrafterConfig:
     return DrafterConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DrafterConfig)})
 
@@ -73,15 +78,14 @@ def read(src, *, target_cfg):
         fields[key] = v
     tensors = load_all(wpath)
     base, tree = dflash_from_speculators(cpath, wpath, raw, {k: v for k, v in tensors.items()
-                                                             if not k.startswith(("candidate_selector.",))
-                                                             and "_conv." not in k}, target_cfg)
+                                                             if not _dflash2_only(k)}, target_cfg)
     try:
         cfg = DFlash2Config(**{**dataclasses.asdict(base), **fields})
     except ValueError as e:
         raise ExportError(f"{cpath}: {e}") from None
     shapes = extra_shapes(cfg)
     names = dict((there, here) for here, there in extra_names(cfg))
-    left = sorted(k for k in tensors if (k.startswith("candidate_selector.") or "_conv." in k) and k not in names)
+    left = sorted(k for k in tensors if _dflash2_only(k) and k not in names)
     if left:
         raise ExportError(f"{wpath}: unexpected tensor {left[0]!r} (not a DFlash 2 tensor of a "
                           f"{cfg.n_layers}-layer drafter)")
