@@ -44,6 +44,7 @@ class RunConfig:
     block_size: int | None
     mtp_k: int
     batch_size: int
+    refill: bool  # rows take the next prompt of their bucket as they finish (continuous refill)
     prompt_buckets: tuple[int, ...] | None  # None: the decoder's defaults
     prefill_chunk: int | None  # None: the decoder's default
     seed: int
@@ -108,7 +109,7 @@ class RunConfig:
             first_turn_only=ns.first_turn_only, max_new_tokens=ns.max_new_tokens,
             temperature=float(ns.temperature), top_p=float(ns.top_p), verify=ns.verify,
             confidence_schedule=schedule, block_size=ns.block_size,
-            mtp_k=ns.mtp_k, batch_size=ns.batch_size, prompt_buckets=_buckets(ns.prompt_buckets),
+            mtp_k=ns.mtp_k, batch_size=ns.batch_size, refill=ns.refill, prompt_buckets=_buckets(ns.prompt_buckets),
             prefill_chunk=ns.prefill_chunk, seed=ns.seed,
             out=Path(ns.out) if ns.out is not None else None, overwrite=ns.overwrite, score=ns.score,
             score_timeout=float(ns.score_timeout), allow_unisolated=ns.allow_unisolated,

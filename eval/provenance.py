@@ -13,8 +13,10 @@ from eval.methods import Method, is_builtin
 from eval.results import TAU_AVERAGES
 
 TIMING_NOTE = ("wall_s = generation only; compile_s = lower + compile + one untimed warm-up run per new "
-               "(bucket, batch) shape, counted in the suite where the shape first appeared; prompts padded "
-               "to their bucket; partial batches padded with copies of their last prompt")
+               "(bucket, batch, queue) shape, counted in the suite where the shape first appeared; prompts padded "
+               "to their bucket; with refill a row takes the next prompt of its bucket as it finishes; prefill_s = "
+               "each prompt's prefill at its shape's per-row prefill time (timed apart); a prompt's decode_s = its "
+               "queue's wall minus prefill, shared in proportion to verify steps")
 
 
 def versions() -> dict:
@@ -59,7 +61,7 @@ def run_config(plan: Plan, methods: dict[str, Method], load_s: float) -> dict:
         "confidence_schedule": (args.confidence_schedule if isinstance(args.confidence_schedule, str)
                                 else list(args.confidence_schedule)),
         "greedy": args.temperature == 0, "block_size": args.block_size, "mtp_k": args.mtp_k,
-        "batch_size": args.batch_size, "prompt_buckets": list(plan.settings.prompt_buckets),
+        "batch_size": args.batch_size, "refill": args.refill, "prompt_buckets": list(plan.settings.prompt_buckets),
         "prefill_chunk": plan.settings.prefill_chunk, "seed": args.seed,
         "limit": args.limit, "first_turn_only": args.first_turn_only, "score": args.score,
         "tau_averages": TAU_AVERAGES,

@@ -128,8 +128,8 @@ def wall_clock_table(results: Results | Mapping, ceiling: str = "replay") -> str
     after the first, prefill excluded), τ, and how much of τ becomes wall clock (decode speedup / τ), beside the
     `ceiling` method's when it ran (a free, always-right drafter: what the verify step alone allows)."""
     results = as_results(results)
-    lines = ["| method | speedup (end to end) | decode speedup | τ | decode speedup / τ | prefill share of AR wall |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | speedup (end to end) | decode speedup | τ | decode speedup / τ | prefill share of AR wall | "
+             "row-steps idle (queued / drain) |", "|---|---|---|---|---|---|---|"]
     for m in ordered_methods(results):
         cs = [cells[m] for cells in results.suites.values() if m in cells]
         ars = [cells["ar"] for cells in results.suites.values() if m in cells and "ar" in cells]
@@ -140,8 +140,17 @@ def wall_clock_table(results: Results | Mapping, ceiling: str = "replay") -> str
         share = (sum(a.prefill_s for a in ars if a.prefill_s is not None) / sum(a.wall_s for a in ars)) if ars else None
         lines.append(f"| {m}{' (ceiling)' if m == ceiling else ''} | {_with_ci(sp, isp and isp.bounds, '.2f', '×')} | "
                      f"{_with_ci(dec, idec and idec.bounds, '.2f', '×')} | {_with_ci(ta, ita and ita.bounds, '.2f')} | "
-                     f"{_fmt(dec / ta, '.2f')} | {_fmt(share, '.0%')} |")
+                     f"{_fmt(dec / ta, '.2f')} | {_fmt(share, '.0%')} | {_idle(cs)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _idle(cells) -> str:
+    """Row-steps rows sat free, over the cells: while prompts were still queued / after the queue emptied."""
+    rows = [c.extra["rows"] for c in cells if "rows" in c.extra]
+    total = sum(r["row_steps"] for r in rows)
+    if not total:
+        return "–"
+    return f"{sum(r['idle'] for r in rows) / total:.0%} / {sum(r['drain'] for r in rows) / total:.0%}"
 
 
 def schedule_table(results: Results | Mapping) -> str:
@@ -293,12 +302,14 @@ def render_markdown(results: Results | Mapping) -> str:
            "specdec_bench's Average_AL). Long requests weigh more in the first.",
            t] if (t := tau_averages_table(results)) else []),
         *(["## Where the wall clock goes",
-           "Decode speedup: AR's seconds per output token after the first over the method's, each batch's prefill "
-           "(timed apart for its shape) taken out. decode speedup / τ = the share of τ that becomes wall clock.",
+           "Decode speedup: AR's seconds per output token after the first over the method's, each prompt's prefill "
+           "(timed apart for its shape) taken out. decode speedup / τ = the share of τ that becomes wall clock. "
+           "Row-steps idle: the steps a batch row sat free while prompts were still queued (continuous refill keeps "
+           "this at 0) / after its queue emptied (the last rows finishing), of all row-steps.",
            t] if (t := wall_clock_table(results)) else []),
         *(["## Confidence schedule (DSpark)",
-           "The verify width each step chose (anchor + drafts judged; one width per batch step) and the step costs "
-           "the schedule weighed expected committed tokens against (ms per step: the affine fit of the measured "
+           "The verify width each step chose (anchor + drafts judged; one width per batch step, counted once per "
+           "prompt it verified) and the step costs the schedule weighed expected committed tokens against (ms per step: the affine fit of the measured "
            "costs with --confidence-schedule auto; else as given).",
            t] if (t := schedule_table(results)) else []),
         *(["## Training seeds",

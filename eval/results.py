@@ -28,13 +28,15 @@ results.json:
                                            #   greedy speculative methods have AR's
             "speedup_ci": [lo, hi],        # the same for the end-to-end speedup (prompts paired with AR's)
             "decode_speedup": float,       # AR / this method in seconds per output token after the first
-            "decode_speedup_ci": [lo, hi], #   (each batch's wall minus its prefill, timed apart per shape)
-            "prefill_s": float,            # prefill seconds of every batch, summed (part of wall_s)
+            "decode_speedup_ci": [lo, hi], #   (each queue's wall minus its prompts' prefill, timed apart per shape)
+            "prefill_s": float,            # prefill seconds of every prompt, summed (part of wall_s)
             "seeds": [int],                # training seeds of the drafter(s) behind the cell; [] for AR / MTP
             "per_prompt": [{"id", "tokens", "steps", "accepted_tokens", "wall_s", "decode_s",
                             "request_tau": [float]}, ...]   # request_tau: τ of each turn with a verify step
+            "rows": {"row_steps", "work", "idle", "drain"},  # in `extra`: loop steps × rows, the prompts' own
+                                           #   verify steps, row-steps free while prompts were queued / after
             # --confidence-schedule (DSpark's scheduled verify) only, in `extra`:
-            "verify_width_hist": [int],    # verify steps per width 1..B (anchor + drafts judged), batch steps
+            "verify_width_hist": [int],    # verify steps per width 1..B (anchor + drafts judged), prompts' steps
             "verify_costs": {"<bucket>x<batch>": {"measured": [float], "used": [float]}},  # auto: step seconds
                                            #   per width measured per shape and their affine fit, which the
                                            #   schedule reads; explicit costs: {"given": [...]}

@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "training block size")
     ap.add_argument("--mtp-k", type=int, default=1,
                     help="drafts per step of MTP, its one layer chained k times (default: 1)")
-    ap.add_argument("--batch-size", type=int, default=1, help="prompts per batch (default: 1)")
+    ap.add_argument("--batch-size", type=int, default=1, help="rows decoded together (default: 1)")
+    ap.add_argument("--refill", action=argparse.BooleanOptionalAction, default=True,
+                    help="continuous refill: a row that finishes takes the next prompt of its length bucket at the "
+                         "next step (default); --no-refill: batches of --batch-size prompts, each running until its "
+                         "slowest row")
     ap.add_argument("--prompt-buckets", default=None,
                     help="comma list of padded prompt lengths (one compile per bucket used); default: "
                          "16,32,...,4096")

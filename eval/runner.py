@@ -41,19 +41,21 @@ SEED_STRIDE = 100_003  # seeds of different (suite, turn) phases never overlap w
 PREFILL_REPEATS = 3
 
 
-def plan_batches(lengths: list[int], batch_size: int, plan: Callable[..., Any]) -> list[tuple[list[int], Any]]:
-    """Row indices grouped into batches of at most `batch_size` prompts of one bucket, in input order per bucket
-    (buckets in increasing size), each with its `DecodePlan` for `batch_size` rows (every batch is padded to
-    `batch_size`, so each bucket has one shape). `plan` is `Generator.plan` (or `plan_decode` bound to settings):
-    the decoder owns the bucket and context rule."""
+def plan_batches(lengths: list[int], batch_size: int, plan: Callable[..., Any],
+                 refill: bool = True) -> list[tuple[list[int], Any]]:
+    """Row indices grouped by length bucket (buckets in increasing size, input order within each), each group with
+    its `DecodePlan` for `batch_size` rows: with `refill`, one queue per bucket (rows take the next prompt as they
+    finish); without, queues of at most `batch_size` prompts (each batch runs until its slowest row). `plan` is
+    `Generator.plan` (or `plan_decode` bound to settings): the decoder owns the bucket, context and queue rule."""
     by_bucket: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_bucket.setdefault(plan([n]).bucket, []).append(i)
     batches = []
     for b in sorted(by_bucket):
         rows = by_bucket[b]
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i: i + batch_size]
+        step = len(rows) if refill else batch_size
+        for i in range(0, len(rows), step):
+            chunk = rows[i: i + step]
             batches.append((chunk, plan([lengths[r] for r in chunk], batch_size)))
     return batches
 
@@ -68,7 +70,9 @@ class Cell:
     stats: list = dataclasses.field(default_factory=list)  # AcceptanceStats of each batch's real rows
     outputs: dict = dataclasses.field(default_factory=dict)  # sample index -> [ids of turn 1, ids of turn 2, ...]
     compiled_shapes: list = dataclasses.field(default_factory=list)
-    prefill_s: float = 0.0  # the prefill time of every timed batch (its shape's), summed
+    prefill_s: float = 0.0  # the prefill time of every prompt (its shape's per-row prefill), summed
+    # row-steps of the batches: loop steps × rows, the prompts' own steps, idle (free with prompts queued), drain
+    rows: dict = dataclasses.field(default_factory=lambda: {"row_steps": 0, "work": 0, "idle": 0, "drain": 0})
     # sample index -> [tokens, steps, accepted tokens, wall seconds, decode seconds], summed over turns
     per_sample: dict = dataclasses.field(default_factory=dict)
     request_tau: dict = dataclasses.field(default_factory=dict)  # sample index -> τ of each turn with a verify step
@@ -76,26 +80,29 @@ class Cell:
     verify_costs: dict = dataclasses.field(default_factory=dict)  # shape -> measured step seconds per width
 
 
-def prefill_seconds(gen, batch: list[list[int]], seed: int, repeats: int = PREFILL_REPEATS) -> float:
-    """Median wall time of the prefill of `batch`'s shape: the compiled generate program itself run with a budget
-    of 0 verify steps (prefill, the drafter's observe of it, the first token; no second program to compile)."""
-    gen.generate(batch, seed=seed, max_steps=0)  # untimed: the first execution's one-off costs
+def prefill_seconds(gen, prompts: list[list[int]], batch: int, seed: int, repeats: int = PREFILL_REPEATS) -> float:
+    """Seconds to prefill one prompt in a program of this shape: the median wall time of the compiled generate
+    program itself run with a budget of 0 verify steps (it starts its first rows — prefill, the drafter's observe
+    of it, the first token, the row written into the batch — and stops; no second program to compile), divided by
+    the rows it started."""
+    rows = min(batch, len(prompts))
+    gen.generate(prompts, seed=seed, max_steps=0, batch=batch)  # untimed: the first execution's one-off costs
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        gen.generate(batch, seed=seed, max_steps=0)
+        gen.generate(prompts, seed=seed, max_steps=0, batch=batch)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times) / rows
 
 
-def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> None:
+def _compile(method: Method, prompts: list[list[int]], batch: int, seed: int, cell: Cell) -> None:
     """Compile apart, then one untimed warm-up run: XLA's first execution of a program carries one-off costs that
     must not land in wall_s."""
     gen = method.generator
     t = time.perf_counter()
-    gen.lower(batch, seed).compile()
+    gen.lower(prompts, seed, batch=batch).compile()
     t_compiled = time.perf_counter()
-    gen.generate(batch, seed=seed)
+    gen.generate(prompts, seed=seed, batch=batch)
     t_warm = time.perf_counter()
     method.compile_s += t_warm - t
     cell.compile_s += t_warm - t
@@ -103,65 +110,70 @@ def _compile(method: Method, batch: list[list[int]], seed: int, cell: Cell) -> N
 
 
 def run_prompts(method: Method, prompts: list[list[int]], batches: list[tuple[list[int], Any]], cell: Cell,
-                seed0: int, bar, prefill_by_shape: dict | None = None,
+                seed: int, bar, prefill_by_shape: dict | None = None,
                 ar_answers: list[list[int]] | None = None) -> tuple[dict[int, list[int]], dict[int, tuple]]:
-    """Generate every prompt (batched as planned); returns {row: generated ids (EOS included)} and
-    {row: (tokens, steps, accepted tokens, wall seconds, decode seconds)}, a batch's time split evenly over
-    its real rows. `prefill_by_shape` (shape -> prefill seconds) is the method's, filled as shapes compile.
-    `ar_answers` (per row, the replay ceiling only): AR's output for each prompt, the replay's reference."""
+    """Generate every prompt (queued as planned, every queue with the same seed: a prompt's output does not depend
+    on its queue or row); returns {row: generated ids (EOS included)} and {row: (tokens, steps, accepted tokens,
+    wall seconds, decode seconds)}: each prompt's own prefill (its shape's per-row prefill time), then its share of
+    its queue's decode time in proportion to its verify steps. `prefill_by_shape` (shape -> seconds per prompt) is
+    the method's, filled as shapes compile. `ar_answers` (per row, the replay ceiling only): AR's output for each
+    prompt, the replay's reference."""
     prefill_by_shape = {} if prefill_by_shape is None else prefill_by_shape
     outs: dict[int, list[int]] = {}
     figs: dict[int, tuple] = {}
-    for bi, (rows, plan) in enumerate(batches):
-        batch = [prompts[r] for r in rows]
-        pad = plan.batch - len(batch)
-        batch += [batch[-1]] * pad  # pad: one shape per bucket
-        if ar_answers is not None:  # the replay ceiling: this batch's prompts, then AR's answers to them
+    for rows, plan in batches:
+        queue = [prompts[r] for r in rows]
+        if ar_answers is not None:  # the replay ceiling: this queue's prompts, then AR's answers to them
             from hdflash_jax.decode.drafters import ReplayTokens
 
             answers = [ar_answers[r] for r in rows]
+            pad = plan.queue - len(queue)
             method.generator.set_drafter_modules(
-                ReplayTokens.of_answers(batch, answers + [answers[-1]] * pad, plan.max_len))
-        seed = seed0 + bi
+                ReplayTokens.of_answers(queue + [queue[-1]] * pad, answers + [answers[-1]] * pad, plan.max_len))
         if plan.shape not in method.compiled:
             bar.set_postfix_str(f"compiling {method.name} {plan.shape}")
             if method.confidence_schedule == "auto":  # measured on this shape, before its program compiles
                 from hdflash_jax.decode.verify_costs import affine_costs, measure_step_costs
 
                 t = time.perf_counter()
-                measured = measure_step_costs(method.generator, batch, seed=seed)
+                measured = measure_step_costs(method.generator, queue[: plan.batch], seed=seed, batch=plan.batch)
                 method.generator.set_confidence_schedule(plan.shape, affine_costs(measured))
                 cell.verify_costs[plan.shape] = measured
                 cell.compile_s += time.perf_counter() - t
-            _compile(method, batch, seed, cell)
+            _compile(method, queue, plan.batch, seed, cell)
             t = time.perf_counter()
-            prefill_by_shape[plan.shape] = prefill_seconds(method.generator, batch, seed)
+            prefill_by_shape[plan.shape] = prefill_seconds(method.generator, queue, plan.batch, seed)
             cell.compile_s += time.perf_counter() - t
             method.compiled.add(plan.shape)
             cell.compiled_shapes.append(plan.shape)
             bar.set_postfix_str("")
         t = time.perf_counter()
-        res = method.generator.generate(batch, seed=seed)
+        res = method.generator.generate(queue, seed=seed, batch=plan.batch)
         wall = time.perf_counter() - t
-        prefill = min(prefill_by_shape[plan.shape], wall)
+        n = len(rows)
+        prefill = min(prefill_by_shape[plan.shape] * n, wall)
         cell.wall_s += wall
         cell.prefill_s += prefill
-        n = len(rows)
-        if not res.prefill_finite[:n].all():  # computed on device; a broken checkpoint fails its first batch
+        if not res.prefill_finite.all():  # computed on device; a broken checkpoint fails its first queue
             raise BadCheckpointError(f"the target's prefill logits are not finite (NaN or inf) for "
-                                     f"{int((~res.prefill_finite[:n]).sum())}/{n} prompts of the first batch "
+                                     f"{int((~res.prefill_finite).sum())}/{n} prompts of the first batch "
                                      f"({method.name})")
-        acc = res.accepted[:, :n]
-        cell.stats.append(AcceptanceStats.from_accepted(acc, acc >= 0, block_size=method.block_size))
-        cell.tokens += int(res.lengths[:n].sum())
+        cell.stats.append(res.stats)
+        cell.tokens += int(res.lengths.sum())
         if method.scheduled:
             hist = res.width_hist()
             cell.width_hist = [a + b for a, b in zip(cell.width_hist, hist)] if cell.width_hist else hist
-        valid = acc >= 0
-        steps, acc_tokens = valid.sum(0), np.where(valid, acc + 1, 0).sum(0)
+        valid = res.accepted >= 0
+        steps, acc_tokens = valid.sum(0), np.where(valid, res.accepted + 1, 0).sum(0)
+        for k, v in (("row_steps", res.loop_steps * res.batch), ("work", int(steps.sum())),
+                     ("idle", res.idle_row_steps), ("drain", res.drain_row_steps)):
+            cell.rows[k] += v
+        decode = wall - prefill
+        share = steps / steps.sum() if steps.sum() > 0 else np.full(n, 1.0 / n)
         for j, r in enumerate(rows):
             outs[r] = res.row_tokens(j)
-            figs[r] = (int(res.lengths[j]), int(steps[j]), int(acc_tokens[j]), wall / n, (wall - prefill) / n)
+            figs[r] = (int(res.lengths[j]), int(steps[j]), int(acc_tokens[j]), prefill / n + decode * share[j],
+                       decode * share[j])
         bar.update(n)
     return outs, figs
 
@@ -177,7 +189,8 @@ def _run_turn(plan: Plan, su: str, turn: int, methods: dict[str, Method], cells:
         prompts = [prompt_ids(tok, samples[i], turn, [tok.decode(ids) for ids in cell.outputs.get(i, [])])
                    for i in rows]
         try:
-            batches = plan_batches([len(p) for p in prompts], plan.config.batch_size, meth.generator.plan)
+            batches = plan_batches([len(p) for p in prompts], plan.config.batch_size, meth.generator.plan,
+                                   plan.config.refill)
         except ValueError as e:
             raise RunError(f"{su} turn {turn + 1} ({m}): {e}") from None
         answers = [cells["ar"].outputs[i][turn] for i in rows] if meth.replays_ar else None  # AR ran first
@@ -286,8 +299,14 @@ def interval_figures(c: Cell, ar: Cell, n_samples: int) -> dict:
     return out
 
 
+def row_figures(c: Cell) -> dict:
+    """The batches' row-steps (`rows`): loop steps × rows, the prompts' own verify steps, the steps rows sat free
+    while prompts were still queued (idle; refill keeps it 0) and after the queue emptied (drain)."""
+    return {"rows": dict(c.rows)}
+
+
 def schedule_figures(meth: Method, c: Cell) -> dict:
-    """A scheduled method's verify_width_hist (steps per verify width 1..B, summed over batches: the schedule
+    """A scheduled method's verify_width_hist (prompt steps per verify width 1..B, summed over queues: the schedule
     chooses one width per batch step) and verify_costs: per compiled shape first measured in this cell
     (--confidence-schedule auto) the measured step seconds per width and the affine fit the schedule read
     (`verify_costs.affine_costs`); the given costs otherwise."""
@@ -295,7 +314,8 @@ def schedule_figures(meth: Method, c: Cell) -> dict:
 
     if not meth.scheduled:
         return {}
-    costs = ({f"{b}x{n}": {"measured": list(v), "used": list(affine_costs(v))} for (b, n), v in c.verify_costs.items()}
+    costs = ({"x".join(map(str, shape)): {"measured": list(v), "used": list(affine_costs(v))}
+              for shape, v in c.verify_costs.items()}
              if meth.confidence_schedule == "auto"
              else {"given": list(meth.generator.settings.confidence_schedule or [])})
     return {"verify_width_hist": list(c.width_hist), "verify_costs": costs}
@@ -324,7 +344,7 @@ def cell_result(plan: Plan, su: str, meth: Method, c: Cell, ar: Cell) -> tuple[C
         prefill_s=c.prefill_s, seeds=training_seeds(meth), per_prompt=prompts,
         tau_per_request=ci.get("tau_per_request"), tau_per_request_ci=ci.get("tau_per_request_ci"),
         output_sha256=outputs_sha256([c.outputs[i] for i in range(len(samples))]),
-        extra=schedule_figures(meth, c))
+        extra={**row_figures(c), **schedule_figures(meth, c)})
     records = [OutputRecord(su, smp.id, meth.name,
                             tuple(Turn(x, len(ids)) for x, ids in zip(texts[i], c.outputs[i])), per_sample[i])
                for i, smp in enumerate(samples)]

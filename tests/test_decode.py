@@ -8,6 +8,7 @@ import scipy.stats
 import jax
 import jax.numpy as jnp
 
+from hdflash_jax import row_keys
 from hdflash_jax.config import get_preset
 from hdflash_jax.decode import generate as gen
 from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, ReplayTokens, ReplayDrafter
@@ -189,7 +190,8 @@ def test_block_drafter_sampled_drafts_are_lossless_too(sampling_target):
 def test_clear_errors_before_compiling(target):
     g = Generator(target, settings=DecodeSettings(max_new_tokens=4, prompt_buckets=(16,)))
     # AR: the cache holds the 16-slot bucket, 4 new tokens and one block of 1
-    assert g.plan([3, 16]) == DecodePlan(bucket=16, batch=2, max_len=21) and g.plan([3], batch=4).shape == (16, 4)
+    assert g.plan([3, 16]) == DecodePlan(bucket=16, batch=2, max_len=21, queue=2) and g.plan([3], batch=4).shape == (16, 4, 4)
+    assert g.plan([3] * 5, batch=2).queue == 8  # refill: the batch doubled until it holds the prompts
     with pytest.raises(ValueError, match="empty prompt"):
         g.generate([[1, 2], []])
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
@@ -230,7 +232,7 @@ def _biased_accept(key, probs, drafts, draft_probs=None):
     """A classic bug: on rejection resample from p itself instead of the residual (double counts d)."""
     acc = gen_accept_sampled(key, probs, drafts, draft_probs)
     p_a = jnp.take_along_axis(probs, acc.accepted[:, None, None], axis=1)[:, 0]
-    bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_a + 1e-38), axis=-1).astype(drafts.dtype)
+    bonus = row_keys.categorical(row_keys.fold_in(key, 1), jnp.log(p_a + 1e-38)).astype(drafts.dtype)
     return acc._replace(bonus=bonus)
 
 

@@ -71,23 +71,25 @@ def _drafter(name, target):
 
 
 class _Prefill:
-    """The generate program's prefill alone (its LoopState) for prompts padded to BUCKET, compiled once."""
+    """The generate program's start alone (its LoopState: every row filled from the queue, each prompt prefilled)
+    for prompts padded to BUCKET, compiled once."""
 
     def __init__(self, target, drafter, modules, chunk):
-        settings = DecodeSettings(max_new_tokens=1, prompt_buckets=(BUCKET,), prefill_chunk=chunk)
+        settings = DecodeSettings(max_new_tokens=2, prompt_buckets=(BUCKET,), prefill_chunk=chunk)  # 1 would free
+        # each row at its first token (the next prompt would take it)
         self.g = g = Generator(target, drafter, modules, settings=settings)
-        max_len = g.plan(LENGTHS).max_len
+        plan = g.plan(LENGTHS)
 
-        def run(tstate, dstate, p, n):
+        def run(tstate, dstate, queue):
             t = nnx.merge(g.tgraph, tstate)
             m = nnx.merge(g.dgraph, dstate) if g.dgraph is not None else None
-            return gen._prefill(t, m, g.drafter, settings, max_len, p, n, jax.random.key(0))
+            return gen._start(t, m, g.drafter, settings, plan, queue, 0)
 
         self.run = jax.jit(run)
 
     def __call__(self, prompts):
-        ids, lengths, _ = self.g.prepare(prompts)
-        return self.run(self.g.tstate, self.g.dstate, jnp.asarray(ids), jnp.asarray(lengths))
+        queue, _ = self.g.prepare(prompts)
+        return self.run(self.g.tstate, self.g.dstate, gen.Queue(*(jnp.asarray(x) for x in queue)))
 
 
 def _worst(a, b) -> float:
@@ -114,9 +116,9 @@ def test_chunked_prefill_state_equals_one_call(target, name):
     prompts = _prompts()
     one_call = _Prefill(target, drafter, modules, BUCKET)
     one, chunked = one_call(prompts), _Prefill(target, drafter, modules, CHUNK)(prompts)
-    assert np.asarray(one.prefill_finite).tolist() == [True] * 3
-    assert np.array_equal(one.anchor, chunked.anchor) and np.array_equal(one.out, chunked.out)
-    assert np.array_equal(one.prefill_finite, chunked.prefill_finite)
+    assert np.asarray(one.out.prefill_finite).tolist() == [True] * 3
+    assert np.array_equal(one.anchor, chunked.anchor) and np.array_equal(one.out.tokens, chunked.out.tokens)
+    assert np.array_equal(one.out.prefill_finite, chunked.out.prefill_finite)
     assert np.asarray(chunked.cache["length"]).tolist() == list(LENGTHS)
     assert _worst(chunked.cache, one.cache) <= 1e-5
     assert _worst(chunked.drafter, one.drafter) <= 1e-5, name
@@ -232,8 +234,8 @@ def test_non_finite_logits_are_found_in_any_chunk(target):
     prompts[0][17] = bad  # row 0 (23 tokens): chunk 3; rows 1 and 2 never see the token
     for chunk in (BUCKET, CHUNK):
         st = _Prefill(model, NoDrafter(), None, chunk)(prompts)
-        assert np.asarray(st.prefill_finite).tolist() == [False, True, True], chunk
-    assert np.asarray(_Prefill(model, NoDrafter(), None, CHUNK)(_prompts()).prefill_finite).all()  # the control
+        assert np.asarray(st.out.prefill_finite).tolist() == [False, True, True], chunk
+    assert np.asarray(_Prefill(model, NoDrafter(), None, CHUNK)(_prompts()).out.prefill_finite).all()  # the control
 
 
 def test_prefill_chunk_must_be_positive(target):

@@ -153,10 +153,14 @@ def test_plan_batches_groups_by_bucket():
     lengths = [10, 40, 12, 50, 14, 60, 9]
     settings = DecodeSettings(max_new_tokens=8, prompt_buckets=(16, 64))
     plan = lambda n, batch=None: plan_decode(settings, 3, 100, n, batch)  # noqa: E731
-    batches = er.plan_batches(lengths, 2, plan)
+    batches = er.plan_batches(lengths, 2, plan, refill=False)
     assert [rows for rows, _ in batches] == [[0, 2], [4, 6], [1, 3], [5]]  # bucket 16 first, input order per bucket
     # every batch, the partial last one too, is planned for 2 rows; cache = bucket + 8 new + a block of 4
-    assert [p for _, p in batches] == [DecodePlan(16, 2, 28)] * 2 + [DecodePlan(64, 2, 76)] * 2
+    assert [p for _, p in batches] == [DecodePlan(16, 2, 28, 2)] * 2 + [DecodePlan(64, 2, 76, 2)] * 2
+    # refill: one queue per bucket on 2 rows, the queue the batch doubled until it holds the bucket's prompts
+    queues = er.plan_batches(lengths, 2, plan)
+    assert [rows for rows, _ in queues] == [[0, 2, 4, 6], [1, 3, 5]]
+    assert [p for _, p in queues] == [DecodePlan(16, 2, 28, 4), DecodePlan(64, 2, 76, 4)]
     with pytest.raises(ValueError, match="largest bucket"):
         er.plan_batches([100], 2, plan)
     with pytest.raises(ValueError, match="context of 70"):
@@ -345,9 +349,9 @@ def test_end_to_end_writes_the_report(e2e):
             assert 0 < c["tokens"] <= 3 * 8 * turns and c["wall_s"] > 0
             assert c["tokens_per_s"] == pytest.approx(c["tokens"] / c["wall_s"])
         assert hd["speedup"] == pytest.approx(ar["wall_s"] / hd["wall_s"])
-    # one compile (and warm-up) per method for both suites: one bucket, partial batches padded to 4 rows
+    # one compile (and warm-up) per method for both suites: one bucket, 3 prompts a queue on 4 rows
     for m in ("ar", "hyperdflash"):
-        assert r["suites"]["gsm8k"][m]["compiled_shapes"] == [[512, 4]] and r["suites"]["gsm8k"][m]["compile_s"] > 0
+        assert r["suites"]["gsm8k"][m]["compiled_shapes"] == [[512, 4, 4]] and r["suites"]["gsm8k"][m]["compile_s"] > 0
         assert r["suites"]["mt_bench"][m]["compiled_shapes"] == [] and r["suites"]["mt_bench"][m]["compile_s"] == 0
     recs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
     # scores: each GSM8K record's score is its own text re-scored against the suite's reference, and the cell's

@@ -38,12 +38,12 @@ def test_the_planners_generate_is_the_generators_program():
     the same StableHLO as the Generator's over real ones (shardings, chunked prefill, loop and all). Negative
     control: the planner's program for another chunk size lowers to another text."""
     cfg, mesh, prog = _planner_program(ARGV)
-    assert prog.fn.func is gen._generate_seeded and prog.chunk == 8
+    assert prog.fn.func is gen._generate and prog.chunk == 8
     with jax.set_mesh(mesh):
         planned = _text(prog.jit(prog.fn).lower(*prog.args))
     settings = DecodeSettings(max_new_tokens=16, prompt_buckets=(32,), prefill_chunk=8)
     g = Generator(init_target(cfg, seed=0), settings=settings, mesh=mesh)
-    assert g.program(g.plan([32] * 4)).fn.func is gen._generate_seeded
+    assert g.program(g.plan([32] * 4)).fn.func is gen._generate
     run = _text(g.lower([[1] * 32] * 4))
     assert planned == run
     _, _, other = _planner_program(ARGV[:-1] + ["16"])

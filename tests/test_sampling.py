@@ -19,6 +19,7 @@ import scipy.stats
 import jax
 import jax.numpy as jnp
 
+from hdflash_jax import row_keys
 from hdflash_jax.config import get_preset
 from hdflash_jax.decode import generate as gen
 from hdflash_jax.decode.verify import accept_sampled, target_probs
@@ -73,7 +74,7 @@ def _biased_residual(key, probs, drafts, draft_probs=None):
     """On rejection resample from p itself instead of the residual (double counts the rejected draft)."""
     acc = accept_sampled(key, probs, drafts, draft_probs)
     p_a = jnp.take_along_axis(probs, acc.accepted[:, None, None], axis=1)[:, 0]
-    bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_a + 1e-38), axis=-1)
+    bonus = row_keys.categorical(row_keys.fold_in(key, 1), jnp.log(p_a + 1e-38))
     return acc._replace(bonus=bonus.astype(drafts.dtype))
 
 
@@ -87,7 +88,7 @@ def _point_mass_residual(key, probs, drafts, draft_probs=None):
     p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
     d_a = jnp.take_along_axis(jnp.concatenate([drafts, drafts[:, :1]], axis=1), a[:, None], axis=1)[:, 0]
     residual = jnp.where((a < k1 - 1)[:, None] & (jnp.arange(v)[None] == d_a[:, None]), 0.0, p_a)
-    bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(residual + 1e-38), axis=-1)
+    bonus = row_keys.categorical(row_keys.fold_in(key, 1), jnp.log(residual + 1e-38))
     return acc._replace(bonus=bonus.astype(drafts.dtype))
 
 
@@ -393,7 +394,7 @@ def _stale_q_at_the_cut(key, probs, drafts, draft_probs=None, n_verify=None):
     at_cut = (acc.accepted == n_verify) & (acc.accepted < k1 - 1)
     idx = jnp.minimum(acc.accepted, k1 - 2)[:, None, None]
     res = jnp.maximum(jnp.take_along_axis(probs, idx, 1)[:, 0] - jnp.take_along_axis(draft_probs, idx, 1)[:, 0], 0)
-    stale = jax.random.categorical(jax.random.fold_in(key, 7), jnp.log(res + 1e-38)).astype(drafts.dtype)
+    stale = row_keys.categorical(row_keys.fold_in(key, 7), jnp.log(res + 1e-38)).astype(drafts.dtype)
     return acc._replace(bonus=jnp.where(at_cut, stale, acc.bonus))
 
 

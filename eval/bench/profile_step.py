@@ -23,7 +23,8 @@ from flax import nnx
 
 from hdflash_jax.cli import run_command
 from hdflash_jax.decode.drafters import BlockDrafterAdapter, MTPDrafter, NoDrafter, ReplayDrafter, ReplayTokens
-from hdflash_jax.decode.generate import DecodeSettings, _prefill, _step
+from hdflash_jax import row_keys
+from hdflash_jax.decode.generate import DecodePlan, DecodeSettings, Queue, _start, _step
 from hdflash_jax.fileio import write_json_report
 
 
@@ -77,8 +78,11 @@ def profile(bucket: int, max_new_tokens: int, repeats: int) -> dict:
         def merged(ts, ds):
             return nnx.merge(tgraph, ts), (nnx.merge(dgraph, ds) if dgraph is not None else None)
 
-        def prefill(ts, ds, p, n, key):
-            return _prefill(*merged(ts, ds), drafter, settings, max_len, p, n, key)
+        plan = DecodePlan(bucket, 1, max_len, 1)
+
+        def prefill(ts, ds, p, n, seed):  # the loop's first state: the one row started (prefill, first token)
+            queue = Queue(p, n, jnp.zeros((1,), jnp.int32), jnp.int32(1))
+            return _start(*merged(ts, ds), drafter, settings, plan, queue, seed)
 
         def verify(ts, ds, st):
             t, _ = merged(ts, ds)
@@ -88,14 +92,15 @@ def profile(bucket: int, max_new_tokens: int, repeats: int) -> dict:
 
         def propose(ts, ds, st):
             t, m = merged(ts, ds)
-            return drafter.propose(t, m, st.drafter, st.anchor, st.cache["length"], st.key)[0]
+            keys = row_keys.prompt_row_keys(st.seed, st.prompt_key, st.row_step + 1)
+            return drafter.propose(t, m, st.drafter, st.anchor, st.cache["length"], keys)[0]
 
         def step(ts, ds, st):
-            return _step(*merged(ts, ds), drafter, settings, st)
+            return _step(*merged(ts, ds), drafter, settings, st, False)
 
-        key = jax.random.key(0)
-        row = {"prefill": _measure(prefill, (tstate, dstate, prompt, plen, key), max(3, repeats // 4))}
-        st = jax.jit(prefill)(tstate, dstate, prompt, plen, key)
+        seed = jnp.int32(0)
+        row = {"prefill": _measure(prefill, (tstate, dstate, prompt, plen, seed), max(3, repeats // 4))}
+        st = jax.jit(prefill)(tstate, dstate, prompt, plen, seed)
         row["verify"] = _measure(verify, (tstate, dstate, st), repeats)
         if k:
             row["propose"] = _measure(propose, (tstate, dstate, st), repeats)

@@ -72,9 +72,9 @@ def build(name, cfg, args, mesh) -> Program:
             raise UsageError(f"--seq/--context: {e}") from None
         prog = generate_program(graph, state, None, None, drafter, settings, plan, mesh)
         ins = prog.in_shardings
-        prompt = jax.ShapeDtypeStruct((b, plan.bucket), jnp.int32, sharding=ins[2])
-        lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=ins[3])
-        seed, steps = (jax.ShapeDtypeStruct((), jnp.int32, sharding=sh) for sh in ins[4:])
-        return Program(prog.fn, (state, None, prompt, lengths, seed, steps), (), 0.0, prog.jit, mtp,
+        tokens = jax.ShapeDtypeStruct((plan.queue, plan.bucket), jnp.int32, sharding=ins[2])
+        lengths, keys = (jax.ShapeDtypeStruct((plan.queue,), jnp.int32, sharding=sh) for sh in ins[3:5])
+        count, seed, steps = (jax.ShapeDtypeStruct((), jnp.int32, sharding=sh) for sh in ins[5:])
+        return Program(prog.fn, (state, None, tokens, lengths, keys, count, seed, steps), (), 0.0, prog.jit, mtp,
                        settings.prefill_chunk)
     raise ValueError(f"not a target program: {name!r}")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hdflash_jax import row_keys
 from hdflash_jax.config import DrafterConfig, TargetConfig
 from hdflash_jax.drafter.cache import constrain_draft_cache, draft_cache_shardings
 from hdflash_jax.drafter.dflash2 import propose_dflash2
@@ -55,15 +56,22 @@ class NoDrafter(_Stateless):
 class ReplayDrafter(_Stateless):
     """Proposes a known continuation at no cost (an oracle when it is the target's own greedy output).
 
-    `reference` [B, L] holds each row's full sequence (prompt + continuation). Its τ equals the block size for
-    greedy decoding of that continuation; its speedup is the ceiling that only the verify path limits.
+    `reference` [N, L] holds each queue entry's full sequence (prompt + continuation); the state is the entry each
+    row serves. Its τ equals the block size for greedy decoding of that continuation; its speedup is the ceiling
+    that only the verify path limits.
     """
     num_drafts: int
     return_layers: tuple[int, ...] = ()
     sampled: bool = False
 
+    def init_state(self, target, modules, batch, max_len):
+        return {"prompt": jnp.zeros((batch,), jnp.int32)}
+
+    def for_prompt(self, state, prompt):
+        return {"prompt": prompt.astype(jnp.int32)}
+
     def propose(self, target, modules, state, anchor, position, key):
-        ref = modules.reference[...]
+        ref = jnp.take(modules.reference[...], state["prompt"], axis=0, mode="clip")
         idx = jnp.clip(position[:, None] + 1 + jnp.arange(self.num_drafts)[None, :], 0, ref.shape[1] - 1)
         return jnp.take_along_axis(ref, idx, axis=1), None, state
 
@@ -76,7 +84,8 @@ class ReplayTokens(nnx.Module):
 
     @classmethod
     def of_answers(cls, prompts, answers, max_len: int) -> "ReplayTokens":
-        """The reference [len(prompts), max_len]: each row's prompt, then its answer (AR's output, for the ceiling)."""
+        """The reference [len(prompts), max_len]: each prompt, then its answer (AR's output, for the ceiling), in
+        the queue's order."""
         ref = np.zeros((len(prompts), max_len), np.int32)
         for r, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             ref[r, : len(p)] = p
@@ -115,7 +124,7 @@ class MTPDrafter:
                 "streams": jnp.where(keep[..., None], pick(streams), state["streams"])}
 
     def propose(self, target, modules, state, anchor, position, key):
-        keys = jax.random.split(key, self.num_drafts)
+        keys = row_keys.split(key, self.num_drafts)
 
         def choose(logits, k):
             return choose_drafts(logits, k, self.sampled, self.temperature, self.top_p)
@@ -150,7 +159,7 @@ def choose_drafts(logits, key, sampled: bool, temperature: float, top_p: float =
     if not sampled:
         return jnp.argmax(logits, -1).astype(jnp.int32), None
     probs = target_probs(logits, temperature, top_p)
-    return jax.random.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
+    return row_keys.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32), probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +199,7 @@ class BlockDrafterAdapter:
 
     def propose(self, target, modules, state, anchor, position, key):
         _, logits = draft_block(modules, target, anchor, state["cache"], block_size=self.num_drafts + 1)
-        keys = jax.random.split(key, self.num_drafts)
+        keys = row_keys.split(key, self.num_drafts)
         tokens, probs = jax.vmap(lambda l, k: choose_drafts(l, k, self.sampled, self.temperature, self.top_p),
                                  in_axes=(1, 0), out_axes=1)(logits, keys)
         return tokens, probs, state
@@ -244,10 +253,10 @@ class TargetSampleDrafter:
             if self.temperature == 0:
                 return (jnp.argmax(logits, -1).astype(jnp.int32), out.cache), (jnp.argmax(logits, -1), logits)
             probs = target_probs(logits, self.temperature, self.top_p)
-            nxt = jax.random.categorical(k, jnp.log(probs + 1e-38)).astype(jnp.int32)
+            nxt = row_keys.categorical(k, jnp.log(probs + 1e-38)).astype(jnp.int32)
             return (nxt, out.cache), (nxt, probs)
 
         _, (tokens, probs) = jax.lax.scan(step, (anchor.astype(jnp.int32), state["cache"]),
-                                          jax.random.split(key, self.num_drafts))
+                                          row_keys.split(key, self.num_drafts))
         drafts = tokens.T.astype(jnp.int32)
         return drafts, (probs.transpose(1, 0, 2) if self.sampled else None), state  # the scan's writes are dropped

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
+from hdflash_jax import row_keys
 from hdflash_jax.config import TargetConfig
 from hdflash_jax.decode.drafters import choose_drafts
 from hdflash_jax.decode.verify import check_block_size
@@ -66,7 +66,7 @@ class DSparkDrafterAdapter:
     def _draft(self, target, modules, state, anchor, key):
         x = draft_hidden(modules, target.embed_tokens, anchor, state["cache"], self.num_drafts)
         base = modules.base_logits(target.head_logits, x)
-        keys = jax.random.split(key, self.num_drafts)
+        keys = row_keys.split(key, self.num_drafts)
         tokens, _, probs = markov_draft(modules, base, anchor,
                                         lambda l, k: choose_drafts(l, k, self.sampled, self.temperature,
                                                                    self.top_p), keys)

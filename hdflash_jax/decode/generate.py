@@ -3,7 +3,16 @@
 Every method runs the same step: propose K drafts → verify [anchor, d_1..d_K] in one target call that extends
 the cache by K + 1 → accept (`verify.py`) → emit d_1..d_a and the bonus → roll the target cache back to the
 committed length → hand the verified positions' features to the drafter. Autoregressive decoding is this step
-with K = 0. Rows accept independently; finished rows ride along with zero-length writes.
+with K = 0. Rows accept independently.
+
+A program works through a queue of prompts with a batch of rows (continuous refill): each row prefills a prompt,
+decodes it to its end, and takes the next prompt of the queue at the next step boundary, so no row idles while
+prompts wait. Starting a prompt in a row resets that row of the target cache and of the drafter's state to a fresh
+one-row state (the drafter's own `init_state`), prefills the prompt into it (chunked, the one prefill) and writes
+the row back; outputs and statistics are kept per prompt, not per row. A queue no longer than the batch is the
+plain batch (every row starts at once). At T > 0 each row draws from its own key, made from the seed, a hash of its
+prompt and its own step (`hdflash_jax.row_keys`): a prompt's output does not depend on its row, its batch or its
+neighbours.
 
 A drafter is a small object with three pure methods over its own state pytree (see `Drafter`):
 `observe` takes the target's output for the positions just committed (prefill or verify) and the token that
@@ -15,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import zlib
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
@@ -22,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hdflash_jax import row_keys
 from hdflash_jax.decode.prefill import chunked_prefill
 from hdflash_jax.decode.stats import AcceptanceStats
 from hdflash_jax.decode.verify import (accept_block, accept_greedy, accept_sampled, check_verify_rule, sample,
@@ -29,12 +40,14 @@ from hdflash_jax.decode.verify import (accept_block, accept_greedy, accept_sampl
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 from hdflash_jax.decode.drafters import NoDrafter
 from hdflash_jax.deepseek_v4.model import DeepseekV4, TargetOutput
-from hdflash_jax.sharding import mesh_of, place, row_shardings, rows_sharding, to_host  # noqa: F401 (mesh_of: API)
+from hdflash_jax.sharding import mesh_of, place, row_shardings, to_host  # noqa: F401 (mesh_of: API)
 
 
 class Drafter(Protocol):
     """Optionally also `state_shardings(mesh, abstract_state) -> shardings` (on a mesh: the layout its state keeps
-    in the decode loop; without it every leaf's batch-row dimension is sharded over the mesh's row axes)."""
+    in the decode loop; without it every leaf's batch-row dimension is sharded over the mesh's row axes) and
+    `for_prompt(state, prompt) -> state` (a fresh one-row state made that of queue entry `prompt` [1], for a drafter
+    whose modules hold something per prompt: the replay's reference)."""
     num_drafts: int  # K = block size - 1
     return_layers: tuple[int, ...]  # target layers whose streams the drafter conditions on
     sampled: bool  # True: drafts are samples with probabilities (standard rejection sampling)
@@ -49,33 +62,32 @@ class Drafter(Protocol):
 
 
 class GenerateResult(NamedTuple):
-    tokens: np.ndarray  # [B, max_new_tokens], -1 past each row's end
-    lengths: np.ndarray  # [B] generated tokens per row (EOS included)
-    accepted: np.ndarray  # [max_steps, B] accepted drafts per step, -1 where the row was already done
-    steps: np.ndarray  # [B] verify steps per row
+    """Per prompt, in the order given, whichever row ran each."""
+    tokens: np.ndarray  # [N, max_new_tokens], -1 past each prompt's end
+    lengths: np.ndarray  # [N] generated tokens per prompt (EOS included)
+    accepted: np.ndarray  # [max_new_tokens, N] accepted drafts at each of the prompt's steps, -1 past its last
+    steps: np.ndarray  # [N] verify steps per prompt
     block_size: int
-    prefill_finite: np.ndarray  # [B] bool: every prefill logit of the row's prompt positions is finite
-    widths: np.ndarray | None = None  # [max_steps] verify width of each step (anchor + drafts judged), -1: no step
+    prefill_finite: np.ndarray  # [N] bool: every prefill logit of the prompt's positions is finite
+    widths: np.ndarray | None = None  # [max_new_tokens, N] verify width of each step (anchor + drafts judged), -1
+    batch: int = 0  # rows of the program
+    loop_steps: int = 0  # verify steps of the batch (each runs every row)
+    idle_row_steps: int = 0  # row-steps a row sat free while the queue still held prompts (refill keeps this 0)
+    drain_row_steps: int = 0  # row-steps a row sat free after the queue emptied (the batch's slowest rows finishing)
 
     def width_hist(self) -> list[int]:
-        """Steps per verify width 1..block_size (a confidence schedule's choices; unscheduled: all the block)."""
+        """Row-steps per verify width 1..block_size (a confidence schedule's choices; unscheduled: all the block)."""
         w = np.asarray(self.widths if self.widths is not None else [])
         return [int((w == i).sum()) for i in range(1, self.block_size + 1)]
 
     @property
     def stats(self) -> AcceptanceStats:
-        """τ, per-position acceptance and the accepted-length histogram over every row's verify steps."""
+        """τ, per-position acceptance and the accepted-length histogram over every prompt's verify steps."""
         return AcceptanceStats.from_accepted(self.accepted, self.accepted >= 0, block_size=self.block_size)
 
     def row_tokens(self, row: int) -> list[int]:
+        """The tokens generated for prompt `row`."""
         return self.tokens[row, : self.lengths[row]].tolist()
-
-    def idle_row_steps(self, rows: int | None = None) -> int:
-        """Row-steps spent riding along finished: the loop runs until its slowest row is done, so each of the
-        first `rows` rows (default all) idles for (steps of the slowest row − its own steps)."""
-        steps = self.steps[: rows if rows is not None else len(self.steps)]
-        return int((steps.max() - steps).sum()) if len(steps) else 0
-
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # the default ladder's largest bucket: every default bucket prefills in one call, longer prompts in chunks of this
@@ -110,15 +122,26 @@ class DecodeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """The shape of one generate program: prompts padded to `bucket`, `batch` rows, caches of `max_len` slots."""
+    """The shape of one generate program: prompts padded to `bucket`, `batch` rows, caches of `max_len` slots, a
+    queue of `queue` prompts (more than `batch`: rows take the next prompt as they finish)."""
     bucket: int
     batch: int
     max_len: int  # bucket + max_new_tokens + K + 1: the last verify block may run K + 1 slots past the budget
+    queue: int  # prompts the program works through (at least the batch)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """What a compiled program is keyed by: (bucket, batch)."""
-        return (self.bucket, self.batch)
+    def shape(self) -> tuple[int, int, int]:
+        """What a compiled program is keyed by: (bucket, batch, queue)."""
+        return (self.bucket, self.batch, self.queue)
+
+
+def queue_capacity(prompts: int, batch: int) -> int:
+    """The queue length a program of `batch` rows is compiled for: the batch doubled until it holds `prompts`
+    (entries past the real prompts are never started), so the compile count stays logarithmic in the prompts."""
+    size = batch
+    while size < prompts:
+        size *= 2
+    return size
 
 
 def prompt_buckets(buckets, room: int) -> list[int]:
@@ -141,7 +164,7 @@ def plan_decode(settings: DecodeSettings, num_drafts: int, max_seq_len: int, pro
                 batch: int | None = None) -> DecodePlan:
     """The one rule for prompt buckets and cache length: the smallest bucket that holds the longest prompt, and
     a cache for it, the new tokens and one verify block; it must fit the model's context. `batch` (default: one
-    row per prompt) may exceed the number of prompts when a caller pads a batch to a fixed shape."""
+    row per prompt) may exceed the number of prompts (a fixed shape) or be smaller (continuous refill)."""
     lengths = [int(n) for n in prompt_lengths]
     if not lengths:
         raise ValueError("no prompts given")
@@ -162,9 +185,9 @@ def plan_decode(settings: DecodeSettings, num_drafts: int, max_seq_len: int, pro
         raise ValueError(f"prompt bucket {bucket} + max_new_tokens {settings.max_new_tokens} + a block of "
                          f"{num_drafts + 1} exceeds the model's context of {max_seq_len} tokens")
     batch = len(lengths) if batch is None else batch
-    if batch < len(lengths):
-        raise ValueError(f"batch {batch} is smaller than the {len(lengths)} prompts")
-    return DecodePlan(bucket, batch, max_len)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return DecodePlan(bucket, batch, max_len, queue_capacity(len(lengths), batch))
 
 
 def _emit(out_buf, n_out, done, emitted, count, settings: DecodeSettings):
@@ -189,62 +212,156 @@ def _emit(out_buf, n_out, done, emitted, count, settings: DecodeSettings):
     return out_buf, n_out, done
 
 
+
+class Queue(NamedTuple):
+    """The prompts one generate program works through, on device: entry i is the i-th prompt."""
+    tokens: jax.Array  # [N, P] right-padded to the bucket
+    lengths: jax.Array  # [N]
+    keys: jax.Array  # [N] int32: each prompt's randomness key (`prompt_keys`)
+    count: jax.Array  # [] the real entries; the ones past it are padding no row starts
+
+
+class Outputs(NamedTuple):
+    """What a generate program returns, per queue entry."""
+    tokens: jax.Array  # [N, max_new_tokens], -1 past the end
+    lengths: jax.Array  # [N]
+    accepted: jax.Array  # [max_new_tokens, N] accepted drafts at the prompt's step s, -1 past its last step
+    widths: jax.Array  # [max_new_tokens, N] the verify width of that step (K + 1 unless a schedule cut it), -1
+    prefill_finite: jax.Array  # [N] the prefill logits of the prompt's positions are all finite
+    counts: jax.Array  # [3] int32: loop steps, idle row-steps (queue not empty), drain row-steps (queue empty)
+
+
 class LoopState(NamedTuple):
     """Everything the decode loop carries (a pytree; the host never sees it until the end)."""
-    step: jax.Array  # scalar: verify steps taken
-    key: jax.Array
+    seed: jax.Array  # [] int32
     cache: dict  # the target's cache, committed tokens only
     drafter: Any  # the drafter's own state
     anchor: jax.Array  # [B] the bonus token at position cache.length, emitted but not yet run through the target
-    out: jax.Array  # [B, max_new_tokens] emitted tokens, -1 past the end
-    n_out: jax.Array  # [B]
-    done: jax.Array  # [B]
-    accepted: jax.Array  # [max_steps, B] accepted drafts per step, -1 where the row was done
-    prefill_finite: jax.Array  # [B] the prefill logits of the prompt positions are all finite
-    widths: jax.Array  # [max_steps] the verify width of each step (K + 1 unless a confidence schedule cut it), -1
+    prompt: jax.Array  # [B] the queue entry each row serves (N: none yet)
+    prompt_key: jax.Array  # [B] that entry's randomness key
+    row_step: jax.Array  # [B] verify steps of the row's prompt so far
+    done: jax.Array  # [B] nothing left to generate in the row (its prompt ended, or it has none): free
+    next: jax.Array  # [] the next queue entry to start
+    out: Outputs
 
 
-def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, key, *,
-             loop_shardings: LoopState | None = None):
-    """The prompt through the cache in chunks of `settings.prefill_chunk` (one call when the bucket fits one); the
-    drafter observes each chunk's committed positions as they come, and only the last position's logits per row
-    are kept (every prompt position's are checked finite per chunk). `loop_shardings` (on a mesh): both caches keep
-    the decode loop's layout through the chunks too."""
+def prompt_keys(prompts) -> np.ndarray:
+    """Each prompt's randomness key [N] int32: a hash of its token ids and of how many equal prompts came before it
+    in the call, so a prompt samples alike alone, in any batch or row, and copies of one prompt sample apart."""
+    seen: dict[bytes, int] = {}
+    keys = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p, np.int32).tobytes()
+        copy = seen[ids] = seen.get(ids, -1) + 1
+        keys[i] = np.uint32(zlib.crc32(np.int32(copy).tobytes(), zlib.crc32(ids))).view(np.int32)
+    return keys
+
+
+def _empty_state(target, modules, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan, batch: int,
+                 seed) -> LoopState:
+    """`batch` free rows (fresh caches, the drafter's fresh state), nothing started, no output yet."""
+    n, t = plan.queue, settings.max_new_tokens
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return LoopState(jnp.asarray(seed, jnp.int32),
+                     init_cache(target.cfg, batch, plan.max_len, max_block=drafter.num_drafts + 1),
+                     drafter.init_state(target, modules, batch, plan.max_len), zeros, jnp.full((batch,), n, jnp.int32),
+                     zeros, zeros, jnp.ones((batch,), bool), jnp.int32(0),
+                     Outputs(jnp.full((n, t), -1, jnp.int32), jnp.zeros((n,), jnp.int32),
+                             jnp.full((t, n), -1, jnp.int32), jnp.full((t, n), -1, jnp.int32),
+                             jnp.ones((n,), bool), jnp.zeros((3,), jnp.int32)))
+
+
+def _prefill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, prompt, prompt_len, keys):
+    """Prompts [b, P] through a fresh cache in chunks of `settings.prefill_chunk` (one call when the bucket fits
+    one); the drafter observes each chunk's committed positions as they come, and only the last position's logits
+    per row are kept (every prompt position's are checked finite per chunk). keys [b]: each row's key for its first
+    token. Returns (cache, drafter state, first token [b], finite [b])."""
     b, p = prompt.shape
     cache = init_cache(target.cfg, b, max_len, max_block=drafter.num_drafts + 1)
-    key, k0 = jax.random.split(key)
     chunk = min(settings.prefill_chunk, p)
     # the token after each prompt position: the prompt shifted, then (per chunk) the first generated token
     after = jnp.concatenate([prompt[:, 1:], jnp.zeros((b, 1), prompt.dtype)], axis=1)
     after = jnp.pad(after, ((0, 0), (0, -(-p // chunk) * chunk - p)))
-    pin = ((lambda d: jax.lax.with_sharding_constraint(d, loop_shardings.drafter)) if loop_shardings is not None
-           else (lambda d: d))
 
     def observe(carry, out, n_valid, i, last_logits):
         dst, _ = carry
         # right for every row whose prompt has ended by this chunk (the rest are chosen again in a later chunk):
         # a row's sample depends on its own logits only, so every row gets the token a one-shot prefill gives it
-        first = sample(k0, last_logits, settings.temperature, settings.top_p)
+        first = sample(keys, last_logits, settings.temperature, settings.top_p)
         nxt = jax.lax.dynamic_slice_in_dim(after, i * chunk, chunk, axis=1)
         nxt = jnp.where(jnp.arange(chunk)[None, :] == (prompt_len - 1 - i * chunk)[:, None], first[:, None], nxt)
-        return pin(drafter.observe(target, modules, dst, out, n_valid, nxt)), first
+        return drafter.observe(target, modules, dst, out, n_valid, nxt), first
 
-    carry = (pin(drafter.init_state(target, modules, b, max_len)), jnp.zeros((b,), jnp.int32))
+    carry = (drafter.init_state(target, modules, b, max_len), jnp.zeros((b,), jnp.int32))
     r = chunked_prefill(target, prompt, prompt_len, cache, chunk, return_layers=drafter.return_layers,
-                        on_chunk=observe, carry=carry, check_finite=True,
-                        cache_sharding=loop_shardings.cache if loop_shardings is not None else None)
+                        on_chunk=observe, carry=carry, check_finite=True)
     dst, first = r.carry
-    out_buf, n_out, done = _emit(jnp.full((b, settings.max_new_tokens), -1, jnp.int32), jnp.zeros((b,), jnp.int32),
-                                 jnp.zeros((b,), bool), first[:, None], jnp.ones((b,), jnp.int32), settings)
-    accepted = jnp.full((settings.max_new_tokens, b), -1, jnp.int32)
-    return LoopState(jnp.int32(0), key, r.cache, dst, first, out_buf, n_out, done, accepted, r.finite,
-                     jnp.full((settings.max_new_tokens,), -1, jnp.int32))
+    return r.cache, dst, first, r.finite
 
 
-def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState) -> LoopState:
-    """Draft → verify → accept → emit → commit (roll back) → observe: one speculative step for every row."""
+def put_row(batched, row, r, batch: int):
+    """`batched` (a pytree of leaves with `batch` rows on some axis) with row `r` replaced by `row`'s (the same
+    pytree at one row): each leaf's row axis is the one where the two shapes differ. A select over the whole leaf,
+    not a dynamic update, so a row-sharded leaf (on a mesh) is written where it lives without gathering its rows."""
+    def one(x, y):
+        axes = [i for i, (m, n) in enumerate(zip(x.shape, y.shape)) if m != n]
+        if not axes:  # one row: it is the whole leaf; otherwise a leaf without rows keeps the batch's
+            return y.astype(x.dtype) if batch == 1 else x
+        ax = axes[0]
+        mine = (jnp.arange(x.shape[ax]) == r).reshape((-1,) + (1,) * (x.ndim - ax - 1))
+        return jnp.where(mine, y.astype(x.dtype), x)
+
+    return jax.tree.map(one, batched, row)
+
+
+def _start_row(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, queue: Queue,
+               st: LoopState, r) -> LoopState:
+    """Row `r` takes the next queue entry: a fresh one-row cache and drafter state, the prompt prefilled into
+    them, written over the row; its first token emitted into the entry's outputs."""
+    q = st.next
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, q, 1)  # noqa: E731
+    key = take(queue.keys)
+    cache, dst, first, finite = _prefill(target, modules, drafter, settings, max_len, take(queue.tokens),
+                                         take(queue.lengths), row_keys.prompt_row_keys(st.seed, key, jnp.zeros(
+                                             (1,), jnp.int32)))
+    for_prompt = getattr(drafter, "for_prompt", None)
+    if for_prompt is not None:
+        dst = for_prompt(dst, q[None])
+    t = settings.max_new_tokens
+    row_out, n_out, done = _emit(jnp.full((1, t), -1, jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool),
+                                 first[:, None], jnp.ones((1,), jnp.int32), settings)
+    o = st.out
+    o = o._replace(tokens=o.tokens.at[q].set(row_out[0]), lengths=o.lengths.at[q].set(n_out[0]),
+                   prefill_finite=o.prefill_finite.at[q].set(finite[0]))
+    b = st.anchor.shape[0]
+    return st._replace(cache=put_row(st.cache, cache, r, b), drafter=put_row(st.drafter, dst, r, b),
+                       anchor=st.anchor.at[r].set(first[0]), prompt=st.prompt.at[r].set(q),
+                       prompt_key=st.prompt_key.at[r].set(key[0]), row_step=st.row_step.at[r].set(0),
+                       done=st.done.at[r].set(done[0]), next=q + 1, out=o)
+
+
+def _fill(target, modules, drafter: Drafter, settings: DecodeSettings, max_len: int, queue: Queue, st: LoopState,
+          pin=lambda s: s) -> LoopState:
+    """Every free row takes the next queue entry while the queue has one (a row whose prompt ends at its first
+    token is free again at once)."""
+    def body(s):
+        return pin(_start_row(target, modules, drafter, settings, max_len, queue, s, jnp.argmax(s.done)))
+
+    return jax.lax.while_loop(lambda s: jnp.any(s.done) & (s.next < queue.count), body, st)
+
+
+def _start(target, modules, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan, queue: Queue, seed,
+           pin=lambda s: s) -> LoopState:
+    """The loop's first state: `plan.batch` free rows filled from the queue."""
+    st = pin(_empty_state(target, modules, drafter, settings, plan, plan.batch, seed))
+    return _fill(target, modules, drafter, settings, plan.max_len, queue, st, pin)
+
+
+def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopState, queued) -> LoopState:
+    """Draft → verify → accept → emit → commit (roll back) → observe: one speculative step for every row.
+    `queued`: the queue still holds prompts (a free row this step is idle; otherwise it drains)."""
     b, k = st.anchor.shape[0], drafter.num_drafts
-    key, k_draft, k_acc = jax.random.split(st.key, 3)
+    k_draft, k_acc = row_keys.split(row_keys.prompt_row_keys(st.seed, st.prompt_key, st.row_step + 1), 2)
     start = st.cache["length"]
     schedule, judged = settings.confidence_schedule, {}
     if schedule is None:
@@ -268,13 +385,22 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     slot = jnp.arange(k + 1)[None, :]
     shifted = jnp.concatenate([block[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     emitted = jnp.where(slot < a[:, None], shifted, acc.bonus[:, None])  # d_1..d_a, then the bonus
-    out_buf, n_out, done = _emit(st.out, st.n_out, st.done, emitted, a + 1, settings)
+    o = st.out
+    at = jnp.where(st.done, o.lengths.shape[0], st.prompt)  # free rows write nowhere
+    rows = jnp.take(o.tokens, at, axis=0, mode="fill", fill_value=-1)
+    out_rows, n_out, done = _emit(rows, jnp.take(o.lengths, at, mode="fill", fill_value=0), st.done, emitted, a + 1,
+                                  settings)
+    free = jnp.sum(st.done).astype(jnp.int32)
+    width = jnp.broadcast_to(judged.get("n_verify", k) + 1, (b,)).astype(jnp.int32)
+    o = Outputs(o.tokens.at[at].set(out_rows, mode="drop"), o.lengths.at[at].set(n_out, mode="drop"),
+                o.accepted.at[st.row_step, at].set(a, mode="drop"), o.widths.at[st.row_step, at].set(width, mode="drop"),
+                o.prefill_finite,
+                o.counts + jnp.stack([jnp.int32(1), jnp.where(queued, free, 0), jnp.where(queued, 0, free)]))
     committed = jnp.where(st.done, 0, a + 1)  # the anchor and the accepted drafts enter the cache
     cache = set_committed_length(vout.cache, start + committed)
     dst = drafter.observe(target, modules, dst, vout, committed, emitted)
-    return LoopState(st.step + 1, key, cache, dst, jnp.where(st.done, st.anchor, acc.bonus), out_buf, n_out, done,
-                     st.accepted.at[st.step].set(jnp.where(st.done, -1, a)), st.prefill_finite,
-                     st.widths.at[st.step].set(judged.get("n_verify", k) + 1))
+    return st._replace(cache=cache, drafter=dst, anchor=jnp.where(st.done, st.anchor, acc.bonus),
+                       row_step=st.row_step + (~st.done).astype(jnp.int32), done=done | st.done, out=o)
 
 
 def _scheduled_verify(target, drafter: Drafter, block, cache, done, confidence, costs):
@@ -307,42 +433,34 @@ def check_confidence_schedule(costs, drafter: Drafter, where: str = "confidence_
         raise ValueError(f"{where}: one cost > 0 per verify width 1..{drafter.num_drafts + 1}, got {list(costs)}")
 
 
-def _running(st: LoopState, max_steps: int) -> jax.Array:
-    return (st.step < max_steps) & ~jnp.all(st.done)
-
-
-def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, max_len: int,
-              tstate, dstate, prompt, prompt_len, key, max_steps, *, loop_shardings=None):
-    """Prefill, then the while_loop for at most `max_steps` verify steps (a traced scalar, so a caller can run
-    the same compiled program with 0 steps: its prefill alone). `loop_shardings` (a `LoopState` of shardings, on
-    a mesh) pins the loop state's layout, so the carry — both caches included — keeps one sharding and is updated
-    in place."""
+def _generate(tgraph, dgraph, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan, tstate, dstate,
+              tokens, lengths, keys, count, seed, max_steps, *, loop_shardings=None) -> Outputs:
+    """Fill the rows from the queue, then the while_loop for at most `max_steps` verify steps (a traced scalar, so
+    a caller can run the same compiled program with 0 steps: the first rows' prefill alone), each step followed by
+    the refill of the rows it freed. `loop_shardings` (a `LoopState` of shardings, on a mesh) pins the loop state's
+    layout, so the carry — both caches included — keeps one sharding and is updated in place."""
     target = nnx.merge(tgraph, tstate)
     modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
+    queue = Queue(tokens, lengths, keys, count)
     pin = ((lambda s: jax.lax.with_sharding_constraint(s, loop_shardings)) if loop_shardings is not None
            else (lambda s: s))
-    st = pin(_prefill(target, modules, drafter, settings, max_len, prompt, prompt_len, key,
-                      loop_shardings=loop_shardings))
-    limit = jnp.minimum(max_steps, settings.max_new_tokens)  # never past the accepted-length log's rows
-    st = jax.lax.while_loop(lambda s: _running(s, limit), lambda s: pin(_step(target, modules, drafter, settings, s)),
-                            st)
-    return st.out, st.n_out, st.accepted, st.prefill_finite, st.widths
+    fill = functools.partial(_fill, target, modules, drafter, settings, plan.max_len, queue, pin=pin)
+    st = _start(target, modules, drafter, settings, plan, queue, seed, pin)
 
+    def body(s):
+        return fill(pin(_step(target, modules, drafter, settings, s, s.next < queue.count)))
 
-def _generate_seeded(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len, seed,
-                     max_steps, *, loop_shardings=None):
-    """`_generate` with the PRNG key made inside from an int32 seed (a plain array places on any mesh and
-    process; `jax.random.key(seed)` inside equals it outside)."""
-    return _generate(tgraph, dgraph, drafter, settings, max_len, tstate, dstate, prompt, prompt_len,
-                     jax.random.key(seed), max_steps, loop_shardings=loop_shardings)
+    st = jax.lax.while_loop(lambda s: (s.out.counts[0] < max_steps) & ~jnp.all(s.done), body, st)
+    return st.out
 
 
 class GenerateProgram(NamedTuple):
-    """One generate program: `fn(tstate, dstate, prompt, prompt_len, seed, max_steps)` and, on a mesh, its in/out
-    shardings. `jit` compiles it the one way both of its users do."""
+    """One generate program: `fn(tstate, dstate, tokens, lengths, keys, count, seed, max_steps)` (the queue's
+    arrays, then the seed and the step budget) and, on a mesh, its in/out shardings. `jit` compiles it the one way
+    both of its users do."""
     fn: Callable
     in_shardings: tuple | None
-    out_shardings: tuple | None
+    out_shardings: Any
 
     def jit(self, fn: Callable | None = None):
         """`jax.jit` of `fn` (default `self.fn`; a caller may wrap it). keep_unused: the process holds every
@@ -360,28 +478,21 @@ def generate_program(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings:
     shardings) do as well as placed arrays."""
     extra = {} if mesh is None else {"loop_shardings": loop_shardings(tgraph, tstate, dgraph, dstate, drafter,
                                                                       settings, plan, mesh)}
-    fn = functools.partial(_generate_seeded, tgraph, dgraph, drafter, settings, plan.max_len, **extra)
+    fn = functools.partial(_generate, tgraph, dgraph, drafter, settings, plan, **extra)
+
     if mesh is None:
         return GenerateProgram(fn, None, None)
-    return GenerateProgram(fn, *io_shardings(tstate, dstate, plan, mesh))
+    return GenerateProgram(fn, *io_shardings(tstate, dstate, mesh))
 
 
 def loop_shardings(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings: DecodeSettings, plan: DecodePlan,
                    mesh) -> LoopState:
     """The loop state's shardings: every leaf's batch-row dimension over the mesh's row axes (a drafter with
-    `state_shardings` lays out its own state)."""
+    `state_shardings` lays out its own state); the per-prompt outputs replicated."""
     target = nnx.merge(tgraph, tstate)
     modules = nnx.merge(dgraph, dstate) if dgraph is not None else None
-    k, n = drafter.num_drafts, settings.max_new_tokens
-
-    def empty(b):
-        rows = lambda dt, *shape: jnp.zeros(shape, dt)  # noqa: E731
-        return LoopState(jnp.int32(0), jax.random.key(0), init_cache(target.cfg, b, plan.max_len, max_block=k + 1),
-                         drafter.init_state(target, modules, b, plan.max_len), rows(jnp.int32, b),
-                         rows(jnp.int32, b, n), rows(jnp.int32, b), rows(bool, b), rows(jnp.int32, n, b),
-                         rows(bool, b), rows(jnp.int32, n))
-
-    shardings = row_shardings(mesh, empty, plan.batch)
+    shardings = row_shardings(mesh, lambda b: _empty_state(target, modules, drafter, settings, plan, b, 0),
+                              plan.batch)
     own = getattr(drafter, "state_shardings", None)
     if own is not None:
         abstract = jax.eval_shape(lambda: drafter.init_state(target, modules, plan.batch, plan.max_len))
@@ -389,25 +500,23 @@ def loop_shardings(tgraph, tstate, dgraph, dstate, drafter: Drafter, settings: D
     return shardings
 
 
-def io_shardings(tstate, dstate, plan: DecodePlan, mesh):
-    """(in_shardings, out_shardings) of the program: parameters where they are, rows of prompts/outputs."""
-    b = plan.batch
+def io_shardings(tstate, dstate, mesh):
+    """(in_shardings, out_shardings) of the program: parameters where they are; the queue, the seed, the budget
+    and the per-prompt outputs replicated (a few integers per prompt; every process holds them all)."""
     params = lambda st: jax.tree.map(lambda x: x.sharding, st) if st is not None else None  # noqa: E731
-    rep = rows_sharding(mesh, 1, 0)
-    ins = (params(tstate), params(dstate), rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rep, rep)
-    outs = (rows_sharding(mesh, b, 2), rows_sharding(mesh, b, 1), rows_sharding(mesh, b, 2, dim=1),
-            rows_sharding(mesh, b, 1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None)))
-    return ins, outs
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return (params(tstate), params(dstate), rep, rep, rep, rep, rep, rep), rep
 
 
 class Generator:
-    """Compiles one generate program per (prompt bucket, batch size) and runs it.
+    """Compiles one generate program per (prompt bucket, batch size, queue length) and runs it.
 
     target: a `DeepseekV4`; drafter: a `Drafter` (None → autoregressive); drafter_modules: the drafter's NNX
     module(s) whose parameters travel as explicit state (None for drafters without parameters of their own).
     mesh: run over a `jax.sharding.Mesh` (possibly spanning processes): parameters placed by the logical-axis
-    rules of `hdflash_jax.sharding` (a target restored into its shardings stays where it is), prompts, outputs
-    and the loop state — both caches — sharded over batch rows, the program compiled with these in/out shardings.
+    rules of `hdflash_jax.sharding` (a target restored into its shardings stays where it is), the loop state — both
+    caches — sharded over batch rows, the queue and the outputs replicated, the program compiled with these in/out
+    shardings.
     """
 
     def __init__(self, target: DeepseekV4, drafter: Drafter | None = None, drafter_modules=None, *,
@@ -439,9 +548,9 @@ class Generator:
         self._schedules = {}  # shape -> confidence schedule costs (`set_confidence_schedule`), else settings'
         self.compile_count = 0
 
-    def set_confidence_schedule(self, shape: tuple[int, int], costs: tuple[float, ...] | None) -> None:
-        """The confidence schedule's costs for programs of `shape` (bucket, batch), e.g. measured on that shape
-        (`decode.verify_costs`); before that shape compiles."""
+    def set_confidence_schedule(self, shape: tuple[int, ...], costs: tuple[float, ...] | None) -> None:
+        """The confidence schedule's costs for programs of `shape` (`DecodePlan.shape`), e.g. measured on that
+        shape (`decode.verify_costs`); before that shape compiles."""
         check_confidence_schedule(costs, self.drafter)
         if shape in self._compiled and self._schedules.get(shape, self.settings.confidence_schedule) != costs:
             raise ValueError(f"set_confidence_schedule: the program of shape {shape} is already compiled")
@@ -455,7 +564,7 @@ class Generator:
 
     def set_drafter_modules(self, drafter_modules) -> None:
         """Use these drafter modules' state from the next call on (placed as in __init__). The same graph with
-        arrays of the same shapes reuses the compiled programs (the replay ceiling's reference, set per batch); the
+        arrays of the same shapes reuses the compiled programs (the replay ceiling's reference, set per queue); the
         compiled programs hold the graph, so another structure needs another Generator."""
         graph, state = nnx.split(drafter_modules)
         if self.dgraph is not None and graph != self.dgraph:
@@ -468,18 +577,11 @@ class Generator:
         self.dgraph, self.dstate = graph, state
 
     def plan(self, prompt_lengths, batch: int | None = None) -> DecodePlan:
-        """Bucket, batch and cache length of a generate call on prompts of these lengths (see `plan_decode`)."""
+        """Bucket, batch, cache length and queue of a generate call on prompts of these lengths (`plan_decode`)."""
         return plan_decode(self.settings, self.drafter.num_drafts, self.cfg.max_seq_len, prompt_lengths, batch)
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
-    def _loop_shardings(self, plan: DecodePlan) -> LoopState:
-        return loop_shardings(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter, self.settings, plan,
-                              self.mesh)
-
-    def _io_shardings(self, plan: DecodePlan):
-        return io_shardings(self.tstate, self.dstate, plan, self.mesh)
 
     def program(self, plan: DecodePlan) -> GenerateProgram:
         return generate_program(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter,
@@ -496,61 +598,77 @@ class Generator:
             self._compiled[plan.shape] = prog.jit(counted)
         return self._compiled[plan.shape]
 
-    def prepare(self, prompts) -> tuple[np.ndarray, np.ndarray, DecodePlan]:
-        """Pad prompts (lists of ids) into the smallest bucket that fits; clear errors before compiling."""
-        plan = self.plan([len(p) for p in prompts])
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        padded = np.zeros((plan.batch, plan.bucket), np.int32)
+    def prepare(self, prompts, batch: int | None = None) -> tuple[Queue, DecodePlan]:
+        """The queue of `prompts` (lists of ids) padded into the smallest bucket that fits, as host arrays, and the
+        plan of a program with `batch` rows (default: one per prompt); clear errors before compiling."""
+        plan = self.plan([len(p) for p in prompts], batch)
+        tokens = np.zeros((plan.queue, plan.bucket), np.int32)
+        lengths = np.zeros((plan.queue,), np.int32)
+        keys = np.zeros((plan.queue,), np.int32)
+        keys[: len(prompts)] = prompt_keys(prompts)
         for r, p in enumerate(prompts):
             ids = np.asarray(p, np.int64)
             if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
                 raise ValueError(f"prompt row {r} has token ids outside [0, {self.cfg.vocab_size})")
-            padded[r, : len(p)] = ids
-        return padded, lengths, plan
+            tokens[r, : len(p)], lengths[r] = ids, len(p)
+        return Queue(tokens, lengths, keys, np.int32(len(prompts))), plan
 
-    def _inputs(self, prompts, seed: int, max_steps: int | None):
-        """The program's arguments: parameters, then prompts, lengths, seed and the step budget (global arrays on
-        a mesh). `max_steps` None: until every row is done (at most max_new_tokens steps)."""
-        padded, lengths, plan = self.prepare(prompts)
-        seed = np.int32(seed)
-        steps = np.int32(self.settings.max_new_tokens if max_steps is None else max_steps)
+    def _inputs(self, prompts, seed: int, max_steps: int | None, batch: int | None):
+        """The program's arguments: parameters, the queue, the seed and the step budget (global arrays on a mesh).
+        `max_steps` None: until every prompt is done."""
+        queue, plan = self.prepare(prompts, batch)
+        args = (*queue, np.int32(seed), np.int32(np.iinfo(np.int32).max if max_steps is None else max_steps))
         if self.mesh is not None:
-            ins, _ = self._io_shardings(plan)
-            padded, lengths, seed, steps = (place(x, sh) for x, sh in zip((padded, lengths, seed, steps), ins[2:]))
-        return plan, (self.tstate, self.dstate, padded, lengths, seed, steps)
+            ins, _ = io_shardings(self.tstate, self.dstate, self.mesh)
+            args = tuple(place(x, sh) for x, sh in zip(args, ins[2:]))
+        return plan, (self.tstate, self.dstate, *args)
 
-    def lower(self, prompts, seed: int = 0):
-        plan, args = self._inputs(prompts, seed, None)
+    def lower(self, prompts, seed: int = 0, batch: int | None = None):
+        plan, args = self._inputs(prompts, seed, None, batch)
         with self._mesh_context():
             return self._fn(plan).lower(*args)
 
-    def generate_host_loop(self, prompts, seed: int = 0) -> GenerateResult:
-        """The same steps driven from Python, one jitted step per iteration (what the while_loop saves)."""
-        padded, lengths, plan = self.prepare(prompts)
-        if not hasattr(self, "_host_fns"):
-            def merged(tstate, dstate):
-                return nnx.merge(self.tgraph, tstate), (nnx.merge(self.dgraph, dstate) if self.dgraph else None)
+    def generate_host_loop(self, prompts, seed: int = 0, batch: int | None = None) -> GenerateResult:
+        """The same steps driven from Python, one jitted step (and refill) per iteration (what the while_loop
+        saves)."""
+        queue, plan = self.prepare(prompts, batch)
+        queue = Queue(*(jnp.asarray(x) for x in queue))
+        settings = self.settings_for(plan)
 
-            prefill = lambda ts, ds, p, n, k, max_len: _prefill(*merged(ts, ds), self.drafter, self.settings,
-                                                                 max_len, p, n, k)
-            step = lambda ts, ds, st: _step(*merged(ts, ds), self.drafter, self.settings, st)
-            self._host_fns = (jax.jit(prefill, static_argnums=5), jax.jit(step))
-        prefill, step = self._host_fns
+        def parts(ts, ds):
+            target = nnx.merge(self.tgraph, ts)
+            modules = nnx.merge(self.dgraph, ds) if self.dgraph else None
+            return target, modules, functools.partial(_fill, target, modules, self.drafter, settings, plan.max_len,
+                                                      queue)
+
+        def start(ts, ds, seed):
+            target, modules, _ = parts(ts, ds)
+            return _start(target, modules, self.drafter, settings, plan, queue, seed)
+
+        def step(ts, ds, st):
+            target, modules, fill = parts(ts, ds)
+            return fill(_step(target, modules, self.drafter, settings, st, st.next < queue.count))
+
+        start, step = jax.jit(start), jax.jit(step)
         with self._mesh_context():
-            st = prefill(self.tstate, self.dstate, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed),
-                         plan.max_len)
-            while bool(_running(st, self.settings.max_new_tokens)):  # one device→host sync per step
+            st = start(self.tstate, self.dstate, np.int32(seed))
+            while not bool(jnp.all(st.done)):  # one device→host sync per step
                 st = step(self.tstate, self.dstate, st)
-        return self._result(st.out, st.n_out, st.accepted, st.prefill_finite, st.widths)
+        return self._result(st.out, len(prompts), plan)
 
-    def generate(self, prompts, seed: int = 0, max_steps: int | None = None) -> GenerateResult:
-        """Generate for every prompt. `max_steps` caps the verify steps (0: the prefill and first token only, from
-        the same compiled program — what eval times a shape's prefill with)."""
-        plan, args = self._inputs(prompts, seed, max_steps)
+    def generate(self, prompts, seed: int = 0, max_steps: int | None = None,
+                 batch: int | None = None) -> GenerateResult:
+        """Generate for every prompt with `batch` rows (default: one per prompt; fewer: each row takes the next
+        prompt as it finishes one). `max_steps` caps the verify steps (0: the first rows' prefill and first token
+        only, from the same compiled program — what eval times a prefill with)."""
+        plan, args = self._inputs(prompts, seed, max_steps, batch)
         with self._mesh_context():
-            return self._result(*self._fn(plan)(*args))
+            return self._result(self._fn(plan)(*args), len(prompts), plan)
 
-    def _result(self, out_buf, n_out, acc_log, prefill_finite, widths) -> GenerateResult:
-        out_buf, n_out, acc_log, prefill_finite, widths = to_host((out_buf, n_out, acc_log, prefill_finite, widths))
-        return GenerateResult(out_buf, n_out, acc_log, (acc_log >= 0).sum(0), self.drafter.num_drafts + 1,
-                              prefill_finite, widths)
+    def _result(self, out: Outputs, n: int, plan: DecodePlan) -> GenerateResult:
+        out = Outputs(*to_host(tuple(out)))
+        accepted = out.accepted[:, :n]
+        loop_steps, idle, drain = (int(x) for x in out.counts)
+        return GenerateResult(out.tokens[:n], out.lengths[:n], accepted, (accepted >= 0).sum(0),
+                              self.drafter.num_drafts + 1, out.prefill_finite[:n], out.widths[:, :n], plan.batch,
+                              loop_steps, idle, drain)

@@ -44,6 +44,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hdflash_jax import row_keys
+
 
 class Acceptance(NamedTuple):
     accepted: jax.Array  # [B] number of accepted drafts a ∈ [0, K]
@@ -103,7 +105,7 @@ def _draw_bonus(key, residual, fallback, dtype):
     """The token after the kept prefix: a draw from norm(residual), or from `fallback` where it has no mass."""
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     dist = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), fallback)
-    return jax.random.categorical(key, jnp.log(dist + 1e-38), axis=-1).astype(dtype)
+    return row_keys.categorical(key, jnp.log(dist + 1e-38)).astype(dtype)
 
 
 def accept_greedy(logits: jax.Array, drafts: jax.Array, n_verify=None) -> Acceptance:
@@ -123,9 +125,9 @@ def accept_sampled(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_pr
     n_verify: drafts judged (None: all)."""
     b, k1, v = probs.shape
     k = k1 - 1
-    key_u, key_res = jax.random.split(key)
+    key_u, key_res = row_keys.split(key, 2)
     p_d, q, q_d, judged = _draft_terms(probs, drafts, draft_probs, n_verify)
-    u = jax.random.uniform(key_u, (b, k))
+    u = row_keys.uniform(key_u, (b, k))
     ok = (u * q_d < p_d).astype(jnp.int32)  # u < p/q without dividing by a zero q
     if judged is not None:  # past the schedule: never accepted
         ok = ok * judged
@@ -184,9 +186,9 @@ def accept_block(key: jax.Array, probs: jax.Array, drafts: jax.Array, draft_prob
                  n_verify=None) -> Acceptance:
     """Block verification (lossless; see the module docstring): the same arguments as `accept_sampled`."""
     b, k1, v = probs.shape
-    key_u, key_res = jax.random.split(key)
+    key_u, key_res = row_keys.split(key, 2)
     verdict = block_verdict(probs, drafts, draft_probs, n_verify)
-    u = jax.random.uniform(key_u, (b, k1 - 1))
+    u = row_keys.uniform(key_u, (b, k1 - 1))
     kept = u < verdict.stop[:, 1:]
     a = jnp.max(jnp.where(kept, jnp.arange(1, k1)[None, :], 0), axis=1, initial=0).astype(jnp.int32)  # longest
     res = jnp.take_along_axis(verdict.residual, a[:, None, None], axis=1)[:, 0]
@@ -212,4 +214,4 @@ def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float =
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     probs = target_probs(logits, temperature, top_p)
-    return jax.random.categorical(key, jnp.log(probs + 1e-38), axis=-1).astype(jnp.int32)
+    return row_keys.categorical(key, jnp.log(probs + 1e-38)).astype(jnp.int32)

@@ -23,15 +23,16 @@ from flax import nnx
 from hdflash_jax.deepseek_v4.cache import init_cache, set_committed_length
 
 
-def measure_step_costs(gen, prompts, repeats: int = 10, seed: int = 0) -> tuple[float, ...]:
+def measure_step_costs(gen, prompts, repeats: int = 10, seed: int = 0, batch: int | None = None) -> tuple[float, ...]:
     """Seconds of a decode step at verify widths 1..K+1 on the shape `gen` (a `Generator` whose drafter has a
-    confidence head) plans for `prompts`, the target's cache filled to the prompt bucket."""
+    confidence head) plans for `prompts` on `batch` rows (default one per prompt), the target's cache filled to the
+    prompt bucket."""
     from hdflash_jax.decode.generate import verify_width
 
     drafter = gen.drafter
     if not getattr(drafter, "confidence_head", False):
         raise ValueError("measure_step_costs: this drafter has no confidence head")
-    padded, _, plan = gen.prepare(prompts)
+    queue, plan = gen.prepare(prompts, batch)
     b, k1 = plan.batch, drafter.num_drafts + 1
     tgraph, dgraph = gen.tgraph, gen.dgraph
 
@@ -58,7 +59,7 @@ def measure_step_costs(gen, prompts, repeats: int = 10, seed: int = 0) -> tuple[
 
     with gen._mesh_context():
         cache, dst = states(gen.tstate, gen.dstate)
-        args = (gen.tstate, gen.dstate, cache, dst, jnp.asarray(padded[:, 0], jnp.int32), jax.random.key(seed))
+        args = (gen.tstate, gen.dstate, cache, dst, jnp.asarray(queue.tokens[:b, 0], jnp.int32), jax.random.key(seed))
         fns = [step(w) for w in range(1, k1 + 1)]
         for fn in fns:
             jax.block_until_ready(fn(*args))  # compile and the first run's one-off costs

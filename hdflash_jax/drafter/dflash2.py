@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hdflash_jax import row_keys
 from hdflash_jax.config import DrafterConfig
 from hdflash_jax.deepseek_v4.layers import Linear, param
 from hdflash_jax.drafter.model import BlockDrafter, DraftLayer
@@ -184,7 +185,7 @@ def propose_dflash2(drafter: "DFlash2Drafter", target, anchor, cache: dict, choo
 
     anchor = jnp.asarray(anchor, jnp.int32)
     hidden, head = draft_block_hidden(drafter, target, anchor, cache, block_size=block_size)
-    keys = jax.random.split(key, hidden.shape[1])
+    keys = row_keys.split(key, hidden.shape[1])
     return select_drafts(drafter.selector, head(hidden), hidden, anchor, choose, keys)
 
 
