@@ -32,8 +32,8 @@ def _run(out: Path, *extra: str, monkeypatch=None) -> tuple[list[dict], dict, li
 
     calls, generate = [], Generator.generate
 
-    def recorded(self, prompts, seed=0, max_steps=None):
-        res = generate(self, prompts, seed=seed, max_steps=max_steps)
+    def recorded(self, prompts, seed=0, max_steps=None, batch=None):
+        res = generate(self, prompts, seed=seed, max_steps=max_steps, batch=batch)
         calls.append((self.drafter.num_drafts, res.tokens.tolist(), res.accepted.tolist()))
         return res
 
@@ -68,9 +68,9 @@ def test_eval_run_on_a_mesh_equals_one_device(tmp_path, temperature, monkeypatch
 
 
 def test_generator_on_a_mesh_is_sharded_and_equal(tmp_path):
-    """Tokens and per-step acceptance equal to one device (MTP drafts, sampled), parameters really sharded, batch
-    rows of the prompts and outputs over data, and the program's loop state kept row-sharded (less temp memory
-    per device than the single-device program)."""
+    """Tokens and per-step acceptance equal to one device (MTP drafts, sampled), all at once and refilled on 2 rows,
+    parameters really sharded, the loop state's rows over data (less temp memory per device than the single-device
+    program)."""
     from hdflash_jax.config import get_preset
     from hdflash_jax.decode.drafters import MTPDrafter
     from hdflash_jax.decode.generate import DecodeSettings, Generator
@@ -87,11 +87,16 @@ def test_generator_on_a_mesh_is_sharded_and_equal(tmp_path):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.accepted, b.accepted)
     assert a.lengths.sum() > len(prompts)
+    refilled = sharded.generate(prompts, seed=7, batch=2)
+    np.testing.assert_array_equal(refilled.tokens, a.tokens)
+    np.testing.assert_array_equal(refilled.accepted, a.accepted)
+    assert refilled.loop_steps > b.loop_steps and refilled.idle_row_steps == 0
     head = sharded.tstate["head"]["weight"][...]
     assert head.sharding.spec[0] == "tensor" and head.addressable_shards[0].data.shape[0] == cfg.vocab_size // 2
+    plan = sharded.plan([len(p) for p in prompts])
+    specs = {e for s in jax.tree.leaves(sharded._loop_shardings(plan).cache) for e in s.spec if e is not None}
+    assert specs == {"data"}  # the row dimension of every cache array, stacked ones included
     compiled = sharded.lower(prompts, seed=7).compile()
-    assert compiled.input_shardings[0][2].spec[0] == "data"  # prompt rows
-    assert compiled.output_shardings[0].spec[0] == "data"  # generated tokens
     t_one = single.lower(prompts, seed=7).compile().memory_analysis().temp_size_in_bytes
     t_mesh = compiled.memory_analysis().temp_size_in_bytes
     assert t_mesh < 0.75 * t_one, (t_mesh, t_one)
@@ -119,8 +124,6 @@ def test_decode_rows_take_the_expert_axis_too(tmp_path):
     plan = sharded.plan([len(p) for p in prompts])
     specs = {e for s in jax.tree.leaves(sharded._loop_shardings(plan).cache) for e in s.spec if e is not None}
     assert specs == {("data", "expert")}, specs  # the row dimension of every cache array, stacked ones included
-    compiled = sharded.lower(prompts).compile()
-    assert compiled.input_shardings[0][2].spec[0] == ("data", "expert")  # prompt rows
 
 
 def test_mesh_argument_errors(tmp_path):
@@ -159,10 +162,12 @@ def _env() -> dict:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
+    """Sampled, 4 prompts refilled through 2 rows: two processes (each holding one data shard of the rows) give one
+    process's outputs."""
     port = _free_port()
     out = tmp_path / "two"
     procs = [subprocess.Popen([sys.executable, "-m", "eval.run", *EVAL, "--out", str(out), "--mesh", MESH,
-                               "--temperature", "1", "--seed", "5", "--cpu-devices", "2",
+                               "--temperature", "1", "--seed", "5", "--cpu-devices", "2", "--limit", "4",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
@@ -170,7 +175,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert all(p.returncode == 0 for p in procs), [x[-3000:] for x in logs]
     two = ([json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()],
            json.loads((out / "results.json").read_text()))
-    one = _run(tmp_path / "one", "--temperature", "1", "--seed", "5")
+    one = _run(tmp_path / "one", "--temperature", "1", "--seed", "5", "--limit", "4")
     assert two[0] == one[0]  # every output's text and token count, per method
     assert _cells(two[1]) == _cells(one[1])
     assert two[1]["config"]["processes"] == 2

@@ -583,6 +583,10 @@ class Generator:
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
+    def _loop_shardings(self, plan: DecodePlan) -> LoopState:
+        return loop_shardings(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter,
+                              self.settings_for(plan), plan, self.mesh)
+
     def program(self, plan: DecodePlan) -> GenerateProgram:
         return generate_program(self.tgraph, self.tstate, self.dgraph, self.dstate, self.drafter,
                                 self.settings_for(plan), plan, self.mesh)
