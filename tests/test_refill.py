@@ -139,3 +139,12 @@ def test_copies_of_one_prompt_sample_apart():
     keys = gen.prompt_keys([[1, 2], [3], [1, 2], [1, 2]])
     assert len(set(keys.tolist())) == 4
     assert keys[0] == gen.prompt_keys([[1, 2]])[0] and keys[1] == gen.prompt_keys([[3]])[0]
+
+
+def test_the_host_driven_loop_runs_the_same_steps(target, ar_tokens):
+    """`generate_host_loop` (one jitted step and refill per Python iteration: what the while_loop saves, for the
+    benchmarks) gives the program's tokens, steps and counters, refilled on 2 rows."""
+    g = _generator("mtp", target, ar_tokens)
+    a, b = g.generate(PROMPTS, batch=2), g.generate_host_loop(PROMPTS, batch=2)
+    assert _per_prompt(a) == _per_prompt(b)
+    assert (a.loop_steps, a.idle_row_steps, a.drain_row_steps) == (b.loop_steps, b.idle_row_steps, b.drain_row_steps)
