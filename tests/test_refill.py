@@ -24,7 +24,7 @@ from hdflash_jax.decode.drafters import ReplayTokens
 from hdflash_jax.decode.generate import DecodeSettings, Generator
 from hdflash_jax.deepseek_v4.cache import layer_plan
 from hdflash_jax.deepseek_v4.model import init_target
-from hdflash_jax.families import families, family, unregister
+from hdflash_jax.families import families, family, register, unregister
 
 TCFG = get_preset("tiny", n_layers=5, n_hash_layers=1, compress_ratios=(0, 4, 0, 4, 0, 0))
 NAMES = [f.name for f in families()]
@@ -32,6 +32,11 @@ PROMPTS = [[5, 9, 23, 7, 41, 3], [17, 2, 88, 60], [8, 8, 1, 30, 12, 77, 5, 2, 9]
 NEW = 10
 EOS = 12  # two prompts end early (AR: at their 9th and 5th token): rows free at different steps
 BUCKET = 16
+
+
+def setup_module():
+    if "toy-bigram" not in [f.name for f in families()]:  # another module's teardown unregistered it
+        register(toy_family.BigramFamily)
 
 
 def teardown_module():
