@@ -321,9 +321,9 @@ def _start_row(target, modules, drafter: Drafter, settings: DecodeSettings, max_
     q = st.next
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, q, 1)  # noqa: E731
     key = take(queue.keys)
+    first_key = row_keys.prompt_row_keys(st.seed, key, jnp.zeros((1,), jnp.int32))  # counter 0; step s uses s + 1
     cache, dst, first, finite = _prefill(target, modules, drafter, settings, max_len, take(queue.tokens),
-                                         take(queue.lengths), row_keys.prompt_row_keys(st.seed, key, jnp.zeros(
-                                             (1,), jnp.int32)))
+                                         take(queue.lengths), first_key)
     for_prompt = getattr(drafter, "for_prompt", None)
     if for_prompt is not None:
         dst = for_prompt(dst, q[None])
@@ -400,7 +400,7 @@ def _step(target, modules, drafter: Drafter, settings: DecodeSettings, st: LoopS
     cache = set_committed_length(vout.cache, start + committed)
     dst = drafter.observe(target, modules, dst, vout, committed, emitted)
     return st._replace(cache=cache, drafter=dst, anchor=jnp.where(st.done, st.anchor, acc.bonus),
-                       row_step=st.row_step + (~st.done).astype(jnp.int32), done=done | st.done, out=o)
+                       row_step=st.row_step + (~st.done).astype(jnp.int32), done=done, out=o)
 
 
 def _scheduled_verify(target, drafter: Drafter, block, cache, done, confidence, costs):
